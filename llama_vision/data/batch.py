@@ -1,0 +1,117 @@
+"""Batch containers produced by :mod:`llama_vision.data.collate`.
+
+Shapes (``B`` rows, ``L`` = longest row, ``N`` = most images in a row (at least 1),
+``T`` = ``max_num_tiles``, ``S`` = tile size):
+
+* ``tokens`` int64 ``[B, L]``: right-padded with the tokenizer's pad id; image positions hold
+  ``tokenizer.image_token_id``.
+* ``labels`` int64 ``[B, L]``: already shifted, ``labels[b, i]`` is the target predicted *at*
+  position ``i`` (``tokens[b, i + 1]``) or ``-100`` (no loss: prompt, image tokens, padding).
+* ``lengths`` int64 ``[B]``: real (unpadded) length of each row. Right padding means
+  positions are simply ``arange(L)``, so no position tensor is carried.
+* ``images`` float32 ``[B, N, T, 3, S, S]`` or ``None`` when no row has an image; absent
+  tiles and images are exact zeros.
+* ``aspect_ratios`` int64 ``[B, N, 2]``: ``(tiles_h, tiles_w)`` per image, ``(1, 1)`` for
+  absent images; ``num_tiles`` int64 ``[B, N]`` (0 for absent images); ``num_images`` int64
+  ``[B]``.
+* ``keys``: the sample keys (for logs); ``skipped``: cumulative skip counts per reason of the
+  DataLoader worker that built the batch (see ``datasets.SkipCounter``); ``position``: that
+  worker's resume position after this batch (see ``datasets.ExampleDataset.observe``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A padded language-modelling batch (pretraining captions or SFT dialogs)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    images: torch.Tensor | None
+    aspect_ratios: torch.Tensor
+    num_tiles: torch.Tensor
+    num_images: torch.Tensor
+    keys: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)
+    position: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_targets(self) -> int:
+        """Number of labelled (loss-bearing) tokens in the batch."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor | None = None) -> "Batch":
+        """A copy with ``fn`` applied to every tensor (``images`` given: use it as is)."""
+        return replace(
+            self,
+            tokens=fn(self.tokens),
+            labels=fn(self.labels),
+            lengths=fn(self.lengths),
+            images=images if images is not None else (None if self.images is None else fn(self.images)),
+            aspect_ratios=fn(self.aspect_ratios),
+            num_tiles=fn(self.num_tiles),
+            num_images=fn(self.num_images),
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on ``device`` (dtypes unchanged: casting images to the
+        model's dtype is the model's business)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """A copy in page-locked memory; called by ``DataLoader(pin_memory=True)``."""
+        return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class PreferenceBatch:
+    """DPO batch: ``chosen`` and ``rejected`` continuations of the same prompts.
+
+    Both :class:`Batch` es share one ``images`` tensor (same object), so images are moved to
+    the device and encoded once per pair; their token/label tensors are padded separately.
+    """
+
+    chosen: Batch
+    rejected: Batch
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.chosen.keys
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.chosen.skipped
+
+    @property
+    def position(self) -> dict[str, Any] | None:
+        return self.chosen.position
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        return self.chosen.images
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PreferenceBatch":
+        images = None if self.images is None else fn(self.images)
+        return PreferenceBatch(self.chosen._map(fn, images), self.rejected._map(fn, images))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PreferenceBatch":
+        """A copy on ``device``; the shared images are transferred once."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PreferenceBatch":
+        return self._map(lambda t: t.pin_memory())

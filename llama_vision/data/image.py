@@ -1,0 +1,37 @@
+"""Image input for llama_vision: loading (:mod:`.image_io`) and tiling (:mod:`.tiling`).
+
+Typical use::
+
+    from llama_vision.data.image import ImageProcessor, load_image, stack_images
+
+    processor = ImageProcessor(tile_size=560, max_num_tiles=4)
+    tiles, (tiles_h, tiles_w) = processor(load_image("cat.jpg"))  # [n, 3, 560, 560]
+"""
+
+from .image_io import ImageLoadError, load_image, to_rgb
+from .tiling import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageProcessor,
+    aspect_ratio_id,
+    best_canvas,
+    fit_to_canvas,
+    stack_aspect_ratios,
+    stack_images,
+    supported_aspect_ratios,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ImageLoadError",
+    "ImageProcessor",
+    "aspect_ratio_id",
+    "best_canvas",
+    "fit_to_canvas",
+    "load_image",
+    "stack_aspect_ratios",
+    "stack_images",
+    "supported_aspect_ratios",
+    "to_rgb",
+]

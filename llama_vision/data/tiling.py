@@ -1,0 +1,265 @@
+"""Variable-resolution tiling of images, bit-exact to Meta's ``VariableSizeImageTransform``.
+
+An image is resized without distortion onto the best canvas of ``rows x cols`` tiles
+(``rows * cols <= max_num_tiles``), padded with black at the right/bottom, normalised with
+the CLIP mean/std and cut into ``tile_size`` squares in row-major order. transformers'
+``MllamaImageProcessorPil`` reproduces the same algorithm and is our test oracle.
+
+Where the two references differ we say so next to the code:
+
+* canvas scales: Meta compares float32 scales, transformers float64. For images below
+  ~10^5 px per side both pick the same canvas (distinct scales differ by far more than a
+  float32 ulp); we use Python floats like transformers.
+* a side that would floor to 0 px (e.g. 1x10000 into a 560x2240 canvas) is kept at 1 px,
+  as transformers does; Meta's code would ask PIL for a 0-px image and fail.
+* padding: both pad with black *before* normalising, so padded pixels hold
+  ``(0 - mean) / std`` (about -1.79, -1.75, -1.48), not zero. Only tiles or images that are
+  absent from a batch (see :func:`stack_images`) are exact zeros.
+* normalisation: both compute ``(x / 255 - mean) / std`` in float32 (Meta with torch,
+  transformers via float64 ``x * (1/255)`` rounded to float32, which gives the same 256
+  values). We run the same float32 operations, so pixel values are bit-identical rather
+  than merely close.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .image_io import to_rgb
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@lru_cache(maxsize=64)
+def supported_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All tile grids ``(tiles_h, tiles_w)`` with ``tiles_h * tiles_w <= max_num_tiles``.
+
+    The order is transformers' (``get_all_supported_aspect_ratios``): first factor
+    ascending, then second ascending; e.g. for 4: (1,1) (1,2) (1,3) (1,4) (2,1) (2,2) (3,1)
+    (4,1). The set is symmetric, so reading the pairs as (h, w) or (w, h) gives the same
+    list; transformers looks up ``(tiles_h, tiles_w)`` in it, and so do we.
+    """
+    if max_num_tiles < 1:
+        raise ValueError(f"max_num_tiles must be >= 1, got {max_num_tiles}")
+    return tuple(
+        (a, b)
+        for a in range(1, max_num_tiles + 1)
+        for b in range(1, max_num_tiles + 1)
+        if a * b <= max_num_tiles
+    )
+
+
+def aspect_ratio_id(tiles_h: int, tiles_w: int, max_num_tiles: int) -> int:
+    """transformers' ``aspect_ratio_ids`` entry for a grid: 1-based index into
+    :func:`supported_aspect_ratios`; 0 is reserved for absent (padding) images."""
+    try:
+        return supported_aspect_ratios(max_num_tiles).index((tiles_h, tiles_w)) + 1
+    except ValueError:
+        raise ValueError(
+            f"grid {tiles_h}x{tiles_w} is not a supported aspect ratio for "
+            f"max_num_tiles={max_num_tiles}"
+        ) from None
+
+
+@lru_cache(maxsize=4096)
+def best_canvas(height: int, width: int, tile_size: int, max_num_tiles: int) -> tuple[int, int]:
+    """Choose the tile grid ``(tiles_h, tiles_w)`` for an image of ``height x width`` px.
+
+    For each grid the distortion-free scale is ``min(canvas_w / w, canvas_h / h)``. The
+    smallest scale >= 1 wins (the least upscaling that still covers the image); when no
+    canvas is large enough, the largest scale < 1 (the least downscaling). Ties go to the
+    smallest canvas area, which is unique: the tied grid with the fewest tiles in both
+    directions is always among the candidates.
+    """
+    candidates = []
+    for rows, cols in supported_aspect_ratios(max_num_tiles):
+        # Same float64 expressions as transformers (scale_h vs scale_w, then the smaller).
+        scale = min((rows * tile_size) / height, (cols * tile_size) / width)
+        candidates.append((scale, rows, cols))
+    upscales = [c[0] for c in candidates if c[0] >= 1]
+    chosen = min(upscales) if upscales else max(c[0] for c in candidates)
+    _, rows, cols = min((c for c in candidates if c[0] == chosen), key=lambda c: c[1] * c[2])
+    return rows, cols
+
+
+def fit_to_canvas(
+    height: int, width: int, canvas_h: int, canvas_w: int, tile_size: int
+) -> tuple[int, int]:
+    """Resized ``(height, width)`` of an image placed on a ``canvas_h x canvas_w`` canvas.
+
+    The target box is clamped to ``[tile_size, canvas]`` per side around the image size, so
+    an image is upscaled only while it is smaller than one tile and never beyond. The
+    limiting side takes the box size, the other ``floor(side * scale)``: a float floor, as
+    in both references, so a 180-px side scaled by 56/80 gives 125 px (180 * 0.7 is
+    125.999... in binary floating point), not 126.
+    """
+    target_w = min(max(width, tile_size), canvas_w)
+    target_h = min(max(height, tile_size), canvas_h)
+    scale_w = target_w / width
+    scale_h = target_h / height
+    if scale_w < scale_h:
+        return min(math.floor(height * scale_w) or 1, target_h), target_w
+    return target_h, min(math.floor(width * scale_h) or 1, target_w)
+
+
+class ImageProcessor:
+    """Resize, pad, normalise and tile one image, exactly like Meta's reference.
+
+    Args:
+        tile_size: side S of a square tile in pixels (paper: 336; released checkpoints:
+            560; read it from the checkpoint's params, ``vision_chunk_size``).
+        max_num_tiles: most tiles per image (4 in the paper and the release).
+        mean, std: per-channel normalisation (CLIP's by default).
+        resample: PIL filter name; ``"bilinear"`` is the reference.
+
+    Calling it on a PIL image returns ``(tiles, (tiles_h, tiles_w))`` where ``tiles`` is a
+    float32 tensor ``[tiles_h * tiles_w, 3, S, S]`` in row-major tile order.
+    """
+
+    def __init__(
+        self,
+        tile_size: int = 560,
+        max_num_tiles: int = 4,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        resample: str = "bilinear",
+    ):
+        if tile_size < 1 or max_num_tiles < 1:
+            raise ValueError("tile_size and max_num_tiles must be positive")
+        if resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("mean and std need one value per RGB channel")
+        self.tile_size = tile_size
+        self.max_num_tiles = max_num_tiles
+        self.resample = resample
+        self._filter = _RESAMPLE[resample]
+        # float32 [3, 1, 1] constants, as torchvision's Normalize builds them (Meta).
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageProcessor(tile_size={self.tile_size}, max_num_tiles={self.max_num_tiles}, "
+            f"resample={self.resample!r})"
+        )
+
+    def plan(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Geometry for an image of ``width x height`` px (PIL order) without touching pixels.
+
+        Returns:
+            ``((tiles_h, tiles_w), (resized_h, resized_w))``.
+        """
+        tiles_h, tiles_w = best_canvas(height, width, self.tile_size, self.max_num_tiles)
+        resized = fit_to_canvas(
+            height, width, tiles_h * self.tile_size, tiles_w * self.tile_size, self.tile_size
+        )
+        return (tiles_h, tiles_w), resized
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tile one image.
+
+        Args:
+            image: a PIL image; non-RGB modes are converted first (alpha dropped, as Meta).
+
+        Returns:
+            ``tiles``: float32 ``[tiles_h * tiles_w, 3, S, S]``, row-major over the grid;
+            ``(tiles_h, tiles_w)``: the grid (Meta's "aspect ratio").
+        """
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+        image = to_rgb(image)
+        (tiles_h, tiles_w), (new_h, new_w) = self.plan(*image.size)
+        if (new_w, new_h) != image.size:
+            # PIL on uint8, like both references: bilinear with PIL's support scaling, i.e.
+            # antialiased when downscaling.
+            image = image.resize((new_w, new_h), self._filter)
+
+        size = self.tile_size
+        # Black canvas, image at the top-left: Meta's Image.new + paste, in numpy.
+        canvas = np.zeros((tiles_h * size, tiles_w * size, 3), dtype=np.uint8)
+        canvas[:new_h, :new_w] = np.asarray(image)
+
+        # [H, W, 3] -> [tiles_h, S, tiles_w, S, 3] -> [tiles_h, tiles_w, 3, S, S]: a strided
+        # view, so the copy below splits into tiles, moves channels first and converts
+        # uint8 -> float32 in one pass.
+        src = torch.from_numpy(canvas).view(tiles_h, size, tiles_w, size, 3)
+        src = src.permute(0, 2, 4, 1, 3)
+        tiles = torch.empty((tiles_h, tiles_w, 3, size, size), dtype=torch.float32)
+        tiles.copy_(src)
+        # Same float32 operations as ToTensor + Normalize, hence bit-identical values;
+        # a fused x * a + b would be ~10% faster but differ by up to ~5e-7.
+        tiles.div_(255.0).sub_(self._mean).div_(self._std)
+        return tiles.view(tiles_h * tiles_w, 3, size, size), (tiles_h, tiles_w)
+
+
+def stack_images(
+    batch: Sequence[Sequence[torch.Tensor]], max_num_tiles: int, tile_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack per-sample lists of tiled images into one zero-padded tensor.
+
+    Args:
+        batch: ``B`` lists (one per sample, possibly empty) of tiles tensors
+            ``[n_tiles, 3, S, S]`` as returned by :class:`ImageProcessor`.
+        max_num_tiles: tile slots per image (the processor's ``max_num_tiles``).
+        tile_size: S; only needed when the batch holds no image at all.
+
+    Returns:
+        ``images``: float32 ``[B, N_max, max_num_tiles, 3, S, S]``, exact zeros for absent
+        tiles and images; ``num_tiles``: int64 ``[B, N_max]``, 0 for absent images.
+        ``N_max = max(1, longest list)`` so text-only batches still have valid shapes.
+    """
+    shapes = {tuple(t.shape[1:]) for sample in batch for t in sample}
+    if len(shapes) > 1:
+        raise ValueError(f"all tiles must share one shape [3, S, S], got {sorted(shapes)}")
+    if shapes:
+        channels, size, size_w = shapes.pop()
+        if channels != 3 or size != size_w or (tile_size is not None and size != tile_size):
+            raise ValueError(f"tiles must be [n, 3, S, S] with S={tile_size}, got {[channels, size, size_w]}")
+    elif tile_size is None:
+        raise ValueError("the batch holds no image: pass tile_size to build empty image slots")
+    else:
+        size = tile_size
+    n_max = max([1] + [len(sample) for sample in batch])
+    images = torch.zeros((len(batch), n_max, max_num_tiles, 3, size, size), dtype=torch.float32)
+    num_tiles = torch.zeros((len(batch), n_max), dtype=torch.long)
+    for i, sample in enumerate(batch):
+        for j, tiles in enumerate(sample):
+            n = tiles.shape[0]
+            if not 1 <= n <= max_num_tiles:
+                raise ValueError(f"image {j} of sample {i} has {n} tiles, expected 1..{max_num_tiles}")
+            images[i, j, :n] = tiles
+            num_tiles[i, j] = n
+    return images, num_tiles
+
+
+def stack_aspect_ratios(batch: Sequence[Sequence[tuple[int, int]]]) -> torch.Tensor:
+    """Pack per-sample lists of ``(tiles_h, tiles_w)`` grids.
+
+    Returns:
+        int64 ``[B, N_max, 2]``; absent images get ``(1, 1)`` (Meta's padding convention,
+        which keeps embedding lookups in range). ``N_max = max(1, longest list)``.
+    """
+    n_max = max([1] + [len(sample) for sample in batch])
+    ratios = torch.ones((len(batch), n_max, 2), dtype=torch.long)
+    for i, sample in enumerate(batch):
+        for j, (tiles_h, tiles_w) in enumerate(sample):
+            ratios[i, j, 0] = tiles_h
+            ratios[i, j, 1] = tiles_w
+    return ratios

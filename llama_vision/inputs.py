@@ -1,0 +1,51 @@
+"""Turning user inputs (token rows, PIL images) into model tensors, with clear errors."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, list[int]]:
+    """Right-pad ragged rows -> (tokens [B, max_len], lengths). Padding sits after each row,
+    so causal attention keeps it out of every real position."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every row needs at least one token")
+    lengths = [len(r) for r in rows]
+    out = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device), lengths
+
+
+def count_placeholders(rows: list[list[int]], ids: set[int]) -> list[int]:
+    return [sum(t in ids for t in row) for row in rows]
+
+
+def check_media_counts(rows: list[list[int]], media: list[list[Any]] | None, ids: set[int], what: str = "image") -> None:
+    """Each placeholder token marks one item: counts must match row by row."""
+    counts = count_placeholders(rows, ids)
+    media = media if media is not None else [[] for _ in rows]
+    if len(media) != len(rows):
+        raise ValueError(f"{len(rows)} token rows but {len(media)} {what} lists")
+    for i, (c, items) in enumerate(zip(counts, media)):
+        if c != len(items):
+            raise ValueError(f"row {i}: {c} {what} token(s) but {len(items)} {what}(s) given")
+
+
+def prepare_image_batch(model, rows: list[list[int]], images: list[list[Any]] | None, device=None, processor=None):
+    """PIL images per row -> (images [B, N, T, 3, S, S], aspect_ratios [B, N, 2]) or None
+    when no row has an image."""
+    mod = model.modalities["image"]
+    check_media_counts(rows, images, mod.placeholder_ids)
+    if images is None or not any(images):
+        return None
+    from llama_vision.data.image import ImageProcessor, stack_aspect_ratios, stack_images
+
+    args = model.args
+    processor = processor or ImageProcessor(tile_size=args.vision_chunk_size, max_num_tiles=args.vision_max_num_chunks)
+    processed = [[processor(im) for im in row] for row in images]
+    tiles, _ = stack_images([[t for t, _ in row] for row in processed], args.vision_max_num_chunks)
+    ars = stack_aspect_ratios([[ar for _, ar in row] for row in processed])
+    dtype = model.vision_model.vision_projection.weight.dtype
+    return tiles.to(device=device, dtype=dtype), ars.to(device)

@@ -1,0 +1,142 @@
+"""Model hyper-parameters, read from Meta's params.json (plus optional vision-size keys)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class ModelArgs:
+    # Text trunk (Llama 3 / 3.1), names as in Meta's params.json.
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 128256
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    # Llama 3.1 RoPE frequency scaling (Meta hard-codes these; HF's rope_scaling carries them).
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    # Vision, Meta's keys.
+    vision_chunk_size: int = 560
+    vision_max_num_chunks: int = 4
+    vision_num_cross_attention_layers: int | None = None  # default: n_layers // 4
+
+    # Vision encoder sizes (ViT-H/14 as released; override for other encoders).
+    vision_width: int = 1280
+    vision_layers: int = 32
+    vision_heads: int = 16
+    vision_global_layers: int = 8
+    vision_patch_size: int = 14
+    vision_intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+    vision_mlp_ratio: float = 4.0
+    vision_in_channels: int = 3
+
+    # New special tokens (ids >= vocab_size) get a small learnable table; row 0 = <|image|>.
+    n_learnable_embeddings: int = 8
+    attn_backend: str = "sdpa"  # "sdpa" | "xformers" | "flash_attn"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.vision_num_cross_attention_layers is None:
+            self.vision_num_cross_attention_layers = max(1, self.n_layers // 4)
+        self.vision_intermediate_layers = tuple(int(i) for i in self.vision_intermediate_layers)
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.vision_width % self.vision_heads:
+            problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
+        if self.vision_chunk_size % self.vision_patch_size:
+            problems.append(f"vision_chunk_size {self.vision_chunk_size} is not a multiple of vision_patch_size {self.vision_patch_size}")
+        bad = [i for i in self.vision_intermediate_layers if not 0 <= i < self.vision_layers]
+        if bad:
+            problems.append(f"vision_intermediate_layers {bad} outside 0..{self.vision_layers - 1}")
+        if not 0 < self.vision_num_cross_attention_layers <= self.n_layers:
+            problems.append(f"vision_num_cross_attention_layers must be in 1..{self.n_layers}")
+        if problems:
+            raise ValueError("invalid model params: " + "; ".join(problems))
+
+    # Aliases used by the issue/config vocabulary.
+    @property
+    def vision_max_num_tiles(self) -> int:
+        return self.vision_max_num_chunks
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Llama's SwiGLU width: 2/3 * 4 * dim, scaled, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def vision_grid(self) -> int:
+        return self.vision_chunk_size // self.vision_patch_size
+
+    @property
+    def vision_tokens_per_tile(self) -> int:
+        return self.vision_grid**2 + 1  # + class token
+
+    @property
+    def vision_output_dim(self) -> int:
+        """Final features concatenated with each intermediate tap: (1 + n_taps) * width."""
+        return (1 + len(self.vision_intermediate_layers)) * self.vision_width
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def fusion_schedule(self) -> list[int]:
+        return fusion_schedule(self.n_layers, self.vision_num_cross_attention_layers)
+
+    @classmethod
+    def from_params(cls, params: dict | str | Path, **overrides) -> "ModelArgs":
+        """Build from a params.json dict or path. Unknown keys are an error naming them;
+        `vision_max_num_tiles` is accepted as an alias of Meta's `vision_max_num_chunks`."""
+        if not isinstance(params, dict):
+            path = Path(params)
+            if path.is_dir():
+                path = path / "params.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"params file not found: {path}")
+            params = json.loads(path.read_text())
+        params = {**params, **overrides}
+        if "vision_max_num_tiles" in params:
+            params["vision_max_num_chunks"] = params.pop("vision_max_num_tiles")
+        # Keys Meta writes that do not change the architecture.
+        for ignored in ("quantization_args", "lora_args", "model_type"):
+            params.pop(ignored, None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown model params {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+
+def fusion_schedule(n_layers: int, n_cross_attention_layers: int) -> list[int]:
+    """Self-attention layers before which a cross-attention block runs (Meta's rule).
+
+    k = ceil(L / n); count every k-th layer from the top, keep the first n, ascending:
+    L=32, n=8 -> [3, 7, ..., 31]; L=80, n=20 -> [3, 7, ..., 79].
+    """
+    k = math.ceil(n_layers / n_cross_attention_layers)
+    return list(range(n_layers))[::-1][::k][:n_cross_attention_layers][::-1]

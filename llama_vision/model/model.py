@@ -1,0 +1,237 @@
+"""The vision-language model: image encoder -> gated cross-attention adapters -> frozen
+Llama 3 decoder (Meta's CrossAttentionTransformer; state-dict keys are Meta's)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .cross_attention import MediaState, build_adapter_blocks, media_spans
+from .modality import MediaTokens, Modality
+from .text import AdapterSchedule, KVCache, TextDecoder
+from .vision import VisionModel
+
+# Meta's tokenizer file lists <|image|> at 128011; its chat format rewrites it to 128256
+# (row 0 of the learnable table) before the model. Accept both at the input.
+LLAMA3_IMAGE_SPECIAL_ID = 128011
+LLAMA3_VOCAB = 128256
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vision_model = VisionModel(args)
+        self.text_model = TextDecoder(args)
+        self.modalities: dict[str, Modality] = {}
+        self.add_modality(
+            "image",
+            token_id=args.image_token_id,
+            encode=self._encode_image_inputs,
+            adapter_attr="cross_attention_layers",
+            layers=args.fusion_schedule,
+            aliases=(LLAMA3_IMAGE_SPECIAL_ID,) if args.vocab_size == LLAMA3_VOCAB else (),
+            trainable_modules=["vision_model.vision_projection", "text_model.cross_attention_layers", "text_model.learnable_embedding"],
+        )
+
+    # --- modalities ---------------------------------------------------------------------
+    def add_modality(
+        self,
+        name: str,
+        *,
+        token_id: int,
+        encode,
+        layers: list[int],
+        adapter_attr: str | None = None,
+        encoder: nn.Module | None = None,
+        encoder_attr: str | None = None,
+        order: int = 0,
+        aliases: tuple[int, ...] = (),
+        trainable_modules: list[str] | None = None,
+    ) -> Modality:
+        """Register a modality: `encode(inputs) -> MediaTokens`, adapters before `layers`.
+
+        `encoder` (optional) is registered as `self.<encoder_attr>` so its weights are saved
+        and trained with the model; adapter blocks go to `text_model.<adapter_attr>` with
+        gates at 0, so existing outputs stay bitwise unchanged until they are trained.
+        """
+        if name in self.modalities:
+            raise ValueError(f"modality {name!r} is already registered")
+        lo, hi = self.args.vocab_size, self.args.vocab_size + self.args.n_learnable_embeddings
+        if not lo <= token_id < hi:
+            raise ValueError(f"placeholder id {token_id} for {name!r} must be a learnable-row id in [{lo}, {hi})")
+        taken = {m.token_id: m.name for m in self.modalities.values()}
+        if token_id in taken:
+            raise ValueError(f"placeholder id {token_id} is already used by modality {taken[token_id]!r}")
+        adapter_attr = adapter_attr or f"{name}_cross_attention_layers"
+        if encoder is not None:
+            encoder_attr = encoder_attr or f"{name}_encoder"
+            self.add_module(encoder_attr, encoder)
+        self.text_model.add_adapters(
+            AdapterSchedule(name, adapter_attr, list(layers), order), build_adapter_blocks(self.args, len(layers))
+        )
+        owned = list(trainable_modules or []) or [f"text_model.{adapter_attr}"] + ([encoder_attr] if encoder is not None else [])
+        modality = Modality(name, token_id, encode, adapter_attr, list(layers), order, tuple(aliases), owned)
+        self.modalities[name] = modality
+        return modality
+
+    # --- encoders -----------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor, aspect_ratios: torch.Tensor) -> torch.Tensor:
+        """images [B, N, T, 3, S, S], aspect_ratios [B, N, 2] -> [B, N, T, P, dim]."""
+        t = images.shape[2]
+        if t > self.args.vision_max_num_chunks:
+            raise ValueError(f"images carry {t} tiles, more than vision_max_num_tiles={self.args.vision_max_num_chunks}")
+        tiles = (aspect_ratios[..., 0] * aspect_ratios[..., 1]).max().item()
+        if tiles > t:
+            raise ValueError(f"an aspect ratio asks for {tiles} tiles but only {t} tile slots were given")
+        return self.vision_model(images, aspect_ratios)
+
+    def _encode_image_inputs(self, inputs) -> MediaTokens:
+        images, aspect_ratios = inputs
+        feats = self.encode_images(images, aspect_ratios)  # [B, N, T, P, D]
+        b, n, t, p, d = feats.shape
+        n_tiles = aspect_ratios[..., 0] * aspect_ratios[..., 1]  # [B, N]
+        valid = (torch.arange(t, device=feats.device)[None, None, :] < n_tiles[..., None].to(feats.device))
+        valid = valid[..., None].expand(b, n, t, p).reshape(b, n, t * p)
+        return MediaTokens(feats.reshape(b, n, t * p, d), valid)
+
+    # --- forward ------------------------------------------------------------------------
+    def prepare_media(self, tokens: torch.Tensor, media_inputs: dict[str, Any]) -> dict[str, MediaState]:
+        """Encode each modality once and precompute every adapter's K/V (the per-prompt
+        work; decode steps only read it). tokens [B, S] locate the placeholders."""
+        rows = tokens.tolist()
+        states = {}
+        for name, inputs in media_inputs.items():
+            if inputs is None:
+                continue
+            if name not in self.modalities:
+                raise KeyError(f"no modality {name!r} registered; known: {sorted(self.modalities)}")
+            mod = self.modalities[name]
+            counts = [sum(t in mod.placeholder_ids for t in row) for row in rows]
+            enc = mod.encode(inputs)
+            b, n = enc.tokens.shape[:2]
+            if b != len(rows):
+                raise ValueError(f"{name}: inputs have batch {b}, tokens have {len(rows)} rows")
+            for i, c in enumerate(counts):
+                if c > n:
+                    raise ValueError(f"row {i} has {c} {name} placeholder tokens but only {n} {name} slots were given")
+            start, end = media_spans(rows, mod.placeholder_ids, slots=n)
+            present = torch.arange(n)[None, :] < torch.tensor(counts)[:, None]  # [B, N]
+            valid = enc.valid & present[..., None].to(enc.valid.device)
+            flat = enc.tokens.reshape(b, -1, enc.tokens.shape[-1])
+            blocks = self.text_model.adapters(name)
+            states[name] = MediaState(
+                kv={id(blk): blk.compute_kv(flat) for blk in blocks},
+                token_owner=torch.arange(n, device=flat.device).repeat_interleave(enc.tokens.shape[2]),
+                token_valid=valid.reshape(b, -1),
+                span_start=start.to(flat.device),
+                span_end=end.to(flat.device),
+            )
+        return states
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None = None,
+        aspect_ratios: torch.Tensor | None = None,
+        *,
+        media_inputs: dict[str, Any] | None = None,
+        media: dict[str, MediaState] | None = None,
+        positions: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, S] (+ images [B, N, T, 3, S, S], aspect_ratios [B, N, 2], or other
+        modalities in `media_inputs`, or precomputed `media`) -> float32 logits [B, S, V]
+        ([B, 1, V] with last_only)."""
+        self.check_tokens(tokens, positions)
+        if media is None:
+            inputs = dict(media_inputs or {})
+            if images is not None:
+                inputs["image"] = (images, aspect_ratios)
+            media = self.prepare_media(tokens, inputs) if inputs else {}
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        h = self.text_model(self._canonical_tokens(tokens), positions, media, caches)
+        if last_only:
+            h = h[:, -1:]
+        return self.text_model.logits(h)
+
+    def _canonical_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        for mod in self.modalities.values():
+            for alias in mod.aliases:
+                tokens = tokens.masked_fill(tokens == alias, mod.token_id)
+        return tokens
+
+    def check_tokens(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        limit = self.args.vocab_size + self.args.n_learnable_embeddings
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= limit):
+            bad = tokens[(tokens < 0) | (tokens >= limit)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {limit})")
+        end = tokens.shape[1] if positions is None else int(positions.max()) + 1
+        if end > self.args.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens is longer than max_seq_len={self.args.max_seq_len}")
+
+    def init_caches(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> list[KVCache]:
+        """Preallocated self-attention caches for incremental decoding."""
+        max_len = max_len or self.args.max_seq_len
+        ref = self.text_model.output.weight
+        attn = self.text_model.layers[0].attention
+        return [
+            KVCache(batch, attn.n_local_kv_heads, max_len, attn.head_dim, dtype or ref.dtype, device or ref.device)
+            for _ in self.text_model.layers
+        ]
+
+    # --- convenience: one fresh forward over ragged rows --------------------------------
+    @torch.no_grad()
+    def logits(self, tokens: list[list[int]], images: list[list[Any]] | None = None) -> list[torch.Tensor]:
+        """Rows of token ids (+ PIL images per row, in placeholder order) -> list of float32
+        logits [len(row), vocab], one batched forward (rows right-padded)."""
+        from llama_vision.inputs import prepare_image_batch, pad_rows
+
+        device = self.text_model.output.weight.device
+        tok, lengths = pad_rows(tokens, device=device)
+        image_inputs = prepare_image_batch(self, tokens, images, device=device)
+        out = self.forward(tok, media_inputs={"image": image_inputs} if image_inputs is not None else None)
+        return [out[i, :n] for i, n in enumerate(lengths)]
+
+
+def build_model(params: dict | str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, init: bool = True, **overrides) -> VisionLanguageModel:
+    """Build a model from a Meta params.json (dict or path; optional vision-size keys).
+
+    device="meta" builds without memory (shapes only). Under torch.distributed with
+    fairscale groups initialised (model_parallel.init_model_parallel), projections are
+    sharded across the tensor-parallel group.
+    """
+    args = ModelArgs.from_params(params, **overrides)
+    from .attention import check_backend
+
+    check_backend(args.attn_backend)
+    prev = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = VisionLanguageModel(args)
+    finally:
+        torch.set_default_dtype(prev)
+    if init and str(device) != "meta":
+        init_weights(model)
+    return model
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Small normal init for linear/embedding weights; norms at 1, gates and biases at 0
+    (position embeddings keep their construction-time scale)."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.LayerNorm):
+                p.fill_(1.0 if name == "weight" else 0.0)
+            elif name == "bias":
+                p.zero_()
+            elif name == "weight" and p.ndim == 2:
+                p.normal_(0.0, std)

@@ -1,0 +1,219 @@
+"""The Llama 3 text decoder, with gated cross-attention adapters run before chosen layers.
+
+Module and parameter names are Meta's (`text_model.layers.N.attention.wq`, ...). The
+adapter schedule is keyed by modality: each registered adapter set is a ModuleList stored
+under its own attribute (`cross_attention_layers` for images) plus the self-attention
+layer indices it runs before, so new modalities plug in without editing this file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model_parallel import (
+    column_parallel_linear,
+    gather_from_tp,
+    kv_parallel_linear,
+    row_parallel_linear,
+    tp_size,
+    vocab_parallel_embedding,
+)
+
+from .args import ModelArgs
+from .attention import attention
+from .cross_attention import MediaState
+from .layers import FeedForward, RMSNorm
+from .rope import apply_rotary_emb, precompute_freqs_cis
+
+
+class KVCache:
+    """Static, preallocated self-attention cache [B, n_local_kv_heads, max_len, head_dim].
+
+    Slot j holds the key/value of position j, so rows of a ragged batch can sit at
+    different positions (right-padded prompts are overwritten as decoding proceeds).
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_from: int | None):
+        """Write k/v [B, H, S, D] at `positions` [B, S]; returns the cache prefix in use."""
+        s = k.shape[2]
+        if contiguous_from is not None:
+            self.k[:, :, contiguous_from : contiguous_from + s] = k
+            self.v[:, :, contiguous_from : contiguous_from + s] = v
+        else:
+            idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, idx, k)
+            self.v.scatter_(2, idx, v)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; K/V kept at GQA width in the cache."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world = tp_size()
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = max(1, args.n_kv_heads // world)
+        self.backend = args.attn_backend
+        self.wq = column_parallel_linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
+        self.wv = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
+        self.wo = row_parallel_linear(args.n_heads * self.head_dim, args.dim)
+
+    def forward(self, x, freqs_cis, positions, mask, cache: KVCache | None, cache_from: int | None, kv_len: int):
+        b, s, _ = x.shape
+        q = apply_rotary_emb(self.wq(x).view(b, s, self.n_local_heads, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(self.wk(x).view(b, s, self.n_local_kv_heads, self.head_dim), freqs_cis)
+        v = self.wv(x).view(b, s, self.n_local_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            cache.update(positions, k, v, cache_from)
+            k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
+        out = attention(q, k, v, mask=mask, causal=mask is None, backend=self.backend)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cis, positions, mask, cache, cache_from, kv_len):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, positions, mask, cache, cache_from, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass
+class AdapterSchedule:
+    """Where one modality's adapter blocks run: block j runs before self-attention layer
+    `layers[j]`. Lower `order` runs first when two modalities share a layer."""
+
+    modality: str
+    attr: str
+    layers: list[int]
+    order: int = 0
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vocab_size = args.vocab_size
+        self.tok_embeddings = vocab_parallel_embedding(args.vocab_size, args.dim)
+        # New special tokens (ids >= vocab_size): a small trainable table beside the frozen one.
+        self.learnable_embedding = vocab_parallel_embedding(args.n_learnable_embeddings, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = column_parallel_linear(args.dim, args.vocab_size)
+        self.adapter_schedules: dict[str, AdapterSchedule] = {}
+        self._by_layer: list[list[tuple[str, nn.Module]]] | None = None
+        self.checkpoint_activations = False
+        # Computed on the CPU (it needs .tolist()), then moved to the build device (meta/cuda).
+        self.register_buffer("freqs_cis", self._freqs(args).to(torch.empty(0).device), persistent=False)
+
+    @staticmethod
+    def _freqs(args: ModelArgs) -> torch.Tensor:
+        return precompute_freqs_cis(
+            args.head_dim,
+            args.max_seq_len * 2,
+            args.rope_theta,
+            args.use_scaled_rope,
+            scale_factor=args.rope_scale_factor,
+            low_freq_factor=args.rope_low_freq_factor,
+            high_freq_factor=args.rope_high_freq_factor,
+            old_context_len=args.rope_original_max_position,
+        )
+
+    # --- adapters ---------------------------------------------------------------------
+    def add_adapters(self, schedule: AdapterSchedule, blocks: nn.ModuleList) -> None:
+        """Register a modality's adapter blocks under `schedule.attr` (its state-dict name)."""
+        if schedule.modality in self.adapter_schedules:
+            raise ValueError(f"adapters for modality {schedule.modality!r} are already registered")
+        if len(blocks) != len(schedule.layers):
+            raise ValueError(f"{len(blocks)} adapter blocks for {len(schedule.layers)} scheduled layers")
+        bad = [i for i in schedule.layers if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"adapter layers {bad} outside 0..{len(self.layers) - 1}")
+        if hasattr(self, schedule.attr):
+            raise ValueError(f"text decoder already has an attribute {schedule.attr!r}")
+        self.add_module(schedule.attr, blocks)
+        self.adapter_schedules[schedule.modality] = schedule
+        self._by_layer = None
+
+    def adapters(self, modality: str) -> nn.ModuleList:
+        return getattr(self, self.adapter_schedules[modality].attr)
+
+    def _adapters_by_layer(self) -> list[list[tuple[str, nn.Module]]]:
+        if self._by_layer is None:
+            table: list[list[tuple[int, str, nn.Module]]] = [[] for _ in self.layers]
+            for sched in self.adapter_schedules.values():
+                for block, layer in zip(getattr(self, sched.attr), sched.layers):
+                    table[layer].append((sched.order, sched.modality, block))
+            self._by_layer = [[(m, blk) for _, m, blk in sorted(row, key=lambda r: r[0])] for row in table]
+        return self._by_layer
+
+    # --- forward ----------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> [B, S, D]; ids >= vocab_size read the learnable table."""
+        new = tokens >= self.vocab_size
+        base = self.tok_embeddings(tokens.masked_fill(new, 0))
+        if not new.any():
+            return base
+        extra = self.learnable_embedding((tokens - self.vocab_size).clamp(min=0)).to(base.dtype)
+        return torch.where(new[..., None], extra, base)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        media: dict[str, MediaState] | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """tokens, positions [B, S] -> final-norm hidden states [B, S, D].
+
+        Without caches the batch is a causal prefix from position 0 (training / one fresh
+        forward). With caches, keys up to max(positions) are attended, masked per row.
+        """
+        h = self.embed(tokens)
+        freqs_cis = self.freqs_cis[positions]
+        mask, cache_from, kv_len = self._self_attention_mask(positions, caches is not None)
+        if caches is None and mask is not None:
+            raise ValueError("without KV caches, positions must be 0..S-1 in every row (one causal prefix)")
+        media_masks = {name: state.masks(positions) for name, state in (media or {}).items()}
+        for i, layer in enumerate(self.layers):
+            for modality, block in self._adapters_by_layer()[i]:
+                if modality in media_masks:
+                    state = media[modality]
+                    h = block(h, state.kv_for(block), *media_masks[modality])
+            cache = caches[i] if caches is not None else None
+            if self.checkpoint_activations and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, positions, mask, cache, cache_from, kv_len, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, positions, mask, cache, cache_from, kv_len)
+        return self.norm(h)
+
+    @staticmethod
+    def _self_attention_mask(positions: torch.Tensor, cached: bool):
+        """(mask or None for plain causal, contiguous write offset or None, key length)."""
+        b, s = positions.shape
+        start = int(positions[0, 0])
+        contiguous = bool((positions == start + torch.arange(s, device=positions.device)).all())
+        if contiguous and start == 0:
+            return None, 0, s
+        kv_len = int(positions.max()) + 1
+        keys = torch.arange(kv_len, device=positions.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, L]
+        return mask, (start if contiguous and cached else None), kv_len
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden [.., D] -> float32 logits [.., vocab] (gathered across TP ranks)."""
+        return gather_from_tp(self.output(h)).float()

@@ -1,0 +1,260 @@
+"""The image encoder: ViT-H/14 with tile-aware position embeddings and 8 gated global
+layers, as released in Llama 3.2 Vision (Meta's `VisionEncoder`), then the projection to
+the text width. Module and parameter names are Meta's, so checkpoints load key-for-key.
+
+Shapes: images [B, N, T, 3, S, S] (N images per row, T = max tiles), aspect ratios
+[B, N, 2] = (tiles_h, tiles_w); output [B, N, T, P, D_text] with P = (S/patch)^2 + 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_parallel import column_parallel_linear, row_parallel_linear, tp_size
+
+from .args import ModelArgs
+from .attention import attention
+
+
+class PatchEmbedding(nn.Module):
+    """Non-overlapping patches via unfold + one linear map (no bias); equals a stride-p conv
+    whose weight is reshaped [out, C*p*p] (channel slowest, as conv weights flatten)."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        super().__init__()
+        self._unfold = nn.Unfold(kernel_size=patch_size, stride=patch_size)
+        self._linear = column_parallel_linear(in_channels * patch_size * patch_size, width, gather_output=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, C, S, S] -> [n, (S/p)^2, width]."""
+        return self._linear(self._unfold(x).transpose(1, 2))
+
+
+class TilePositionEmbedding(nn.Module):
+    """One learned vector per tile of the grid, picked by the image's aspect ratio, gated."""
+
+    def __init__(self, num_tiles: int, width: int):
+        super().__init__()
+        self.num_tiles = num_tiles
+        self.embedding = nn.Parameter(torch.randn(num_tiles, num_tiles, 1, width) / math.sqrt(width))
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
+        """x [n, T, P, W], ar [n, 2] -> x + tanh(gate) * embedding[:h, :w] on the first h*w tiles."""
+        return x + tile_grid_embedding(self.embedding, ar, x.shape[1]).to(x.dtype) * self.gate.tanh()
+
+
+def tile_grid_embedding(table: torch.Tensor, ar: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """table [G, G, P, W] -> per image [n, num_tiles, P, W]: row-major tiles of the (h, w)
+    sub-grid, zeros for empty tile slots."""
+    out = table.new_zeros(ar.shape[0], num_tiles, *table.shape[2:])
+    for i, (h, w) in enumerate(ar.tolist()):
+        out[i, : h * w] = table[:h, :w].reshape(h * w, *table.shape[2:])
+    return out
+
+
+class ImageAttention(nn.Module):
+    def __init__(self, width: int, n_heads: int, backend: str):
+        super().__init__()
+        self.n_local_heads = n_heads // tp_size()
+        self.head_dim = width // n_heads
+        self.backend = backend
+        self.wq = column_parallel_linear(width, width)
+        self.wk = column_parallel_linear(width, width)
+        self.wv = column_parallel_linear(width, width)
+        self.wo = row_parallel_linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (w(x).view(b, s, self.n_local_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        out = attention(q, k, v, mask=mask, backend=self.backend)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class ImageFeedForward(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = column_parallel_linear(width, hidden, bias=True)
+        self.c_proj = row_parallel_linear(hidden, width, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as released
+
+
+class ImageTransformerBlock(nn.Module):
+    """Pre-LayerNorm block; the global layers add tanh gates on both branches."""
+
+    def __init__(self, width: int, n_heads: int, mlp_ratio: float, gated: bool, backend: str):
+        super().__init__()
+        self.attn = ImageAttention(width, n_heads, backend)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = ImageFeedForward(width, int(mlp_ratio * width))
+        self.ln_2 = nn.LayerNorm(width)
+        self.gated = gated
+        if gated:
+            self.gate_attn = nn.Parameter(torch.zeros(1))
+            self.gate_ffn = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        gate_attn = self.gate_attn.tanh() if self.gated else 1
+        gate_ffn = self.gate_ffn.tanh() if self.gated else 1
+        x = x + gate_attn * self.attn(self.ln_1(x), mask)
+        return x + gate_ffn * self.mlp(self.ln_2(x))
+
+
+class ImageTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, gated: bool, backend: str):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ImageTransformerBlock(width, heads, mlp_ratio, gated, backend) for _ in range(layers))
+        self.checkpoint_activations = False
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, taps: tuple[int, ...] = ()):
+        """Returns (x, taps stacked on a new last dim or None). Tap i is the input OF block i
+        (= output of block i-1), as in Meta's reference and HF's hidden_states[i]."""
+        tapped = []
+        for i, block in enumerate(self.resblocks):
+            if i in taps:
+                tapped.append(x)
+            if self.checkpoint_activations and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return x, (torch.stack(tapped, dim=-1) if tapped else None)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        w, self.width = args.vision_width, args.vision_width
+        self.max_num_tiles = args.vision_max_num_chunks
+        self.grid = args.vision_grid
+        self.taps = args.vision_intermediate_layers
+        scale = w**-0.5
+        self.conv1 = PatchEmbedding(args.vision_in_channels, w, args.vision_patch_size)
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, w))
+        self.gated_positional_embedding = nn.Parameter(
+            scale * torch.randn(self.max_num_tiles, self.max_num_tiles, self.grid**2 + 1, w)
+        )
+        self.gated_positional_embedding_gate = nn.Parameter(torch.zeros(1))
+        self.ln_pre = nn.LayerNorm(w)
+        self.ln_post = nn.LayerNorm(w)
+        self.transformer = ImageTransformer(w, args.vision_layers, args.vision_heads, args.vision_mlp_ratio, False, args.attn_backend)
+        self.global_transformer = ImageTransformer(
+            w, args.vision_global_layers, args.vision_heads, args.vision_mlp_ratio, True, args.attn_backend
+        )
+        self.pre_tile_pos_embed = TilePositionEmbedding(self.max_num_tiles, w)
+        self.post_tile_pos_embed = TilePositionEmbedding(self.max_num_tiles, w)
+        self._register_load_state_dict_pre_hook(self._resize_position_embeddings_on_load)
+
+    def forward(self, images: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
+        """images [B, N, T, 3, S, S], ar [B, N, 2] -> features [B, N, T, P, (1 + taps) * W]."""
+        b, n, t = images.shape[:3]
+        if t > self.max_num_tiles:
+            raise ValueError(f"images have {t} tile slots, the encoder supports at most {self.max_num_tiles}")
+        ar = ar.reshape(b * n, 2)
+        x = self.conv1(images.reshape(b * n * t, *images.shape[3:]))  # [bnt, grid^2, W]
+        x = self.pre_tile_pos_embed(x.reshape(b * n, t, -1, self.width), ar)
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(b * n, t, 1, self.width), x], dim=2)
+        ntok = x.shape[2]
+        x = self._add_positional_embedding(x, ar)
+        x = self.ln_pre(x)
+        # Quirk kept from the released encoder (the checkpoints were trained with it): tokens
+        # are padded to a multiple of 8 per tile, and the mask blocks only pairs where BOTH
+        # tokens are padding (pad tokens or empty tile slots) -- real tokens still attend to
+        # padding and to empty tiles.
+        npad = (8 - ntok % 8) % 8
+        x = F.pad(x, (0, 0, 0, npad))
+        mask = self._padding_mask(ar, t, ntok, ntok + npad, x.device)
+        x = x.reshape(b * n, t * (ntok + npad), self.width)
+        x, tapped = self.transformer(x, mask, self.taps)
+        x = self.ln_post(x)
+        x = self.post_tile_pos_embed(x.reshape(b * n, t, ntok + npad, self.width), ar)
+        x, _ = self.global_transformer(x.reshape(b * n, t * (ntok + npad), self.width), mask)
+        x = x.reshape(b, n, t, ntok + npad, self.width)[:, :, :, :ntok]
+        # Taps stacked on the last dim then flattened: feature index = d * n_taps + j.
+        tapped = tapped.reshape(b, n, t, ntok + npad, -1)[:, :, :, :ntok]
+        return torch.cat([x, tapped], dim=-1)
+
+    def _add_positional_embedding(self, x: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
+        """Per-patch embedding scaled by (1 - tanh g) plus the tile-aware one scaled by tanh g."""
+        gate = self.gated_positional_embedding_gate.tanh()
+        x = x + self.positional_embedding.to(x.dtype) * (1 - gate)
+        return x + tile_grid_embedding(self.gated_positional_embedding, ar, x.shape[1]).to(x.dtype) * gate
+
+    @staticmethod
+    def _padding_mask(ar: torch.Tensor, num_tiles: int, ntok: int, ntok_padded: int, device) -> torch.Tensor:
+        """Boolean [n, 1, L, L] (True = attend), L = num_tiles * ntok_padded."""
+        real = torch.zeros(ar.shape[0], num_tiles, ntok_padded, dtype=torch.bool, device=device)
+        tiles = (ar[:, 0] * ar[:, 1]).tolist()
+        for i, nt in enumerate(tiles):
+            real[i, :nt, :ntok] = True
+        real = real.flatten(1)
+        return (real[:, :, None] | real[:, None, :])[:, None]
+
+    # --- loading checkpoints trained at another tile size (Meta's load hooks) -----------
+    def _resize_position_embeddings_on_load(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "positional_embedding"
+        if key in state_dict and state_dict[key].shape != self.positional_embedding.shape:
+            state_dict[key] = resize_local_position_embedding(state_dict[key], self.grid)
+        key = prefix + "gated_positional_embedding"
+        if key in state_dict and state_dict[key].shape != self.gated_positional_embedding.shape:
+            state_dict[key] = resize_global_position_embedding(state_dict[key], self.grid, self.max_num_tiles)
+        elif key not in state_dict and prefix + "positional_embedding" in state_dict:
+            # Older checkpoints had no tile-aware embedding: start it from the local one, gate 0.
+            state_dict[key] = state_dict[prefix + "positional_embedding"][None, None].repeat(self.max_num_tiles, self.max_num_tiles, 1, 1)
+            state_dict[key + "_gate"] = torch.zeros(1, dtype=state_dict[key].dtype)
+        for name in ("pre_tile_pos_embed.embedding", "post_tile_pos_embed.embedding"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape[0] != self.max_num_tiles:
+                state_dict[key] = resize_tile_embedding(state_dict[key], self.max_num_tiles)
+
+
+def _interp(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    dtype = x.dtype
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=True).to(dtype)
+
+
+def resize_local_position_embedding(embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """[1 + g^2, W] -> [1 + grid^2, W]: class row kept, patch grid resized bilinearly
+    (align_corners=True, as Meta's load hook)."""
+    old = int(math.sqrt(embed.shape[0] - 1))
+    patches = embed[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = _interp(patches, (grid, grid)).permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    return torch.cat([embed[:1], patches], dim=0)
+
+
+def resize_global_position_embedding(embed: torch.Tensor, grid: int, num_tiles: int) -> torch.Tensor:
+    """[T0, T0, 1 + g^2, W] -> [T, T, 1 + grid^2, W]: the patch embeddings of all tiles are
+    laid out as one (T0*g) x (T0*g) image and resized to (T*grid) x (T*grid); class rows
+    are resized over the tile grid."""
+    cls, pos = embed[:, :, :1], embed[:, :, 1:]
+    t0, _, n, w = pos.shape
+    g0 = int(math.sqrt(n))
+    pos = pos.reshape(t0, t0, g0, g0, w).permute(0, 2, 1, 3, 4).reshape(1, t0 * g0, t0 * g0, w)
+    pos = _interp(pos.permute(0, 3, 1, 2), (num_tiles * grid, num_tiles * grid)).permute(0, 2, 3, 1)[0]
+    pos = pos.reshape(num_tiles, grid, num_tiles, grid, w).permute(0, 2, 1, 3, 4).reshape(num_tiles, num_tiles, grid * grid, w)
+    cls = _interp(cls.permute(2, 3, 0, 1), (num_tiles, num_tiles)).permute(2, 3, 0, 1)
+    return torch.cat([cls, pos], dim=2)
+
+
+def resize_tile_embedding(embed: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """[T0, T0, 1, W] -> [T, T, 1, W] bilinearly over the tile grid."""
+    return _interp(embed.permute(2, 3, 0, 1), (num_tiles, num_tiles)).permute(2, 3, 0, 1)
+
+
+class VisionModel(nn.Module):
+    """Encoder + projection of the concatenated features to the text width."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.vision_encoder = VisionEncoder(args)
+        self.vision_projection = column_parallel_linear(args.vision_output_dim, args.dim, bias=True, gather_output=True)
+
+    def forward(self, images: torch.Tensor, aspect_ratios: torch.Tensor) -> torch.Tensor:
+        """images [B, N, T, 3, S, S], aspect_ratios [B, N, 2] -> [B, N, T, P, D_text]."""
+        dtype = self.vision_projection.weight.dtype
+        return self.vision_projection(self.vision_encoder(images.to(dtype), aspect_ratios))

@@ -1,0 +1,99 @@
+"""Optimizer construction, gradient clipping and parameter counting.
+
+Weight-decay policy of :func:`build_adamw` (decoupled decay, i.e. ``torch.optim.AdamW``):
+
+* **decay**: parameters with 2+ dimensions (linear / conv / attention weight matrices);
+* **no decay**: every parameter with ``ndim <= 1`` (norm scales, biases, the scalar/vector
+  ``tanh`` gates of cross-attention adapters, learnable class tokens stored as 1-D) and every
+  parameter whose name contains one of ``no_decay_keywords`` (default ``"embed"``, catching
+  token/positional embedding tables such as ``tok_embeddings.weight``, ``positional_embedding``,
+  ``pos_embed``, ``class_embedding``). Decaying these pulls norms/gates towards 0 and shrinks
+  rarely seen embedding rows, which hurts rather than regularises.
+
+Frozen parameters (``requires_grad=False``, e.g. the Llama decoder in adapter training) are not
+given to the optimizer at all, so they get no Adam moments: no memory cost and no chance of
+being updated by weight decay. A parameter unfrozen later needs a new optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["build_adamw", "clip_grad_norm_", "count_parameters", "split_decay_params"]
+
+
+def split_decay_params(
+    named_params: Iterable[tuple[str, nn.Parameter]], no_decay_keywords: Iterable[str] = ("embed",)
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """Split trainable ``(name, param)`` pairs into ``(decay, no_decay)`` per the module policy.
+
+    Frozen parameters are dropped; a parameter shared under several names appears once.
+    """
+    keywords = tuple(k.lower() for k in no_decay_keywords)
+    decay, no_decay, seen = [], [], set()
+    for name, p in named_params:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim <= 1 or any(k in name.lower() for k in keywords):
+            no_decay.append((name, p))
+        else:
+            decay.append((name, p))
+    return decay, no_decay
+
+
+def build_adamw(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    no_decay_keywords: Iterable[str] = ("embed",),
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``named_params`` (e.g. ``model.named_parameters()``).
+
+    Two param groups, named ``"decay"`` (``weight_decay``) and ``"no_decay"`` (0.0); an empty
+    group is omitted. Raises ``ValueError`` if nothing is trainable.
+    """
+    decay, no_decay = split_decay_params(named_params, no_decay_keywords)
+    groups = []
+    if decay:
+        groups.append({"params": [p for _, p in decay], "weight_decay": weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0, "name": "no_decay"})
+    if not groups:
+        raise ValueError("build_adamw: no trainable parameters (all have requires_grad=False)")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float | None, norm_type: float = 2.0) -> float:
+    """Clip the global gradient norm of ``params`` to ``max_norm``; return the pre-clip norm.
+
+    Parameters whose ``.grad`` is ``None`` (frozen, or unused this step) are skipped; with no
+    gradients at all the norm is 0.0. ``max_norm=None`` (or ``inf``) only measures the norm.
+    A non-finite norm is returned as is (the grads are then non-finite too; the caller should
+    skip the optimizer step). The norm is over *local* tensors: with tensor-parallel sharded
+    parameters, the caller must combine per-rank norms across the model-parallel group.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    if max_norm is None or math.isinf(max_norm):
+        total = torch.nn.utils.get_total_norm([p.grad for p in with_grad], norm_type=norm_type)
+    else:
+        total = torch.nn.utils.clip_grad_norm_(with_grad, max_norm, norm_type=norm_type)
+    return float(total)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"total": n, "trainable": n}`` element counts (shared parameters counted once)."""
+    total = trainable = 0
+    for p in model.parameters():  # Module.parameters() already de-duplicates shared tensors
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return {"total": total, "trainable": trainable}

@@ -1,0 +1,50 @@
+"""Everything that touches torch.distributed and fairscale lives here.
+
+Model code builds its projections through the factories in `layers` and never talks to a
+process group itself, so the same modules run single-device (TP=1, plain `nn.Linear`) and
+tensor-parallel (TP=N, fairscale's Column/RowParallelLinear and VocabParallelEmbedding).
+"""
+from .groups import (
+    barrier,
+    destroy_model_parallel,
+    dp_group,
+    dp_rank,
+    dp_size,
+    init_model_parallel,
+    is_model_parallel,
+    tp_group,
+    tp_rank,
+    tp_size,
+)
+from .layers import (
+    column_parallel_linear,
+    gather_from_tp,
+    kv_parallel_linear,
+    reduce_from_tp,
+    row_parallel_linear,
+    vocab_parallel_embedding,
+)
+from .sharding import merge_shards, shard_plan, shard_state_dict, split_state_dict
+
+__all__ = [
+    "barrier",
+    "column_parallel_linear",
+    "destroy_model_parallel",
+    "dp_group",
+    "dp_rank",
+    "dp_size",
+    "gather_from_tp",
+    "init_model_parallel",
+    "kv_parallel_linear",
+    "is_model_parallel",
+    "merge_shards",
+    "reduce_from_tp",
+    "row_parallel_linear",
+    "shard_plan",
+    "shard_state_dict",
+    "split_state_dict",
+    "tp_group",
+    "tp_rank",
+    "tp_size",
+    "vocab_parallel_embedding",
+]

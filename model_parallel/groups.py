@@ -1,0 +1,91 @@
+"""Process groups: tensor-parallel (fairscale "model parallel") x data-parallel.
+
+Ranks are laid out like fairscale: consecutive ranks form one tensor-parallel group (keep
+them on one node, NVLink), ranks with the same TP rank form a data-parallel group.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+
+def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int = 1800) -> None:
+    """Initialise torch.distributed (from torchrun's env vars) and the TP x DP groups.
+
+    Args:
+        tp: tensor-parallel degree; the world size must be a multiple of it.
+        backend: "nccl" on GPU, "gloo" on CPU (default: chosen from CUDA availability).
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # single process: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = dist.get_world_size()
+    if tp < 1 or world % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must divide the world size {world}")
+    if fs_init.model_parallel_is_initialized():
+        if fs_init.get_model_parallel_world_size() != tp:
+            raise RuntimeError(
+                f"model parallel already initialised with TP={fs_init.get_model_parallel_world_size()}, asked for {tp}"
+            )
+        return
+    fs_init.initialize_model_parallel(tp)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down the fairscale groups and the default process group (tests, notebooks)."""
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_model_parallel() -> bool:
+    """True when fairscale's groups exist (even at TP=1 inside a data-parallel job)."""
+    return dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
+
+
+def tp_size() -> int:
+    return fs_init.get_model_parallel_world_size() if is_model_parallel() else 1
+
+
+def tp_rank() -> int:
+    return fs_init.get_model_parallel_rank() if is_model_parallel() else 0
+
+
+def tp_group():
+    return fs_init.get_model_parallel_group() if is_model_parallel() else None
+
+
+def dp_size() -> int:
+    return fs_init.get_data_parallel_world_size() if is_model_parallel() else 1
+
+
+def dp_rank() -> int:
+    return fs_init.get_data_parallel_rank() if is_model_parallel() else 0
+
+
+def dp_group():
+    return fs_init.get_data_parallel_group() if is_model_parallel() else None
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
