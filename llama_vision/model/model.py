@@ -142,11 +142,13 @@ class VisionLanguageModel(nn.Module):
         media: dict[str, MediaState] | None = None,
         positions: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
-        last_only: bool = False,
+        logit_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, S] (+ images [B, N, T, 3, S, S], aspect_ratios [B, N, 2], or other
-        modalities in `media_inputs`, or precomputed `media`) -> float32 logits [B, S, V]
-        ([B, 1, V] with last_only)."""
+        modalities in `media_inputs`, or precomputed `media`) -> float32 logits [B, S, V].
+
+        logit_index [B]: compute logits only at that position of each row -> [B, 1, V]
+        (prefill needs one row of logits, not S x vocab)."""
         self.check_tokens(tokens, positions)
         if media is None:
             inputs = dict(media_inputs or {})
@@ -156,8 +158,8 @@ class VisionLanguageModel(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         h = self.text_model(self._canonical_tokens(tokens), positions, media, caches)
-        if last_only:
-            h = h[:, -1:]
+        if logit_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logit_index.to(h.device)][:, None]
         return self.text_model.logits(h)
 
     def _canonical_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""Batched generation: one prefill over right-padded rows, then incremental decoding with
+static KV caches and cross-attention K/V computed once per prompt."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .inputs import pad_rows, prepare_image_batch
+
+LLAMA3_STOP_TOKENS = (128001, 128008, 128009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Nucleus sampling as in Meta's reference: keep the smallest prefix of sorted tokens
+    whose mass reaches p. probs [B, V] -> ids [B]."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cum = torch.cumsum(sorted_probs, dim=-1)
+    sorted_probs[cum - sorted_probs > p] = 0.0
+    sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
+    pick = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    return torch.gather(order, -1, pick)[:, 0]
+
+
+class Generator:
+    """`Generator(model, tokenizer=None)`; rows may carry 0..many images each."""
+
+    def __init__(self, model, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text_model.output.weight.device
+
+    def default_stop_tokens(self) -> list[int]:
+        if self.tokenizer is not None:
+            return list(self.tokenizer.stop_tokens)
+        return [t for t in LLAMA3_STOP_TOKENS if t < self.model.args.vocab_size]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: list[list[int]],
+        images: list[list[Any]] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_tokens: list[int] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
+        """Rows of prompt ids (+ PIL images per row) -> new token ids per row (the stop token
+        itself is not returned). stop_tokens=None: the tokenizer's end tokens; []: never stop.
+        on_token(row, id) streams tokens as they are produced."""
+        image_inputs = prepare_image_batch(self.model, tokens, images, device=self.device)
+        media_inputs = {"image": image_inputs} if image_inputs is not None else {}
+        return self._generate(tokens, media_inputs, max_new_tokens, temperature, top_p, seed, stop_tokens, on_token)
+
+    @torch.inference_mode()
+    def generate_from_tensors(self, tokens: list[list[int]], images=None, aspect_ratios=None, media_inputs=None, **kw) -> list[list[int]]:
+        """As `generate`, with media already as tensors (images [B, N, T, 3, S, S] +
+        aspect_ratios [B, N, 2], and/or other modalities in `media_inputs`)."""
+        inputs = dict(media_inputs or {})
+        if images is not None:
+            inputs["image"] = (images.to(self.device), aspect_ratios.to(self.device))
+        return self._generate(tokens, inputs, **kw)
+
+    def _generate(self, tokens, media_inputs, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop_tokens=None, on_token=None):
+        model = self.model
+        prompt, lengths = pad_rows(tokens, device=self.device)
+        b = len(tokens)
+        total = max(lengths) + max_new_tokens
+        if total > model.args.max_seq_len:
+            raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.args.max_seq_len}")
+        stops = torch.tensor(self.default_stop_tokens() if stop_tokens is None else list(stop_tokens), dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        media = model.prepare_media(prompt, media_inputs) if media_inputs else {}
+        caches = model.init_caches(b, total)
+        pos = torch.tensor(lengths, device=self.device)
+        logits = model(prompt, media=media, caches=caches, logit_index=pos - 1)[:, -1]
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            nxt = self._pick(logits, temperature, top_p, generator)
+            finished = torch.isin(nxt, stops) | done
+            for i in (~finished).nonzero()[:, 0].tolist():
+                out[i].append(int(nxt[i]))
+                if on_token is not None:
+                    on_token(i, int(nxt[i]))
+            done = finished
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = model(nxt[:, None], media=media, caches=caches, positions=pos[:, None])[:, -1]
+            pos = pos + 1
+        return out
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p, generator)
+
+    def chat(self, messages: list[dict], images: list[Any] | None = None, **kw) -> str:
+        """One dialog (Meta's chat format; `{"type": "image"}` items in the order of
+        `images`) -> the assistant's reply text."""
+        if self.tokenizer is None:
+            raise ValueError("Generator.chat needs a tokenizer: Generator(model, tokenizer)")
+        from .tokenizer import ChatFormat
+
+        ids = ChatFormat(self.tokenizer).encode_dialog(messages)
+        new = self.generate([ids], [list(images or [])], **kw)[0]
+        return self.tokenizer.decode(new)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny model configs with random weights (nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_PARAMS = dict(
+    dim=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=512,
+    multiple_of=16,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    use_scaled_rope=True,
+    max_seq_len=256,
+    vision_chunk_size=28,
+    vision_max_num_chunks=4,
+    vision_num_cross_attention_layers=2,
+    vision_width=32,
+    vision_layers=4,
+    vision_heads=4,
+    vision_global_layers=2,
+    vision_patch_size=14,
+    vision_intermediate_layers=[1, 3],
+)
+
+
+def tiny_params(**overrides) -> dict:
+    return {**TINY_PARAMS, **overrides}
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.08) -> torch.nn.Module:
+    """Give every parameter (gates included) non-trivial random values, so equivalence
+    tests exercise every branch. Norm weights stay near 1, gates in [0.3, 0.9]."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "gate" in leaf:
+            p.copy_(0.3 + 0.6 * torch.rand(p.shape, generator=g))
+        elif "norm" in name or "ln_" in name:
+            p.copy_((1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides):
+    import llama_vision
+
+    torch.manual_seed(seed)
+    model = llama_vision.build_model(tiny_params(**overrides))
+    return randomize(model, seed).eval()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"reference material not found at {SHARED}")
+    return SHARED
