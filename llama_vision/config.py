@@ -39,6 +39,7 @@ Rules:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import sys
@@ -216,7 +217,9 @@ def _raise_unknown(key: str, valid: list[str], prefix: str) -> None:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("pathlib.", "")
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
@@ -257,9 +260,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for allowed in args:
             if value == allowed and type(value) is type(allowed):
                 return allowed
-        raise ConfigError(
-            f"config key '{key}': expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
-        )
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -274,6 +275,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
+            try:
+                as_float = float(value)  # "1e5" (a string to YAML 1.1) is a fine step count
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
         raise _type_error(key, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -293,13 +300,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         return _build(tp, value, prefix=key + ".")
 
-    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, tp, value)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise ConfigError(f"config key '{key}': expected {len(args)} items ({_type_name(tp)}), got {value!r}")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             elem = args[0] if args else Any
             items = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]

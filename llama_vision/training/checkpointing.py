@@ -124,10 +124,12 @@ class CheckpointManager:
         """Save this rank's ``state`` as part of checkpoint ``step``; collective over all ranks.
 
         ``metadata`` (JSON-serialisable, rank 0's is used) is stored in ``meta.json``.
-        Returns the committed step directory.
+        Returns the committed step directory. Every rank must call this with the same ``step``;
+        if rank 0 fails to commit, the other ranks wait in the final barrier until its timeout.
         """
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        json.dumps(metadata)  # fail early (on every rank) rather than after all shards are written
         state = _prepare_state(state, "state")
         staging = self.root / f"step_{step}.tmp"
         staging.mkdir(parents=True, exist_ok=True)
@@ -152,8 +154,12 @@ class CheckpointManager:
         # The staging name is reused across attempts, so drop leftovers of a killed earlier save
         # (a stale meta.json, shards of a larger world size, orphaned temp files).
         for entry in staging.iterdir():
-            if entry.name not in expected:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.name in expected:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         now = time.time()
         meta = {
             "step": step,
@@ -338,6 +344,10 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
         saved = list(state["torch_cuda"].to(torch.uint8))
         n = torch.cuda.device_count()
         if len(saved) != n:
-            warnings.warn(f"RNG state has {len(saved)} CUDA devices, this process sees {n}; restoring the first {min(n, len(saved))}")
+            warnings.warn(
+                f"RNG state has {len(saved)} CUDA devices, this process sees {n}; "
+                f"restoring the first {min(n, len(saved))}",
+                stacklevel=2,
+            )
         for device, s in enumerate(saved[:n]):
             torch.cuda.set_rng_state(s, device)

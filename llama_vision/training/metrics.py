@@ -117,14 +117,15 @@ class MetricsLogger:
         """Keep only records with ``step <= resume_step`` (none for a fresh run)."""
         if not self.jsonl_path.exists():
             return
-        kept = [] if resume_step is None else [r for r in read_metrics(self.jsonl_path) if r.get("step", 0) <= resume_step]
+        records = [] if resume_step is None else read_metrics(self.jsonl_path)
+        kept = [r for r in records if r.get("step", 0) <= resume_step]
         atomic_write_text(self.jsonl_path, "".join(json.dumps(_encode(r)) + "\n" for r in kept))
 
     def _open_tensorboard(self, resume_step: int | None) -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # tensorboard is an optional dependency of torch
-            warnings.warn(f"TensorBoard unavailable ({e}); logging metrics to JSONL only")
+            warnings.warn(f"TensorBoard unavailable ({e}); logging metrics to JSONL only", stacklevel=3)
             return None
         # purge_step drops events at steps >= purge_step that an interrupted run had written.
         # A fresh run (purge_step=0) hides everything an earlier run left in the directory.

@@ -194,4 +194,3 @@ def atomic_dir(final_path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
