@@ -213,7 +213,7 @@ class WebDatasetSource:
                 key=key if key is not None else shard,
                 source=shard,
                 error=BAD_SHARD,
-                message=f"{shard}: unreadable after member {name!r}: {exc}",
+                message=f"{shard}: unreadable at or after member {name!r}: {exc}",
             )
             return
         if key is not None:
@@ -250,7 +250,11 @@ class _JsonlSource:
     """One JSON object per line; image paths are relative to the JSONL file's folder (or
     ``image_root``). Blank lines are ignored; every other line is exactly one record."""
 
-    def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], image_root: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
+        image_root: str | os.PathLike | None = None,
+    ):
         self.shards = expand_urls(paths)
         self.image_root = None if image_root is None else os.fspath(image_root)
 
