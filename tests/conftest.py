@@ -69,3 +69,14 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"reference material not found at {SHARED}")
     return SHARED
+
+
+def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> None:
+    """Run `script` under torchrun on CPU (gloo, loopback); fail with its output."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
