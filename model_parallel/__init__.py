@@ -24,9 +24,14 @@ from .layers import (
     row_parallel_linear,
     vocab_parallel_embedding,
 )
+from .grads import all_reduce_sum, global_grad_norm, sync_gradients, zero_redundancy_adamw
 from .sharding import merge_shards, shard_plan, shard_state_dict, split_state_dict
 
 __all__ = [
+    "all_reduce_sum",
+    "global_grad_norm",
+    "sync_gradients",
+    "zero_redundancy_adamw",
     "barrier",
     "column_parallel_linear",
     "destroy_model_parallel",

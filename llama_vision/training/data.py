@@ -1,0 +1,47 @@
+"""Build a stage's dataset + resumable loader from its DataConfig."""
+from __future__ import annotations
+
+from llama_vision.data.collate import build_dataloader
+from llama_vision.data.datasets import CaptionDataset, ConversationDataset, DPODataset
+from llama_vision.data.image import ImageProcessor
+from llama_vision.data.sources import ConversationSource, DPOSource, JsonlCaptionSource, WebDatasetSource
+
+from .train_config import TrainConfig
+
+_KINDS = {
+    "caption_wds": (lambda c: WebDatasetSource(c.paths), CaptionDataset),
+    "caption_jsonl": (lambda c: JsonlCaptionSource(c.paths, c.image_root), CaptionDataset),
+    "conversations": (lambda c: ConversationSource(c.paths, c.image_root), ConversationDataset),
+    "dpo": (lambda c: DPOSource(c.paths, c.image_root), DPODataset),
+}
+
+
+def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int):
+    """-> ResumableDataLoader of Batch (or PreferenceBatch for DPO), looping forever
+    (step-based training: data-parallel ranks never wait for each other at an epoch end)."""
+    data = cfg.data
+    if not data.paths:
+        raise ValueError("data.paths is empty: point it at the training shards / manifests")
+    if data.kind == "video_jsonl":
+        from llama_vision.data.video_dataset import build_video_dataset
+
+        dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size)
+    else:
+        make_source, dataset_cls = _KINDS[data.kind]
+        processor = ImageProcessor(
+            tile_size=data.tile_size or model_args.vision_chunk_size,
+            max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
+        )
+        dataset = dataset_cls(
+            make_source(data),
+            tokenizer,
+            processor,
+            max_seq_len=min(data.max_seq_len, model_args.max_seq_len),
+            seed=cfg.seed,
+            shuffle=data.shuffle,
+            shuffle_buffer=data.shuffle_buffer,
+            rank=dp_rank,
+            world_size=dp_size,
+            loop=True,
+        )
+    return build_dataloader(dataset, batch_size=cfg.micro_batch_size, num_workers=data.num_workers)

@@ -1,0 +1,292 @@
+"""The training loop for every stage (image pretrain/anneal/SFT/DPO, video, text).
+
+Same code on 2 CPU processes (gloo) and N nodes x 8 GPUs (NCCL): tensor parallel through
+fairscale's layers, data parallel by summing gradients over the DP group with the loss
+divided by the GLOBAL target count (so DP=N equals DP=1 with the full batch), AdamW state
+for trainable parameters only, sharded across DP ranks (ZeRO-1).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import model_parallel as mp
+from llama_vision.model import build_model, set_trainable
+from llama_vision.tokenizer import load_tokenizer
+
+from .checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
+from .data import build_loader
+from .losses import dpo_loss, lm_loss_sum, sequence_logps
+from .metrics import MetricsLogger, ThroughputMeter
+from .optim import split_decay_params
+from .schedule import build_lr_scheduler
+from .train_config import TrainConfig
+
+
+def load_model_params(path: str) -> dict:
+    """A Meta params.json or a YAML of the same keys."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "params.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"model params not found: {p}")
+    return json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+
+
+def build_training_model(cfg: TrainConfig, tokenizer):
+    """Params + tokenizer -> model with initial weights, new modalities and trainability."""
+    params = load_model_params(cfg.model)
+    if params.get("vocab_size") in (None, "auto"):
+        params["vocab_size"] = tokenizer.n_words
+    if params["vocab_size"] != tokenizer.n_words:
+        raise ValueError(f"model vocab_size {params['vocab_size']} != tokenizer n_words {tokenizer.n_words} ({cfg.tokenizer})")
+    torch.manual_seed(cfg.seed)  # identical replicated weights on every rank
+    model = build_model(params)
+    if cfg.stage.startswith("video"):
+        from llama_vision.model.video import VideoConfig, add_video_adapters
+
+        v = cfg.video
+        add_video_adapters(model, VideoConfig(
+            num_frames=v.num_frames, frames_per_group=v.frames_per_group, tiles_per_frame=v.tiles_per_frame,
+            n_latents=v.n_latents, depth=v.depth, heads=v.heads, every_k_image_layers=v.every_k_image_layers,
+        ))
+    if cfg.init_from:
+        from llama_vision.checkpoint import load_into
+
+        load_into(model, cfg.init_from, allow_missing_prefixes=_new_module_prefixes(model))
+    if cfg.init_text_from:
+        from llama_vision.checkpoint import load_text_trunk_into
+
+        load_text_trunk_into(model, cfg.init_text_from)
+    from llama_vision.model import trainable_groups
+
+    groups = trainable_groups(model)
+    # A modality group the model does not have (video in an image stage) must stay off.
+    set_trainable(model, **{g: on for g, on in vars(cfg.trainable).items() if on or g in groups})
+    if cfg.activation_checkpointing:
+        model.text_model.checkpoint_activations = True
+        model.vision_model.vision_encoder.transformer.checkpoint_activations = True
+        model.vision_model.vision_encoder.global_transformer.checkpoint_activations = True
+    return model
+
+
+def _new_module_prefixes(model) -> tuple[str, ...]:
+    """State-dict prefixes of modalities added on top of the image model (absent from an
+    image-stage checkpoint)."""
+    return tuple(p + "." for name, m in model.modalities.items() if name != "image" for p in m.trainable_modules)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.tp > 1:
+            mp.init_model_parallel(cfg.tp)
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        self.out = Path(cfg.output_dir)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.model = build_training_model(cfg, self.tokenizer).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        plan = mp.shard_plan(self.model, "runtime")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.tp_dims = {id(p): plan.get(names[id(p)]) for p in self.params}
+        self.reference = None
+        if cfg.stage == "dpo":
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        decay, no_decay = split_decay_params(self.model.named_parameters())
+        groups = [g for g in (
+            {"params": [p for _, p in decay], "weight_decay": cfg.optim.weight_decay},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+        ) if g["params"]]
+        self.optimizer = mp.zero_redundancy_adamw(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
+        self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier)
+        self.step = 0
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bf16" and self.device.type == "cuda" else nullcontext()
+        )
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        optim = self.optimizer.optim if hasattr(self.optimizer, "optim") else self.optimizer
+        state = {
+            "step": self.step,
+            "trainable": trainable,
+            "optimizer": optim.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+        }
+        if self.reference is not None:
+            state["reference"] = {n: p.detach().cpu() for n, p in self.reference.named_parameters() if n in trainable}
+        return state
+
+    def resume(self) -> bool:
+        latest = self.ckpt.latest()
+        if latest is None:
+            return False
+        state = self.ckpt.load(latest, rank=self.rank)
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                named[n].copy_(t)
+            if self.reference is not None:
+                ref = dict(self.reference.named_parameters())
+                for n, t in state["reference"].items():
+                    ref[n].copy_(t)
+        optim = self.optimizer.optim if hasattr(self.optimizer, "optim") else self.optimizer
+        optim.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        return True
+
+    # --- one optimizer step ---------------------------------------------------------------
+    def _forward_lm(self, batch) -> torch.Tensor:
+        with self.autocast:
+            logits = self.model(batch.tokens, batch.images, batch.aspect_ratios if batch.images is not None else None)
+        return lm_loss_sum(logits, batch.labels)
+
+    def _forward_dpo(self, batch) -> torch.Tensor:
+        def logps(model, b):
+            with self.autocast:
+                return sequence_logps(model(b.tokens, b.images, b.aspect_ratios if b.images is not None else None), b.labels)
+
+        pc, pr = logps(self.model, batch.chosen), logps(self.model, batch.rejected)
+        with torch.no_grad():
+            rc, rr = logps(self.reference, batch.chosen), logps(self.reference, batch.rejected)
+        losses, margins = dpo_loss(pc, pr, rc, rr, self.cfg.dpo.beta)
+        self._dpo_margin += float(margins.sum())
+        return losses.sum()
+
+    def train_step(self, it) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        micro = [next(it).to(self.device) for _ in range(cfg.grad_accum_steps)]
+        dpo = cfg.stage == "dpo"
+        # Normalise by the global number of targets (tokens, or pairs for DPO).
+        count = torch.tensor(float(sum(len(b) if dpo else b.num_targets for b in micro)), device=self.device)
+        mp.all_reduce_sum(count, "dp")
+        total = torch.zeros((), device=self.device)
+        self._dpo_margin = 0.0
+        for batch in micro:
+            loss_sum = self._forward_dpo(batch) if dpo else self._forward_lm(batch)
+            (loss_sum / count).backward()
+            total += loss_sum.detach()
+        mp.sync_gradients(self.params)
+        grad_norm = mp.global_grad_norm(self.params, self.tp_dims)
+        if cfg.optim.grad_clip is not None:
+            scale = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.reference is not None and cfg.dpo.ref_ema_every and self.step % cfg.dpo.ref_ema_every == 0:
+            self._update_reference_ema()
+        mp.all_reduce_sum(total, "dp")
+        tokens = sum(int(b.lengths.sum()) for b in (micro if not dpo else [m.chosen for m in micro]))
+        images = sum(int(b.num_images.sum()) for b in (micro if not dpo else [m.chosen for m in micro]))
+        metrics = {
+            "loss": float(total / count),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "skipped_samples": self._skipped_total(),
+            "step_time_s": time.perf_counter() - t0,
+            "tokens": tokens,
+            "images": images,
+        }
+        if dpo:
+            metrics["reward_margin"] = self._dpo_margin / max(1.0, float(count))
+        return metrics
+
+    def _mfu(self, rates: dict) -> dict:
+        """Model FLOPs utilisation on GPU, counted honestly for adapter training: forward
+        2N per token over ALL parameters, backward 2N for activation gradients through
+        everything the loss flows through (the frozen trunk included) and 2N_trainable for
+        weight gradients. Attention FLOPs are left out (a lower bound)."""
+        from .metrics import estimate_mfu
+
+        if self.device.type != "cuda":
+            return {}
+        n_all = sum(p.numel() for p in self.model.parameters()) * mp.tp_size()
+        n_train = sum(p.numel() for p in self.params) * mp.tp_size()
+        flops = (4 * n_all + 2 * n_train) * rates["tokens_per_s"] * rates["step_time_s"]
+        mfu = estimate_mfu(flops, rates["step_time_s"])
+        return {} if mfu is None else {"mfu": mfu}
+
+    def _skipped_total(self) -> int:
+        skipped = torch.tensor(float(sum(self.loader.skipped.values())), device=self.device)
+        return int(mp.all_reduce_sum(skipped, "dp"))
+
+    @torch.no_grad()
+    def _update_reference_ema(self) -> None:
+        d = self.cfg.dpo.ref_ema_decay
+        ref = dict(self.reference.named_parameters())
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                ref[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    # --- the loop -------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        resumed = resume and self.resume()
+        logger = MetricsLogger(self.out, rank=self.rank, tensorboard=cfg.tensorboard, resume_step=self.step if resumed else None)
+        meter = ThroughputMeter()
+        self.model.train()
+        it = iter(self.loader)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train[{cfg.stage}]", disable=self.rank != 0, dynamic_ncols=True)
+        last = {}
+        try:
+            while self.step < cfg.max_steps:
+                last = self.train_step(it)
+                meter.update(last["tokens"], last["images"], last["step_time_s"])
+                rates = meter.summary()
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {self.step}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    logger.log(self.step, **{**last, **rates, **self._mfu(rates)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", skipped=last["skipped_samples"])
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.ckpt.save(self.step, self.state())
+        finally:
+            bar.close()
+            logger.close()
+        if cfg.save_final:
+            self.save_final()
+        return {"step": self.step, **last}
+
+    def save_final(self) -> Path:
+        """The whole model in Meta format at output_dir/final (what infer_* and the next
+        stage's init_from read), tokenizer beside it."""
+        from llama_vision.checkpoint import save_meta_checkpoint
+
+        final = self.out / "final"
+        save_meta_checkpoint(self.model, final, tp_rank=mp.tp_rank(), tp_world=mp.tp_size(), write=mp.dp_rank() == 0)
+        if self.rank == 0 and Path(self.cfg.tokenizer).is_file():
+            shutil.copyfile(self.cfg.tokenizer, final / "tokenizer.model.tmp")
+            os.replace(final / "tokenizer.model.tmp", final / "tokenizer.model")
+        mp.barrier()
+        return final
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    return Trainer(cfg).fit(resume=resume)

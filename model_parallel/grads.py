@@ -1,0 +1,73 @@
+"""Gradient plumbing for training under TP x DP (all process-group calls live here)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .groups import dp_group, dp_size, is_model_parallel, tp_group, tp_size
+
+
+def all_reduce_sum(x: torch.Tensor, group: str = "dp") -> torch.Tensor:
+    """In-place sum over the data-parallel ("dp") or tensor-parallel ("tp") group."""
+    if group == "dp" and dp_size() > 1:
+        dist.all_reduce(x, group=dp_group())
+    elif group == "tp" and tp_size() > 1:
+        dist.all_reduce(x, group=tp_group())
+    return x
+
+
+def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 20) -> None:
+    """SUM gradients over the DP group (the loss is already divided by the global token
+    count, so summing gives exactly the full-batch gradient), and over the TP group for
+    replicated weights whose gradient is partial per rank (`tp_partial_grad`).
+    Gradients are flattened into buckets to issue few collectives."""
+    if dp_size() > 1:
+        _bucketed_all_reduce([p.grad for p in params if p.grad is not None], dp_group(), bucket_bytes)
+    if tp_size() > 1:
+        partial = [p.grad for p in params if p.grad is not None and getattr(p, "tp_partial_grad", False)]
+        _bucketed_all_reduce(partial, tp_group(), bucket_bytes)
+
+
+def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) -> None:
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], tp_dims: dict[int, int | None]) -> torch.Tensor:
+    """L2 norm of the full model's gradient: squares of TP-sharded parameters are summed
+    across the TP group, replicated ones counted once. tp_dims: id(param) -> split dim."""
+    dev = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
+    sharded = torch.zeros((), device=dev, dtype=torch.float32)
+    replicated = torch.zeros((), device=dev, dtype=torch.float32)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().pow(2).sum()
+        if tp_dims.get(id(p)) is not None:
+            sharded += sq
+        else:
+            replicated += sq
+    if tp_size() > 1 and is_model_parallel():
+        dist.all_reduce(sharded, group=tp_group())
+    return (sharded + replicated).sqrt()
+
+
+def zero_redundancy_adamw(params, **adamw_kwargs):
+    """AdamW whose state is sharded across the DP group (ZeRO-1); plain AdamW at DP=1."""
+    if dp_size() == 1:
+        return torch.optim.AdamW(params, **adamw_kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_group(), **adamw_kwargs)
