@@ -29,8 +29,14 @@ def _tag(module: nn.Module, weight_dim: int | None, bias_dim: int | None, checkp
     return module
 
 
+def _check_divisible(n: int, what: str) -> None:
+    if n % tp_size():
+        raise ValueError(f"{what} of size {n} does not split across tensor-parallel degree {tp_size()}")
+
+
 def column_parallel_linear(in_features: int, out_features: int, bias: bool = False, gather_output: bool = False) -> nn.Module:
     """y = x W^T (+ b) with W split on the output dim; output stays sharded unless gathered."""
+    _check_divisible(out_features, "column-parallel output")
     if tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
@@ -42,6 +48,7 @@ def column_parallel_linear(in_features: int, out_features: int, bias: bool = Fal
 
 def row_parallel_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
     """y = x W^T (+ b) with W split on the input dim; the partial sums are all-reduced."""
+    _check_divisible(in_features, "row-parallel input")
     if tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
@@ -52,6 +59,7 @@ def row_parallel_linear(in_features: int, out_features: int, bias: bool = False)
 
 
 def vocab_parallel_embedding(num_embeddings: int, dim: int) -> nn.Module:
+    _check_divisible(num_embeddings, "vocabulary (embedding rows)")
     if tp_size() == 1:
         layer = nn.Embedding(num_embeddings, dim)
     else:

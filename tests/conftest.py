@@ -80,3 +80,38 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+def make_shapes_corpus(root: Path, n_train: int = 64, n_test: int = 8, n_videos: int = 0) -> dict:
+    """A small shapes-world dataset + a word-level SentencePiece tokenizer trained on its
+    captions (what the tiny_* training configs expect)."""
+    import tarfile
+
+    from llama_vision.demo.shapes import generate_shapes_world
+    from llama_vision.tokenizer import train_sentencepiece
+
+    info = generate_shapes_world(root / "data", n_train_images=n_train, n_test_images=n_test,
+                                 n_train_videos=n_videos, n_test_videos=min(n_videos, 4), seed=0, progress=False)
+    caps = []
+    for tar in sorted((root / "data" / "images").glob("train-*.tar")):
+        with tarfile.open(tar) as t:
+            caps += [t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".txt")]
+    tok = train_sentencepiece(caps + ["the red circle moves left. up down right green blue yellow square triangle"], root / "tokenizer.model", vocab_size=320, model_type="word")
+    return {"root": root, "tokenizer": str(tok), "shards": str(root / "data" / "images" / "train-*.tar"), **info}
+
+
+@pytest.fixture(scope="session")
+def shapes_corpus(tmp_path_factory) -> dict:
+    return make_shapes_corpus(tmp_path_factory.mktemp("shapes"))
+
+
+def tiny_train_overrides(corpus: dict, out: Path, **extra) -> list[str]:
+    base = {
+        "model": str(ROOT / "configs/model/tiny.yaml"),
+        "tokenizer": corpus["tokenizer"],
+        "output_dir": str(out),
+        "data.paths": f'["{corpus["shards"]}"]',
+        "tensorboard": "false",
+    }
+    base.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]

@@ -39,6 +39,9 @@ class CrossAttention(nn.Module):
         self.wo = row_parallel_linear(args.n_heads * self.head_dim, args.dim)
         self.q_norm = RMSNorm(self.head_dim, eps=args.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=args.norm_eps)
+        # Replicated, but each TP rank only normalises its own heads: its gradient is a
+        # partial sum that the trainer all-reduces over the TP group.
+        self.q_norm.weight.tp_partial_grad = self.k_norm.weight.tp_partial_grad = world > 1
 
     def compute_kv(self, media_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """media_tokens [B, T, D] -> k, v [B, n_local_kv_heads, T, head_dim].

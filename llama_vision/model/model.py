@@ -2,6 +2,7 @@
 Llama 3 decoder (Meta's CrossAttentionTransformer; state-dict keys are Meta's)."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +202,11 @@ class VisionLanguageModel(nn.Module):
         return [out[i, :n] for i, n in enumerate(lengths)]
 
 
-def build_model(params: dict | str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, init: bool = True, **overrides) -> VisionLanguageModel:
+def build_model(params: dict | str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, init: bool = True, seed: int = 0, **overrides) -> VisionLanguageModel:
     """Build a model from a Meta params.json (dict or path; optional vision-size keys).
 
-    device="meta" builds without memory (shapes only). Under torch.distributed with
+    device="meta" builds without memory (shapes only); `seed` makes the initial weights
+    (identical at every tensor-parallel degree, see `init_weights`). Under torch.distributed with
     fairscale groups initialised (model_parallel.init_model_parallel), projections are
     sharded across the tensor-parallel group.
     """
@@ -221,19 +223,41 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
     finally:
         torch.set_default_dtype(prev)
     if init and str(device) != "meta":
-        init_weights(model)
+        init_weights(model, seed=seed)
     return model
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, std: float = 0.02) -> None:
-    """Small normal init for linear/embedding weights; norms at 1, gates and biases at 0
-    (position embeddings keep their construction-time scale)."""
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, nn.LayerNorm):
-                p.fill_(1.0 if name == "weight" else 0.0)
-            elif name == "bias":
-                p.zero_()
-            elif name == "weight" and p.ndim == 2:
-                p.normal_(0.0, std)
+def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Deterministic, tensor-parallel-invariant initialisation.
+
+    Each parameter is drawn in FULL (TP=1) shape from a generator seeded by (seed, its
+    name), then this rank keeps its slice: a TP=N model starts from exactly the weights of
+    the TP=1 model. Linear/embedding weights ~ N(0, std); class/position embeddings
+    ~ N(0, width^-1/2) (CLIP's scale); norms at 1; biases and tanh gates at 0.
+    """
+    from model_parallel import shard_plan, tp_rank, tp_size
+
+    plan = shard_plan(model, "runtime")
+    world, rank = tp_size(), tp_rank()
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias" or leaf.startswith("gate") or leaf.endswith("_gate"):
+            p.zero_()
+            continue
+        if "norm" in name or ".ln_" in name or name.startswith("ln_"):
+            p.fill_(1.0)
+            continue
+        dim = plan.get(name)
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] *= world
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if "embedding" in leaf or leaf == "embedding" or "positional" in name:
+            scale = p.shape[-1] ** -0.5
+        else:
+            scale = std
+        full = torch.randn(shape, generator=g) * scale
+        if dim is not None:
+            full = full.chunk(world, dim=dim)[rank]
+        p.copy_(full.to(p.dtype))

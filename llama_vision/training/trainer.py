@@ -50,8 +50,8 @@ def build_training_model(cfg: TrainConfig, tokenizer):
         params["vocab_size"] = tokenizer.n_words
     if params["vocab_size"] != tokenizer.n_words:
         raise ValueError(f"model vocab_size {params['vocab_size']} != tokenizer n_words {tokenizer.n_words} ({cfg.tokenizer})")
-    torch.manual_seed(cfg.seed)  # identical replicated weights on every rank
-    model = build_model(params)
+    torch.manual_seed(cfg.seed)
+    model = build_model(params, seed=cfg.seed)  # the same weights at every TP degree
     if cfg.stage.startswith("video"):
         from llama_vision.model.video import VideoConfig, add_video_adapters
 

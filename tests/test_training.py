@@ -1,0 +1,164 @@
+"""Training stack on CPU: data parallel and tensor parallel equal the single-process run,
+the decoder stays frozen, SIGKILL + resume reproduces the uninterrupted losses, bad data
+is skipped and reported, stage losses fall."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_torchrun, tiny_train_overrides
+from llama_vision.config import load_config
+from llama_vision.training.metrics import read_metrics
+from llama_vision.training.train_config import TrainConfig
+from llama_vision.training.trainer import Trainer, train
+
+PRETRAIN = str(ROOT / "configs/train/tiny_image_pretrain.yaml")
+WORKER = Path(__file__).resolve().parent / "dist_train_worker.py"
+
+
+def _cfg(corpus, out, **extra):
+    return load_config(TrainConfig, PRETRAIN, tiny_train_overrides(corpus, out, **extra))
+
+
+def _trainable(out: Path, step: int, ranks: int = 1) -> list[dict]:
+    d = out / "checkpoints" / f"step_{step}"
+    return [torch.load(d / f"rank_{r:05d}.pt", weights_only=True)["trainable"] for r in range(ranks)]
+
+
+COMMON = dict(max_steps=3, checkpoint_every=3, save_final="false", **{"data.shuffle": "false", "optim.warmup_steps": 1})
+
+
+def test_data_parallel_equals_single_process(shapes_corpus, tmp_path):
+    one = tmp_path / "dp1"
+    train(_cfg(shapes_corpus, one, micro_batch_size=8, **COMMON))
+    two = tmp_path / "dp2"
+    run_torchrun(WORKER, PRETRAIN, json.dumps(tiny_train_overrides(shapes_corpus, two, micro_batch_size=4, **COMMON)))
+    ref = _trainable(one, 3)[0]
+    r0, r1 = _trainable(two, 3, ranks=2)
+    for name, t in ref.items():
+        torch.testing.assert_close(r0[name], t, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(r1[name], t, atol=1e-6, rtol=0, msg=name)
+    losses1 = [m["loss"] for m in read_metrics(one / "metrics.jsonl")]
+    losses2 = [m["loss"] for m in read_metrics(two / "metrics.jsonl")]
+    assert losses1 == pytest.approx(losses2, abs=1e-5)
+
+
+def test_tensor_parallel_equals_single_process(shapes_corpus, tmp_path, shared_dir):
+    """TP=2 (vocabulary, heads and FFN split over 2 processes) trains to the same weights.
+    Uses the real Llama 3 tokenizer: its 128256-row vocabulary splits evenly."""
+    import yaml
+
+    import llama_vision
+    import model_parallel as mp
+
+    llama_tok = {"tokenizer": str(shared_dir / "reference" / "tokenizer.model")}
+    one = tmp_path / "tp1"
+    train(_cfg(shapes_corpus, one, micro_batch_size=4, **COMMON, **llama_tok))
+    two = tmp_path / "tp2"
+    run_torchrun(WORKER, PRETRAIN, json.dumps(tiny_train_overrides(shapes_corpus, two, micro_batch_size=4, tp=2, **COMMON, **llama_tok)))
+    ref = _trainable(one, 3)[0]
+    shards = _trainable(two, 3, ranks=2)
+    params = yaml.safe_load(open(ROOT / "configs/model/tiny.yaml"))
+    params["vocab_size"] = 128256
+    plan = mp.shard_plan(llama_vision.build_model(params, device="meta"), "checkpoint")
+    merged = mp.merge_shards(shards, plan)
+    assert set(merged) == set(ref)
+    for name, t in ref.items():
+        torch.testing.assert_close(merged[name], t, atol=2e-6, rtol=0, msg=name)
+
+
+def test_frozen_decoder_unchanged_and_without_optimizer_state(shapes_corpus, tmp_path):
+    cfg = _cfg(shapes_corpus, tmp_path / "frozen", max_steps=4, checkpoint_every=4, save_final="false")
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("text_model.layers.")}
+    vision_before = trainer.model.vision_model.vision_encoder.class_embedding.detach().clone()
+    trainer.fit()
+    for n, p in trainer.model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+            assert p.grad is None and p not in trainer.optimizer.state, n
+    assert not torch.equal(trainer.model.vision_model.vision_encoder.class_embedding, vision_before)
+    n_state = len(trainer.optimizer.state)
+    assert n_state == len(trainer.params) and all(p.requires_grad for p in trainer.optimizer.state)
+
+
+def test_sigkill_and_resume_reproduce_uninterrupted_losses(shapes_corpus, tmp_path):
+    steps = 8
+    ref = tmp_path / "ref"
+    train(_cfg(shapes_corpus, ref, max_steps=steps, checkpoint_every=2, save_final="false"))
+    want = [m["loss"] for m in read_metrics(ref / "metrics.jsonl")]
+
+    out = tmp_path / "killed"
+    args = [sys.executable, str(ROOT / "tools/train.py"), "--config", PRETRAIN,
+            *tiny_train_overrides(shapes_corpus, out, max_steps=steps, checkpoint_every=2, save_final="false")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint exists and training is past it
+        rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        if any(d.name == "step_4" for d in (out / "checkpoints").glob("step_*")) and len(rows) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not any(p.name.endswith(".tmp") and (p / "meta.json").exists() for p in (out / "checkpoints").iterdir())
+    subprocess.run([*args, "--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
+    assert got == want  # bitwise: deterministic CPU
+
+
+def test_corrupt_data_is_skipped_and_reported(shapes_corpus, tmp_path):
+    """A manifest with a truncated JPEG, a corrupt file, a missing file, a bad JSON line
+    and an empty caption trains to the end and reports each skip in metrics.jsonl."""
+    from PIL import Image
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = []
+    for i in range(6):
+        Image.new("RGB", (56, 28), (40 * i, 200, 30)).save(d / f"ok{i}.jpg")
+        good.append({"image": f"ok{i}.jpg", "caption": "a red circle at the top left."})
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(d / "full.jpg")
+    (d / "trunc.jpg").write_bytes((d / "full.jpg").read_bytes()[:200])
+    (d / "garbage.jpg").write_bytes(b"not an image at all")
+    lines = [json.dumps(g) for g in good]
+    lines += [json.dumps({"image": "trunc.jpg", "caption": "a blue square at the top right."}),
+              json.dumps({"image": "garbage.jpg", "caption": "a blue square at the top right."}),
+              json.dumps({"image": "missing.jpg", "caption": "a blue square at the top right."}),
+              '{"image": "ok1.jpg", "caption": ',
+              json.dumps({"image": "ok2.jpg", "caption": "   "})]
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, PRETRAIN, tiny_train_overrides(
+        shapes_corpus, out, max_steps=4, checkpoint_every=4, save_final="false", micro_batch_size=4,
+        **{"data.kind": "caption_jsonl", "data.paths": f'["{d / "train.jsonl"}"]'}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 4 and rows[-1]["skipped_samples"] >= 5
+    reasons = trainer.loader.skipped
+    assert reasons.get("bad_image", 0) >= 2 and reasons.get("missing_image", 0) >= 1
+    assert reasons.get("bad_json", 0) >= 1 and reasons.get("empty_text", 0) >= 1
+
+
+def test_dpo_loss_hand_computed():
+    import math
+
+    from llama_vision.training.losses import dpo_loss, sequence_logps
+
+    losses, margin = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]), beta=0.5)
+    # margin = (-3 + 5) - (-4 + 4.5) = 1.5 ; loss = -log(sigmoid(0.75))
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.75))), abs=1e-6)
+    assert margin.item() == pytest.approx(0.75)
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(2.0), 0.0]]])  # p = [1/4, 3/4], [2/3, 1/3]
+    labels = torch.tensor([[1, -100]])
+    assert sequence_logps(logits, labels).item() == pytest.approx(math.log(0.75), abs=1e-6)
