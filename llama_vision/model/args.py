@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -120,6 +120,12 @@ class ModelArgs:
                 raise FileNotFoundError(f"params file not found: {path}")
             params = json.loads(path.read_text())
         params = {**params, **overrides}
+        for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scale_factor"):
+            if isinstance(params.get(key), str):  # YAML 1.1 reads "1e-05" as a string
+                try:
+                    params[key] = float(params[key])
+                except ValueError:
+                    raise ValueError(f"model param {key}={params[key]!r} is not a number") from None
         if "vision_max_num_tiles" in params:
             params["vision_max_num_chunks"] = params.pop("vision_max_num_tiles")
         # Keys Meta writes that do not change the architecture.

@@ -4,9 +4,22 @@ from __future__ import annotations
 from llama_vision.data.collate import build_dataloader
 from llama_vision.data.datasets import CaptionDataset, ConversationDataset, DPODataset
 from llama_vision.data.image import ImageProcessor
-from llama_vision.data.sources import ConversationSource, DPOSource, JsonlCaptionSource, WebDatasetSource
+from llama_vision.data.sources import ConversationSource, DPOSource, JsonlCaptionSource, Record, WebDatasetSource
 
 from .train_config import TrainConfig
+
+
+class WithoutImages:
+    """A record source with the images removed (text-only samples, e.g. for a text stage
+    trained on the caption language alone)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.shards = getattr(source, "shards", [])
+
+    def iter_shard(self, shard: str):
+        for record in self.source.iter_shard(shard):
+            yield Record(record.key, record.source, {**record.fields, "images": []}, record.error, record.message)
 
 _KINDS = {
     "caption_wds": (lambda c: WebDatasetSource(c.paths), CaptionDataset),
@@ -32,8 +45,9 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
             tile_size=data.tile_size or model_args.vision_chunk_size,
             max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
         )
+        source = make_source(data)
         dataset = dataset_cls(
-            make_source(data),
+            WithoutImages(source) if data.text_only else source,
             tokenizer,
             processor,
             max_seq_len=min(data.max_seq_len, model_args.max_seq_len),

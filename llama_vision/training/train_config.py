@@ -3,7 +3,7 @@ overridable as key=value on the command line (`tools/train.py --config X max_ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -16,6 +16,7 @@ class DataConfig:
     max_seq_len: int = 512
     tile_size: Optional[int] = None  # default: the model's vision_chunk_size
     max_num_tiles: Optional[int] = None  # default: the model's vision_max_num_chunks
+    text_only: bool = False  # drop the images (a text stage trained on the captions alone)
     shuffle: bool = True
     shuffle_buffer: int = 1000
     num_workers: int = 0
@@ -64,6 +65,7 @@ class VideoTrainConfig:
 class TrainConfig:
     stage: Literal["pretrain", "anneal", "sft", "dpo", "video_pretrain", "video_sft", "text"] = "pretrain"
     model: str = "configs/model/tiny.yaml"  # params.json or YAML of Meta params
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vision_chunk_size: 448}
     init_from: Optional[str] = None  # a Meta/HF vision checkpoint dir (previous stage)
     init_text_from: Optional[str] = None  # a text-only Llama trunk (swapped in; adapters kept)
     tokenizer: str = ""

@@ -45,7 +45,7 @@ def load_model_params(path: str) -> dict:
 
 def build_training_model(cfg: TrainConfig, tokenizer):
     """Params + tokenizer -> model with initial weights, new modalities and trainability."""
-    params = load_model_params(cfg.model)
+    params = {**load_model_params(cfg.model), **cfg.model_overrides}
     if params.get("vocab_size") in (None, "auto"):
         params["vocab_size"] = tokenizer.n_words
     if params["vocab_size"] != tokenizer.n_words:
