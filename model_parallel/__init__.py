@@ -6,6 +6,7 @@ tensor-parallel (TP=N, fairscale's Column/RowParallelLinear and VocabParallelEmb
 """
 from .groups import (
     barrier,
+    broadcast_object,
     destroy_model_parallel,
     dp_group,
     dp_rank,
@@ -28,6 +29,7 @@ from .grads import all_reduce_sum, global_grad_norm, sync_gradients, zero_redund
 from .sharding import merge_shards, shard_plan, shard_state_dict, split_state_dict
 
 __all__ = [
+    "broadcast_object",
     "all_reduce_sum",
     "global_grad_norm",
     "sync_gradients",

@@ -89,3 +89,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """Send a picklable object from global rank `src` to all ranks (e.g. the line a user
+    typed on rank 0 in an interactive tensor-parallel session). Identity without dist."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -157,8 +157,9 @@ class Trainer:
 
     # --- one optimizer step ---------------------------------------------------------------
     def _forward_lm(self, batch) -> torch.Tensor:
+        media = batch.media_inputs() if hasattr(batch, "media_inputs") else None
         with self.autocast:
-            logits = self.model(batch.tokens, batch.images, batch.aspect_ratios if batch.images is not None else None)
+            logits = self.model(batch.tokens, batch.images, batch.aspect_ratios if batch.images is not None else None, media_inputs=media)
         return lm_loss_sum(logits, batch.labels)
 
     def _forward_dpo(self, batch) -> torch.Tensor:

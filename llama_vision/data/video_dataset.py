@@ -1,0 +1,122 @@
+"""Video-caption training data: JSONL manifests ``{"video": "clip.mp4", "caption": ...}``
+(paths relative to the manifest) -> examples ``[<video>] + [bos] + caption + [eos]`` with
+the clip decoded by decord, uniformly sampled and tiled per frame.
+
+Corrupt, zero-byte, audio-only or missing files are skipped and counted (``bad_video`` /
+``missing_video``) like bad images; training never stops on them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+
+from .batch import Batch
+from .collate import collate_examples
+from .datasets import EMPTY_TEXT, ExampleDataset, SkipSample, shifted_labels
+from .sources import Record, _JsonlSource
+from .video import VideoLoadError, VideoProcessor
+
+MISSING_VIDEO = "missing_video"
+BAD_VIDEO = "bad_video"
+
+
+class JsonlVideoSource(_JsonlSource):
+    """``{"video": "rel.mp4" | ["a.mp4", ...], "caption" | "text": str}`` per line."""
+
+    def _fields(self, obj: dict, root: str) -> dict[str, Any]:
+        text = obj.get("caption", obj.get("text"))
+        if text is not None and not isinstance(text, str):
+            raise ValueError("caption must be a string")
+        return {"videos": self._images(obj, root, "video", "videos"), "text": text, "meta": obj}
+
+
+@dataclass
+class VideoBatch(Batch):
+    """A Batch plus videos [B, V, F, T, 3, S, S], their tile grids [B, V, 2] and valid
+    frame counts [B, V]."""
+
+    videos: torch.Tensor | None = None
+    video_aspect_ratios: torch.Tensor | None = None
+    video_frames: torch.Tensor | None = None
+
+    def media_inputs(self) -> dict:
+        return {} if self.videos is None else {"video": (self.videos, self.video_aspect_ratios, self.video_frames)}
+
+    def to(self, device, non_blocking: bool = False) -> "VideoBatch":
+        base = super().to(device, non_blocking=non_blocking)
+        move = (lambda t: None if t is None else t.to(device, non_blocking=non_blocking))
+        return VideoBatch(**{**base.__dict__, "videos": move(self.videos),
+                             "video_aspect_ratios": move(self.video_aspect_ratios), "video_frames": move(self.video_frames)})
+
+
+def collate_video_examples(examples: Sequence[dict], pad_id: int, max_num_tiles: int, image_token_id: int) -> VideoBatch:
+    base = collate_examples(examples, pad_id, max_num_tiles, image_token_id)
+    per_row = [ex["videos"] for ex in examples]
+    v = max(1, max(len(r) for r in per_row))
+    if not any(per_row):
+        return VideoBatch(**base.__dict__)
+    f, t, c, s, _ = next(x for r in per_row for x in r).shape
+    videos = torch.zeros(len(examples), v, f, t, c, s, s)
+    ratios = torch.ones(len(examples), v, 2, dtype=torch.long)
+    frames = torch.zeros(len(examples), v, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        for i, (clip, ar, n) in enumerate(zip(ex["videos"], ex["video_ratios"], ex["video_frames"])):
+            videos[b, i] = clip
+            ratios[b, i] = torch.tensor(ar)
+            frames[b, i] = n
+    return VideoBatch(**base.__dict__, videos=videos, video_aspect_ratios=ratios, video_frames=frames)
+
+
+class VideoCaptionDataset(ExampleDataset):
+    def __init__(self, source, tokenizer, processor: VideoProcessor, video_token_id: int, **kwargs):
+        super().__init__(source, tokenizer, processor.image_processor, **kwargs)
+        self.video_processor = processor
+        self.video_token_id = video_token_id
+
+    def collate_fn(self):
+        return partial(collate_video_examples, pad_id=self.tokenizer.pad_id,
+                       max_num_tiles=self.video_processor.max_num_tiles, image_token_id=self.image_token_id)
+
+    def load_videos(self, paths: Sequence[str]):
+        clips, ratios, frames = [], [], []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise SkipSample(MISSING_VIDEO, f"video file {path!r} does not exist")
+            try:
+                clip, ar, info = self.video_processor(path)
+            except VideoLoadError as exc:
+                raise SkipSample(BAD_VIDEO, str(exc)) from None
+            clips.append(clip)
+            ratios.append(tuple(ar))
+            frames.append(info.valid)
+        return clips, ratios, frames
+
+    def build_example(self, record: Record) -> dict:
+        text = record.fields.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise SkipSample(EMPTY_TEXT, "empty caption")
+        tok = self.tokenizer
+        videos = record.fields.get("videos") or []
+        caption = tok.encode(text.strip(), bos=False, eos=False)
+        prefix = [self.video_token_id] * len(videos) + [tok.bos_id]
+        tokens = (prefix + caption + [tok.eos_id])[: self.max_seq_len]
+        labels = shifted_labels(tokens, ([False] * len(prefix) + [True] * (len(caption) + 1))[: len(tokens)])
+        clips, ratios, frames = self.load_videos(videos)
+        return {"key": record.key, "tokens": tokens, "labels": labels, "images": [], "aspect_ratios": [],
+                "videos": clips, "video_ratios": ratios, "video_frames": frames}
+
+
+def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int) -> VideoCaptionDataset:
+    data, v = cfg.data, cfg.video
+    processor = VideoProcessor(num_frames=v.num_frames, tile_size=data.tile_size or model_args.vision_chunk_size,
+                               max_num_tiles=v.tiles_per_frame)
+    return VideoCaptionDataset(
+        JsonlVideoSource(data.paths, data.image_root), tokenizer, processor,
+        video_token_id=model_args.vocab_size + 1,
+        max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
+        shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=True,
+    )

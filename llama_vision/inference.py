@@ -1,0 +1,138 @@
+"""Inference helpers behind tools/infer_image.py and tools/infer_video.py: load a
+checkpoint (at the tensor-parallel degree torchrun gives), build prompts, answer one
+request, a JSONL batch, or an interactive chat."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+import model_parallel as mp
+
+from .generation import Generator
+from .tokenizer import ChatFormat, load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.9
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+
+def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16") -> Generator:
+    """Join the TP group when launched by torchrun, load model + tokenizer, -> Generator."""
+    from .checkpoint import load_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        mp.init_model_parallel(world)
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if str(device).startswith("cpu") and torch_dtype == torch.float16:
+        raise ValueError("fp16 is not supported on CPU; use bf16 or fp32")
+    tok_path = tokenizer or str(Path(ckpt) / "tokenizer.model")
+    if not Path(tok_path).exists():
+        raise FileNotFoundError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
+    model = load_model(ckpt, tp=world, device=device, dtype=torch_dtype)
+    return Generator(model, load_tokenizer(tok_path))
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prompt_tokens(gen: Generator, text: str, n_media: int, raw: bool, placeholder: int | None = None) -> list[int]:
+    """Token ids for one request. Chat mode (instruct models): one user turn with the media
+    first, then the text, in Meta's chat format. Raw mode (base models): media
+    placeholders, <|begin_of_text|>, the text."""
+    tok = gen.tokenizer
+    placeholder = tok.image_token_id if placeholder is None else placeholder
+    if raw:
+        return [placeholder] * n_media + tok.encode(text, bos=True, eos=False)
+    content = [{"type": "image"} for _ in range(n_media)] + ([{"type": "text", "text": text}] if text else [])
+    ids = ChatFormat(tok).encode_dialog([{"role": "user", "content": content}])
+    if placeholder != tok.image_token_id:
+        ids = [placeholder if t == tok.image_token_id else t for t in ids]
+    return ids
+
+
+def answer_images(gen: Generator, images: list, text: str, sampling: Sampling, raw: bool = False, on_token: Callable | None = None) -> str:
+    ids = prompt_tokens(gen, text, len(images), raw)
+    new = gen.generate([ids], [images], on_token=on_token, **sampling.kwargs())[0]
+    return gen.tokenizer.decode(new)
+
+
+def describe_images(images: list, processor) -> str:
+    """'800x600 -> 2x2 tiles of 560 px' per image, for the user's log."""
+    parts = []
+    for i, im in enumerate(images):
+        _, (h, w) = processor(im)
+        parts.append(f"image {i}: {im.width}x{im.height} px -> {h}x{w} tiles of {processor.tile_size} px")
+    return "; ".join(parts)
+
+
+def run_jsonl(requests: Iterable[dict], handle: Callable[[dict], str], out_path: str) -> int:
+    """Answer each request ({"image"/"images"/"video": ..., "prompt": ...}); a bad request
+    gets an "error" field instead of stopping the batch. Output is written atomically."""
+    rows = []
+    for i, req in enumerate(requests):
+        try:
+            rows.append({**req, "answer": handle(req)})
+        except (ValueError, FileNotFoundError, OSError) as e:
+            rows.append({**req, "error": f"{type(e).__name__}: {e}"})
+    if is_main():
+        tmp = Path(f"{out_path}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, out_path)
+    return sum("error" not in r for r in rows)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+    return rows
+
+
+def chat_loop(gen: Generator, images: list, sampling: Sampling, read: Callable[[], str] = input, write: Callable[[str], None] = print) -> None:
+    """Multi-turn chat about the given images; rank 0 reads, every rank generates."""
+    messages: list[dict[str, Any]] = []
+    first = True
+    while True:
+        line = mp.broadcast_object(_read_line(read) if is_main() else None)
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return
+        content = ([{"type": "image"} for _ in images] if first else []) + [{"type": "text", "text": line}]
+        messages.append({"role": "user", "content": content})
+        ids = ChatFormat(gen.tokenizer).encode_dialog(messages)
+        new = gen.generate([ids], [images], **sampling.kwargs())[0]
+        reply = gen.tokenizer.decode(new)
+        messages.append({"role": "assistant", "content": reply})
+        first = False
+        if is_main():
+            write(reply)
+
+
+def _read_line(read: Callable[[], str]) -> str | None:
+    try:
+        return read()
+    except EOFError:
+        return None
