@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
 
 from .inputs import pad_rows, prepare_image_batch
 
@@ -22,12 +24,50 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(order, -1, pick)[:, 0]
 
 
+def use_streaming_layout(model: nn.Module) -> int:
+    """Store the text decoder's widening projections (out > in: the vocabulary projection,
+    SwiGLU w1/w3) as the transpose of the usual layout: same values and shape, strides
+    (1, out). Returns how many weights were changed.
+
+    Why: a decode step multiplies ONE row by each weight, a GEMV that only streams memory,
+    and on CPU MKL streams an [in, out] matrix faster than an [out, in] one whose rows are
+    short -- the 128256 x 512 vocabulary projection of benchmarks/cpu_vs_hf.py runs in half
+    the time (~2x), the 1536 x 512 FFN inputs ~1.5x faster; at dim 4096 ~7%. Projections
+    that narrow (w2, wo) are faster as they are and keep their layout. The values are
+    unchanged; only the summation order inside MKL differs (float rounding, ~1e-7).
+    state_dict() still returns contiguous tensors (safetensors refuses strided ones).
+    """
+    changed = 0
+    for module in model.text_model.modules():
+        if not isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+            continue
+        w = module.weight
+        if w.shape[0] <= w.shape[1] or w.stride() == (1, w.shape[0]):
+            continue
+        # Replacing the storage also drops a memory-mapped original (its pages leave RSS).
+        w.data = w.data.t().contiguous().t()
+        module.register_state_dict_post_hook(_contiguous_weight_in_state_dict)
+        changed += 1
+    return changed
+
+
+def _contiguous_weight_in_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    key = prefix + "weight"
+    if key in state_dict and not isinstance(state_dict[key], nn.Parameter):  # keep_vars=True keeps the Parameter
+        state_dict[key] = state_dict[key].contiguous()
+
+
 class Generator:
-    """`Generator(model, tokenizer=None)`; rows may carry 0..many images each."""
+    """`Generator(model, tokenizer=None)`; rows may carry 0..many images each.
+
+    On CPU the model's widening decoder projections are re-laid out for decoding (see
+    `use_streaming_layout`): same weights, faster one-row steps."""
 
     def __init__(self, model, tokenizer=None):
         self.model = model
         self.tokenizer = tokenizer
+        if self.device.type == "cpu":
+            use_streaming_layout(model)
 
     @property
     def device(self) -> torch.device:
