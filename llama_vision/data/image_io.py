@@ -32,16 +32,23 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 class ImageLoadError(ValueError):
     """An image could not be read or decoded.
 
+    Constructible from the message alone (and so picklable), as DataLoader workers need
+    when they hand an exception back to the main process.
+
     Attributes:
-        source: printable name of what was being loaded (a path, or ``<N bytes>``).
-        cause: the underlying exception (PIL or OS error), kept for debugging.
+        source: printable name of what was being loaded (a path, or ``<N bytes ...>``).
+        cause: the underlying exception (PIL or OS error) or a description, for debugging.
     """
 
-    def __init__(self, source: str, cause: BaseException | str):
+    def __init__(self, message: str, *, source: str | None = None, cause: object = None):
+        super().__init__(message)
         self.source = source
         self.cause = cause
+
+    @classmethod
+    def from_cause(cls, source: str, cause: BaseException | str) -> "ImageLoadError":
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-        super().__init__(f"cannot load image {source}: {reason}")
+        return cls(f"cannot load image {source}: {reason}", source=source, cause=cause)
 
 
 def _describe(source: ImageSource) -> str:
@@ -140,27 +147,28 @@ def load_image(source: ImageSource, alpha: AlphaMode = "drop") -> Image.Image:
     try:
         data = _read_bytes(source)
     except OSError as error:
-        raise ImageLoadError(name, error) from None
+        raise ImageLoadError.from_cause(name, error) from None
     if not data:
-        raise ImageLoadError(name, "the file is empty")
+        raise ImageLoadError.from_cause(name, "the file is empty")
     try:
         image = Image.open(io.BytesIO(data))
         # PIL decodes lazily; load() forces the full decode now so truncated or corrupt
         # data fails here, with the file name, rather than later inside a resize.
         image.load()
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(name, error) from None
+        raise ImageLoadError.from_cause(name, error) from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(name, "not a recognised image format") from None
+        raise ImageLoadError.from_cause(name, "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
         # Decoders signal damage with several exception types (OSError "image file is
         # truncated", SyntaxError for broken headers, ...).
-        raise ImageLoadError(name, error) from None
+        raise ImageLoadError.from_cause(name, error) from None
     try:
-        image = ImageOps.exif_transpose(image)
+        # in_place: no copy of the whole image when there is nothing to rotate.
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as error:  # a malformed EXIF block should not make the pixels unusable
         warnings.warn(f"ignoring unreadable EXIF orientation of {name}: {error}", stacklevel=2)
     try:
         return to_rgb(image, alpha=alpha)
     except (OSError, ValueError) as error:
-        raise ImageLoadError(name, error) from None
+        raise ImageLoadError.from_cause(name, error) from None
