@@ -75,7 +75,9 @@ class Attention(nn.Module):
         if cache is not None:
             cache.update(positions, k, v, cache_from)
             k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
-        out = attention(q, k, v, mask=mask, causal=mask is None, backend=self.backend)
+        # No mask: the queries are the last s of the keys; causal unless it is one query
+        # (a decode step shared by every row), which sees every key (see _self_attention_mask).
+        out = attention(q, k, v, mask=mask, causal=mask is None and s > 1, backend=self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -203,12 +205,15 @@ class TextDecoder(nn.Module):
 
     @staticmethod
     def _self_attention_mask(positions: torch.Tensor, cached: bool):
-        """(mask or None for plain causal, contiguous write offset or None, key length)."""
+        """(mask, contiguous write offset or None, key length). mask is None when every row
+        holds the same positions and no key needs hiding beyond causality: a prefix from 0
+        (plain causal) or, with caches, one decode position (every cached key is visible --
+        no [B, 1, 1, L] mask to build, and SDPA takes its unmasked kernel)."""
         b, s = positions.shape
         start = int(positions[0, 0])
         contiguous = bool((positions == start + torch.arange(s, device=positions.device)).all())
-        if contiguous and start == 0:
-            return None, 0, s
+        if contiguous and (start == 0 or (s == 1 and cached)):
+            return None, start, start + s
         kv_len = int(positions.max()) + 1
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, L]
