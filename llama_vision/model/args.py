@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import yaml
+
 
 @dataclass
 class ModelArgs:
@@ -118,7 +120,8 @@ class ModelArgs:
                 path = path / "params.json"
             if not path.is_file():
                 raise FileNotFoundError(f"params file not found: {path}")
-            params = json.loads(path.read_text())
+            text = path.read_text()
+            params = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         params = {**params, **overrides}
         for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scale_factor"):
             if isinstance(params.get(key), str):  # YAML 1.1 reads "1e-05" as a string

@@ -52,6 +52,7 @@ class VisionLanguageModel(nn.Module):
         order: int = 0,
         aliases: tuple[int, ...] = (),
         trainable_modules: list[str] | None = None,
+        seed: int = 0,
     ) -> Modality:
         """Register a modality: `encode(inputs) -> MediaTokens`, adapters before `layers`.
 
@@ -71,9 +72,13 @@ class VisionLanguageModel(nn.Module):
         if encoder is not None:
             encoder_attr = encoder_attr or f"{name}_encoder"
             self.add_module(encoder_attr, encoder)
-        self.text_model.add_adapters(
-            AdapterSchedule(name, adapter_attr, list(layers), order), build_adapter_blocks(self.args, len(layers))
-        )
+        ref = self.text_model.output.weight
+        with torch.device(ref.device):
+            blocks = build_adapter_blocks(self.args, len(layers)).to(ref.dtype)
+        if ref.device.type != "meta":
+            # Same weights at every TP degree, seeded by the blocks' state-dict names.
+            init_weights(blocks, seed=seed, prefix=f"text_model.{adapter_attr}.")
+        self.text_model.add_adapters(AdapterSchedule(name, adapter_attr, list(layers), order), blocks)
         owned = list(trainable_modules or []) or [f"text_model.{adapter_attr}"] + ([encoder_attr] if encoder is not None else [])
         modality = Modality(name, token_id, encode, adapter_attr, list(layers), order, tuple(aliases), owned)
         self.modalities[name] = modality
@@ -228,13 +233,14 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02, prefix: str = "") -> None:
     """Deterministic, tensor-parallel-invariant initialisation.
 
     Each parameter is drawn in FULL (TP=1) shape from a generator seeded by (seed, its
     name), then this rank keeps its slice: a TP=N model starts from exactly the weights of
     the TP=1 model. Linear/embedding weights ~ N(0, std); class/position embeddings
     ~ N(0, width^-1/2) (CLIP's scale); norms at 1; biases and tanh gates at 0.
+    `prefix` names a submodule's place in the full model (its parameters' seeds).
     """
     from model_parallel import shard_plan, tp_rank, tp_size
 
@@ -252,7 +258,7 @@ def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
         shape = list(p.shape)
         if dim is not None:
             shape[dim] *= world
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((prefix + name).encode()))
         if "embedding" in leaf or leaf == "embedding" or "positional" in name:
             scale = p.shape[-1] ** -0.5
         else:
