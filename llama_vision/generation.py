@@ -58,14 +58,28 @@ def _contiguous_weight_in_state_dict(module, state_dict, prefix, local_metadata)
 
 
 class Generator:
-    """`Generator(model, tokenizer=None)`; rows may carry 0..many images each.
+    """`Generator(model, tokenizer=None, compile=False)`; rows may carry 0..many images each.
 
     On CPU the model's widening decoder projections are re-laid out for decoding (see
-    `use_streaming_layout`): same weights, faster one-row steps."""
+    `use_streaming_layout`): same weights, faster one-row steps.
 
-    def __init__(self, model, tokenizer=None):
+    compile=True runs each decode step through torch.compile ("reduce-overhead", i.e. CUDA
+    graphs, on GPU): the step attends over the whole preallocated cache under a device-side
+    mask (`TextDecoder.forward(static=True)`), so it has no host syncs and one shape per
+    (batch, cache length). Cache lengths are rounded up to a multiple of `CACHE_BUCKET` and
+    the caches are kept for the next call of the same shape (CUDA graphs replay on fixed
+    addresses). The first call of a shape compiles (tens of seconds). Off by default: on
+    CPU the eager step is as fast (the step is GEMV-bound; see docs/BENCHMARKS.md).
+    """
+
+    CACHE_BUCKET = 256
+
+    def __init__(self, model, tokenizer=None, *, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
+        self._compiled_step = None
+        self._static_caches: dict[tuple, list] = {}
         if self.device.type == "cpu":
             use_streaming_layout(model)
 
@@ -116,24 +130,58 @@ class Generator:
         stops = torch.tensor(self.default_stop_tokens() if stop_tokens is None else list(stop_tokens), dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         media = model.prepare_media(prompt, media_inputs) if media_inputs else {}
-        caches = model.init_caches(b, total)
+        caches = self._caches(b, total)
         pos = torch.tensor(lengths, device=self.device)
         logits = model(prompt, media=media, caches=caches, logit_index=pos - 1)[:, -1]
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             nxt = self._pick(logits, temperature, top_p, generator)
-            finished = torch.isin(nxt, stops) | done
-            for i in (~finished).nonzero()[:, 0].tolist():
-                out[i].append(int(nxt[i]))
-                if on_token is not None:
-                    on_token(i, int(nxt[i]))
-            done = finished
-            if bool(done.all()) or step == max_new_tokens - 1:
+            done = torch.isin(nxt, stops) | done
+            # One device -> host transfer per step (tokens + finished flags together).
+            ids, finished = torch.stack([nxt, done.long()]).tolist()
+            for i in range(b):
+                if not finished[i]:
+                    out[i].append(ids[i])
+                    if on_token is not None:
+                        on_token(i, ids[i])
+            if all(finished) or step == max_new_tokens - 1:
                 break
-            logits = model(nxt[:, None], media=media, caches=caches, positions=pos[:, None])[:, -1]
+            logits = self._decode(nxt[:, None], pos[:, None], media, caches)
             pos = pos + 1
         return out
+
+    def _caches(self, batch: int, total: int) -> list:
+        if not self.compile:
+            return self.model.init_caches(batch, total)
+        # Compiled: few distinct shapes, and the same tensors again for the same shape.
+        # Reuse is exact: slots past a row's position are masked until rewritten.
+        length = min(-(-total // self.CACHE_BUCKET) * self.CACHE_BUCKET, self.model.args.max_seq_len)
+        key = (batch, length)
+        if key not in self._static_caches:
+            caches = self.model.init_caches(batch, length)
+            if self.device.type == "cuda":
+                for c in caches:  # CUDA graphs read/write them in place
+                    torch._dynamo.mark_static_address(c.k)
+                    torch._dynamo.mark_static_address(c.v)
+            self._static_caches[key] = caches
+        return self._static_caches[key]
+
+    def _decode(self, tokens, positions, media, caches) -> torch.Tensor:
+        """One decode step: tokens, positions [B, 1] -> float32 logits [B, V]."""
+        if not self.compile:
+            return self.model(tokens, media=media, caches=caches, positions=positions)[:, -1]
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled_step = torch.compile(self._static_step, mode=mode, dynamic=False)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        return self._compiled_step(tokens, positions, media, caches)
+
+    def _static_step(self, tokens, positions, media, caches) -> torch.Tensor:
+        text = self.model.text_model
+        h = text(self.model._canonical_tokens(tokens), positions, media, caches, static=True)
+        return text.logits(h)[:, -1]
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -164,11 +164,13 @@ class TextDecoder(nn.Module):
         return self._by_layer
 
     # --- forward ----------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> [B, S, D]; ids >= vocab_size read the learnable table."""
+    def embed(self, tokens: torch.Tensor, *, skip_check: bool = False) -> torch.Tensor:
+        """tokens [B, S] -> [B, S, D]; ids >= vocab_size read the learnable table.
+        skip_check: always look both tables up instead of asking the device whether any id
+        is new (a host sync, which a compiled step must not have)."""
         new = tokens >= self.vocab_size
         base = self.tok_embeddings(tokens.masked_fill(new, 0))
-        if not new.any():
+        if not skip_check and not new.any():
             return base
         extra = self.learnable_embedding((tokens - self.vocab_size).clamp(min=0)).to(base.dtype)
         return torch.where(new[..., None], extra, base)
@@ -179,15 +181,25 @@ class TextDecoder(nn.Module):
         positions: torch.Tensor,
         media: dict[str, MediaState] | None = None,
         caches: list[KVCache] | None = None,
+        *,
+        static: bool = False,
     ) -> torch.Tensor:
         """tokens, positions [B, S] -> final-norm hidden states [B, S, D].
 
         Without caches the batch is a causal prefix from position 0 (training / one fresh
         forward). With caches, keys up to max(positions) are attended, masked per row.
+        static=True (with caches): attend over the WHOLE preallocated cache under a mask
+        built on the device -- no host syncs and the same shapes at every step, what
+        torch.compile / CUDA graphs need (the eager default slices to the used length).
         """
-        h = self.embed(tokens)
+        h = self.embed(tokens, skip_check=static)
         freqs_cis = self.freqs_cis[positions]
-        mask, cache_from, kv_len = self._self_attention_mask(positions, caches is not None)
+        if static:
+            if caches is None:
+                raise ValueError("static=True needs KV caches")
+            mask, cache_from, kv_len = self._static_cache_mask(positions, caches[0].k.shape[2])
+        else:
+            mask, cache_from, kv_len = self._self_attention_mask(positions, caches is not None)
         if caches is None and mask is not None:
             raise ValueError("without KV caches, positions must be 0..S-1 in every row (one causal prefix)")
         media_masks = {name: state.masks(positions) for name, state in (media or {}).items()}
@@ -218,6 +230,13 @@ class TextDecoder(nn.Module):
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, L]
         return mask, (start if contiguous and cached else None), kv_len
+
+    @staticmethod
+    def _static_cache_mask(positions: torch.Tensor, cache_len: int):
+        """(mask [B, 1, S, cache_len], None = scatter writes at `positions`, cache_len):
+        slots past a row's position (unwritten or stale) get exactly zero weight."""
+        keys = torch.arange(cache_len, device=positions.device)
+        return (keys[None, None, :] <= positions[:, :, None])[:, None], None, cache_len
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden [.., D] -> float32 logits [.., vocab] (gathered across TP ranks)."""
