@@ -1,0 +1,181 @@
+"""Load a Meta or Hugging Face checkpoint dir into a model, at any tensor-parallel degree.
+
+The model is built on the meta device (shapes only, no memory), then only this rank's
+weights are materialised on the target device: `to_empty` allocates uninitialised
+storage, `load_state_dict(strict)` fills every parameter, and the one non-persistent
+buffer (the RoPE table `text_model.freqs_cis`, garbage after `to_empty`) is recomputed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+import model_parallel as mp
+from llama_vision.model import VisionLanguageModel
+from llama_vision.model.text import TextDecoder
+
+from .hf_io import DEFAULT_MAX_SHARD_BYTES, is_hf_checkpoint, load_hf_as_meta, params_from_hf_dir_config, read_hf_config, save_hf_checkpoint
+from .meta import (
+    PARAMS_FILE,
+    build_skeleton,
+    args_from_params,
+    check_keys,
+    check_shapes,
+    is_meta_checkpoint,
+    load_meta_state_dict,
+    load_strict,
+    read_params,
+    save_meta_checkpoint,
+)
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """"meta" (params.json + consolidated*.pth) or "hf" (config.json + *.safetensors)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"a checkpoint is a directory, got the file {path}")
+    if is_meta_checkpoint(path):
+        return "meta"
+    if is_hf_checkpoint(path):
+        return "hf"
+    names = sorted(p.name for p in path.iterdir())[:12]
+    raise ValueError(
+        f"{path} is neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a Hugging Face one "
+        f"(config.json + *.safetensors); it contains {names}"
+    )
+
+
+def checkpoint_params(path: str | Path) -> dict:
+    """The Meta params dict of a checkpoint dir of either format (validated)."""
+    path = Path(path)
+    if checkpoint_format(path) == "meta":
+        params = read_params(path)
+        args_from_params(params, path / PARAMS_FILE)
+        return params
+    return params_from_hf_dir_config(read_hf_config(path), path / "config.json")
+
+
+def load_model(
+    path: str | Path,
+    tp: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    params_overrides: Mapping | None = None,
+) -> VisionLanguageModel:
+    """A checkpoint dir (Meta or HF format) -> model in eval mode holding this rank's weights.
+
+    tp: tensor-parallel degree; None = the current model-parallel world size (1 without
+    torch.distributed). tp > 1 initialises the model-parallel groups if needed (launch
+    with `torchrun --nproc_per_node tp`). params_overrides: run-time settings such as
+    `attn_backend` or `max_seq_len` (architecture keys must match the weights).
+    """
+    path = Path(path)
+    params = {**checkpoint_params(path), **(params_overrides or {})}
+    _resolve_tp(tp)  # build_model shards for the current TP degree
+    model = build_skeleton(params, dtype)
+    state = rank_state_dict(model, path)
+    materialize(model, device)
+    load_strict(model, state, path)
+    return model.eval()
+
+
+def load_into(model: nn.Module, path: str | Path, *, allow_missing_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a checkpoint dir into an existing model (its device, dtype and TP degree), e.g.
+    the next training stage starting from the previous stage's `final/`. Keys under
+    `allow_missing_prefixes` (modules added since) keep their current values."""
+    path = Path(path)
+    state = rank_state_dict(model, path, allow_missing_prefixes=allow_missing_prefixes)
+    load_strict(model, state, path, allow_missing_prefixes)
+
+
+def rank_state_dict(model: nn.Module, path: str | Path, *, allow_missing_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """This rank's tensors for `model` (built at the current TP degree) from a checkpoint dir."""
+    path = Path(path)
+    rank, world = mp.tp_rank(), mp.tp_size()
+    if checkpoint_format(path) == "meta":
+        return load_meta_state_dict(path, rank, world, model, allow_missing_prefixes=allow_missing_prefixes)
+    _, full = load_hf_as_meta(path)
+    check_keys(full, model.state_dict(), path, allow_missing_prefixes)
+    check_shapes({k: tuple(v.shape) for k, v in full.items()}, model, world, path)
+    return mp.shard_state_dict(model, full, rank, world)
+
+
+def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Allocate a meta-device model on `device` (uninitialised) and recompute its RoPE table;
+    the caller then loads every parameter."""
+    model.to_empty(device=device)
+    recompute_rope_table(model)
+    return model
+
+
+def recompute_rope_table(model: nn.Module) -> None:
+    """Re-create the non-persistent `text_model.freqs_cis` buffer (not in any checkpoint;
+    `to_empty` leaves it uninitialised)."""
+    text = model.text_model
+    device = text.output.weight.device
+    text.register_buffer("freqs_cis", TextDecoder._freqs(text.args).to(device), persistent=False)
+
+
+def _resolve_tp(tp: int | None) -> int:
+    current = mp.tp_size()
+    if tp is None:
+        return current
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if mp.is_model_parallel():
+        if tp != current:
+            raise ValueError(f"load_model(tp={tp}) but model parallelism is initialised with TP={current}")
+        return tp
+    if tp == 1:
+        return 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp:
+        raise RuntimeError(
+            f"load_model(tp={tp}) needs a multiple of {tp} processes, this job has WORLD_SIZE={world}: "
+            f"launch with `torchrun --nproc_per_node {tp} ...`"
+        )
+    mp.init_model_parallel(tp)
+    return tp
+
+
+# --- format conversion (tools/convert_checkpoint.py) ----------------------------------------
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    *,
+    num_shards: int = 1,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Convert a checkpoint dir of either format to `to` ("meta" or "hf"; converting to the
+    same format re-shards / re-casts it). tokenizer.model is copied when present."""
+    if to not in ("meta", "hf"):
+        raise ValueError(f"target format must be 'meta' or 'hf', got {to!r}")
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError("output dir must differ from the input dir")
+    if checkpoint_format(src) == "meta":
+        params = read_params(src)
+        args_from_params(params, src / PARAMS_FILE)
+        state = load_meta_state_dict(src, 0, 1, build_skeleton(params))
+    else:
+        params, state = load_hf_as_meta(src)
+    if to == "meta":
+        save_meta_checkpoint(state, params, dst, num_shards=num_shards, dtype=dtype)
+    else:
+        save_hf_checkpoint(state, dst, args=params, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    tok = src / "tokenizer.model"
+    if tok.is_file():
+        tmp = dst / ".tokenizer.model.tmp"
+        shutil.copyfile(tok, tmp)
+        os.replace(tmp, dst / "tokenizer.model")
+    return dst
