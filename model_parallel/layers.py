@@ -96,7 +96,10 @@ class ReplicatedKVHeads(nn.Module):
         _tag(self, None, None, {"weight": 0})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight[self.rows])
+        # Each rank's query heads read this K/V through their own path: the gradient w.r.t.
+        # the (replicated) input is a partial sum, all-reduced in backward like a column-
+        # parallel layer's input.
+        return torch.nn.functional.linear(fs_map.copy_to_model_parallel_region(x), self.weight[self.rows])
 
 
 def kv_parallel_linear(dim: int, n_kv_heads: int, head_dim: int) -> nn.Module:

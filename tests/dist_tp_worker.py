@@ -30,6 +30,8 @@ def main(out_path: str, overrides: dict) -> None:
     with torch.no_grad():
         want = full(tokens, imgs, ar)
         want_text = full(tokens[:, 1:])
+    full(tokens, imgs, ar).log_softmax(-1)[..., 5].sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
 
     model_parallel.init_model_parallel(2, backend="gloo")
     rank = model_parallel.tp_rank()
@@ -48,7 +50,20 @@ def main(out_path: str, overrides: dict) -> None:
     with torch.no_grad():
         got = model(tokens, imgs, ar)
         got_text = model(tokens[:, 1:])
+    model(tokens, imgs, ar).log_softmax(-1)[..., 5].sum().backward()
+    import model_parallel.grads as G
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    G.sync_gradients(params)
+    local_want = model_parallel.shard_state_dict(model, want_grads)
+    # Relative to the largest gradient of the model: a gate's gradient is a sum of many
+    # cancelling terms, so its own magnitude is no scale for float-reassociation error.
+    scale = max(float(g.abs().max()) for g in want_grads.values())
+    grad_diff = {n: float((p.grad - local_want[n]).abs().max()) / scale
+                 for n, p in model.named_parameters() if p.grad is not None}
+    worst = max(grad_diff.items(), key=lambda kv: kv[1])
     result = {
+        "grad_worst": worst,
         "rank": rank,
         "max_diff": float((got - want).abs().max()),
         "max_diff_text": float((got_text - want_text).abs().max()),

@@ -20,3 +20,4 @@ def test_tp2_logits_equal_tp1(tmp_path, overrides):
         assert r["max_diff"] < 1e-5, r
         assert r["max_diff_text"] < 1e-5, r
         assert r["n_sharded"] > 20 and r["all_halves"], r
+        assert r["grad_worst"][1] < 1e-5, r  # gradients (after TP sync) equal TP=1's

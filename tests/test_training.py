@@ -33,7 +33,7 @@ def _trainable(out: Path, step: int, ranks: int = 1) -> list[dict]:
     return [torch.load(d / f"rank_{r:05d}.pt", weights_only=True)["trainable"] for r in range(ranks)]
 
 
-COMMON = dict(max_steps=3, checkpoint_every=3, save_final="false", **{"data.shuffle": "false", "optim.warmup_steps": 1})
+COMMON = dict(max_steps=3, checkpoint_every=1, keep_last=5, save_final="false", **{"data.shuffle": "false", "optim.warmup_steps": 1})
 
 
 def test_data_parallel_equals_single_process(shapes_corpus, tmp_path):
@@ -72,7 +72,7 @@ def test_tensor_parallel_equals_single_process(shapes_corpus, tmp_path, shared_d
     merged = mp.merge_shards(shards, plan)
     assert set(merged) == set(ref)
     for name, t in ref.items():
-        torch.testing.assert_close(merged[name], t, atol=2e-6, rtol=0, msg=name)
+        torch.testing.assert_close(merged[name], t, atol=1e-5, rtol=0, msg=name)
 
 
 def test_frozen_decoder_unchanged_and_without_optimizer_state(shapes_corpus, tmp_path):

@@ -233,13 +233,14 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02, prefix: str = "") -> None:
+def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, prefix: str = "") -> None:
     """Deterministic, tensor-parallel-invariant initialisation.
 
     Each parameter is drawn in FULL (TP=1) shape from a generator seeded by (seed, its
     name), then this rank keeps its slice: a TP=N model starts from exactly the weights of
-    the TP=1 model. Linear/embedding weights ~ N(0, std); class/position embeddings
-    ~ N(0, width^-1/2) (CLIP's scale); norms at 1; biases and tanh gates at 0.
+    the TP=1 model. Weights ~ N(0, std) with std = (last dim)^-1/2 unless given (linear
+    fan-in; class/position embeddings get CLIP's width^-1/2); norms at 1; biases and tanh
+    gates at 0.
     `prefix` names a submodule's place in the full model (its parameters' seeds).
     """
     from model_parallel import shard_plan, tp_rank, tp_size
@@ -259,10 +260,10 @@ def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02, prefix: str
         if dim is not None:
             shape[dim] *= world
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((prefix + name).encode()))
-        if "embedding" in leaf or leaf == "embedding" or "positional" in name:
-            scale = p.shape[-1] ** -0.5
-        else:
-            scale = std
+        # LeCun-style fan-in scaling (std = in_features^-1/2; 0.0156 at width 4096, about
+        # the usual 0.02) keeps every projection's output at unit scale at any width, so
+        # small models' adapters start from informative, not vanishing, signals.
+        scale = shape[-1] ** -0.5 if std is None else std  # the FULL fan-in, not this rank's slice
         full = torch.randn(shape, generator=g) * scale
         if dim is not None:
             full = full.chunk(world, dim=dim)[rank]

@@ -31,6 +31,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: Optional[float] = 1.0
+    # tanh gates start at 0 and get tiny gradients until the adapter carries signal; a larger
+    # step for them shortens that cold start (1.0 = the paper's plain AdamW).
+    gate_lr_multiplier: float = 1.0
 
 
 @dataclass

@@ -103,12 +103,7 @@ class Trainer:
         self.reference = None
         if cfg.stage == "dpo":
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        decay, no_decay = split_decay_params(self.model.named_parameters())
-        groups = [g for g in (
-            {"params": [p for _, p in decay], "weight_decay": cfg.optim.weight_decay},
-            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
-        ) if g["params"]]
-        self.optimizer = mp.zero_redundancy_adamw(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.optimizer = mp.zero_redundancy_adamw(self._param_groups(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -117,6 +112,19 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bf16" and self.device.type == "cuda" else nullcontext()
         )
+
+    def _param_groups(self) -> list[dict]:
+        """Decay / no-decay groups of the trainable parameters; tanh gates get their own
+        group at lr x optim.gate_lr_multiplier (no decay: decay would pull them to 0)."""
+        o = self.cfg.optim
+        is_gate = lambda n: n.rsplit(".", 1)[-1].startswith("gate") or n.endswith("_gate")  # noqa: E731
+        decay, no_decay = split_decay_params(self.model.named_parameters())
+        groups = [
+            {"params": [p for _, p in decay], "weight_decay": o.weight_decay},
+            {"params": [p for n, p in no_decay if not is_gate(n)], "weight_decay": 0.0},
+            {"params": [p for n, p in no_decay if is_gate(n)], "weight_decay": 0.0, "lr": o.lr * o.gate_lr_multiplier},
+        ]
+        return [g for g in groups if g["params"]]
 
     # --- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
