@@ -136,3 +136,29 @@ def _read_line(read: Callable[[], str]) -> str | None:
         return read()
     except EOFError:
         return None
+
+
+def answer_video(gen: Generator, video_path: str, text: str, sampling: Sampling, raw: bool = False, num_frames: int | None = None) -> tuple[str, str]:
+    """One video + prompt -> (answer, summary of what the model saw). The chat template
+    puts the <|video|> placeholder where an image item would sit."""
+    import dataclasses
+
+    from .model.video import VideoConfig, video_inputs_from_paths
+
+    model = gen.model
+    if "video" not in model.modalities:
+        raise ValueError("this checkpoint has no video adapters (params.json has no 'video' entry)")
+    cfg = VideoConfig(**model.args.video)
+    if num_frames is not None:
+        cfg = dataclasses.replace(cfg, num_frames=num_frames)
+    videos, ratios, frames = video_inputs_from_paths([[video_path]], cfg, model.args.vision_chunk_size, model.args.vision_max_num_chunks)
+    token = model.modalities["video"].token_id
+    ids = prompt_tokens(gen, text, 1, raw, placeholder=token)
+    if not raw:  # the chat format emits the image id for media items; this one is a video
+        ids = [token if t == gen.tokenizer.image_token_id else t for t in ids]
+    dtype = model.vision_model.vision_projection.weight.dtype
+    media = {"video": (videos.to(gen.device, dtype), ratios.to(gen.device), frames.to(gen.device))}
+    new = gen.generate_from_tensors([ids], media_inputs=media, **sampling.kwargs())[0]
+    h, w = ratios[0, 0].tolist()
+    summary = f"video: {int(frames[0, 0])} frames sampled -> {h}x{w} tiles of {model.args.vision_chunk_size} px each"
+    return gen.tokenizer.decode(new), summary

@@ -48,6 +48,9 @@ class ModelArgs:
     # New special tokens (ids >= vocab_size) get a small learnable table; row 0 = <|image|>.
     n_learnable_embeddings: int = 8
     attn_backend: str = "sdpa"  # "sdpa" | "xformers" | "flash_attn"
+    # Added modalities persisted with the checkpoint (e.g. the VideoConfig fields), so
+    # build_model/load_model re-create them: {"video": {...}}.
+    video: dict | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

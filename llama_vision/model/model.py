@@ -225,6 +225,10 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
     try:
         with torch.device(device or "cpu"):
             model = VisionLanguageModel(args)
+            if args.video is not None:
+                from .video import VideoConfig, add_video_adapters
+
+                add_video_adapters(model, VideoConfig(**args.video), seed=seed)
     finally:
         torch.set_default_dtype(prev)
     if init and str(device) != "meta":

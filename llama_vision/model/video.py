@@ -20,6 +20,8 @@ Only the aggregator and the video adapters train (`set_trainable(..., video=True
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -326,6 +328,7 @@ def add_video_adapters(model, cfg: VideoConfig | None = None, *, seed: int = 0) 
             trainable_modules=[VIDEO_ENCODER_ATTR, f"text_model.{VIDEO_ADAPTER_ATTR}"],
         )
     blocks = model.text_model.adapters("video")
+    model.args.video = dataclasses.asdict(cfg)  # saved in params.json; build_model re-adds it
     if ref.device.type != "meta":
         # add_modality builds the blocks with torch's default (rank-dependent at TP > 1)
         # init; redo it with the model's TP-invariant one. Gates come out at 0.

@@ -52,7 +52,7 @@ def build_training_model(cfg: TrainConfig, tokenizer):
         raise ValueError(f"model vocab_size {params['vocab_size']} != tokenizer n_words {tokenizer.n_words} ({cfg.tokenizer})")
     torch.manual_seed(cfg.seed)
     model = build_model(params, seed=cfg.seed)  # the same weights at every TP degree
-    if cfg.stage.startswith("video"):
+    if cfg.stage.startswith("video") and "video" not in model.modalities:
         from llama_vision.model.video import VideoConfig, add_video_adapters
 
         v = cfg.video
