@@ -1,0 +1,352 @@
+"""The CPU demo end to end (`tools/demo.py --workdir DIR`).
+
+1. data: the shapes world (`llama_vision.demo.shapes`) in ``DIR/data`` + a word-level
+   SentencePiece tokenizer on all captions (``DIR/data/tokenizer.model``); reused on rerun.
+2. stage 0 (``configs/train/demo_text.yaml``): the decoder learns the caption language
+   (image + video captions, no media) -> ``DIR/stage0/final`` = "the pretrained LLM".
+3. stage 1 (``demo_image.yaml``): decoder frozen, ViT + gated cross-attention trained.
+4. stage 2 (``demo_video.yaml``): only the video parameters trained.
+5. held-out evaluation (+ control runs with every cross-attention gate forced to 0, and a
+   bitwise check that the decoder never changed) -> ``DIR/metrics.json`` (atomic write).
+6. ``tools/infer_image.py`` / ``tools/infer_video.py`` on a few held-out samples.
+
+Each stage runs ``tools/train.py`` in a subprocess (the same command a user would type).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TEXT_CFG = REPO / "configs/train/demo_text.yaml"
+IMAGE_CFG = REPO / "configs/train/demo_image.yaml"
+VIDEO_CFG = REPO / "configs/train/demo_video.yaml"
+
+DECODER_PREFIXES = ("text_model.layers.", "text_model.tok_embeddings", "text_model.norm", "text_model.output")
+
+METRIC_KEYS = (
+    "image_caption_accuracy",
+    "video_direction_accuracy",
+    "control_image_caption_accuracy",
+    "control_video_direction_accuracy",
+    "decoder_unchanged",
+    "wall_s",
+)
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    workdir: str
+    seed: int = 0
+    quick: bool = False
+    skip_video: bool = False
+    steps_scale: float = 1.0
+    n_train_images: int = 4096
+    n_test_images: int = 200
+    n_train_videos: int = 400
+    n_test_videos: int = 80
+    text_steps: int = 300
+    image_steps: int = 600
+    video_steps: int = 200
+    n_show: int = 2
+
+    def __post_init__(self):
+        if self.quick:
+            self.n_train_images, self.n_test_images = 64, 16
+            self.n_train_videos, self.n_test_videos = 16, 8
+            self.text_steps, self.image_steps, self.video_steps = 20, 6, 4
+            self.n_show = 1
+
+
+def _steps(n: int, scale: float) -> int:
+    return max(1, int(round(n * scale)))
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- 1. data ----------------------------------------------------------------------------------
+
+
+def prepare_data(opts: DemoOptions) -> dict[str, Any]:
+    from llama_vision.demo.shapes import generate_shapes_world, iter_shard_samples
+    from llama_vision.tokenizer.sentencepiece_tokenizer import train_sentencepiece
+
+    data_dir = Path(opts.workdir) / "data"
+    summary = generate_shapes_world(
+        data_dir,
+        opts.n_train_images,
+        opts.n_test_images,
+        opts.n_train_videos,
+        opts.n_test_videos,
+        seed=opts.seed,
+        shard_size=512,
+    )
+    tok_path = data_dir / "tokenizer.model"
+    text_path = data_dir / "text_captions.jsonl"
+    stamp = data_dir / "tokenizer.stamp.json"
+    stamp_value = {"manifest": json.loads(Path(summary["manifest"]).read_text())}
+    if summary["reused"] and tok_path.exists() and text_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == stamp_value:
+        return {**summary, "tokenizer": str(tok_path), "text_captions": str(text_path)}
+    captions = []
+    for shard in summary["image_shards"]:
+        for sample in iter_shard_samples(shard):
+            text = sample.get("caption") or sample.get("txt")
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
+            captions.append(text)
+    video_captions = [r["caption"] for r in _read_jsonl(summary["train_videos"])]
+    test_captions = [r["caption"] for r in _read_jsonl(summary["test_images"])] + [
+        r["caption"] for r in _read_jsonl(summary["test_videos"])
+    ]
+    # The vocabulary comes from all captions (words only; the held-out captions use the same
+    # closed vocabulary, so they add no words the training captions lack).
+    train_sentencepiece(captions + video_captions + test_captions, tok_path, vocab_size=400, model_type="word")
+    # Stage 0's text corpus: image and video training captions (video ones repeated so the
+    # motion sentences are not drowned out).
+    reps = max(1, len(captions) // max(1, 4 * len(video_captions)))
+    rows = [{"caption": c} for c in captions] + [{"caption": c} for c in video_captions] * reps
+    tmp = text_path.with_name(text_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, text_path)
+    _atomic_json(stamp, stamp_value)
+    return {**summary, "tokenizer": str(tok_path), "text_captions": str(text_path)}
+
+
+# ---- 2-4. training stages -----------------------------------------------------------------------
+
+
+def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print) -> float:
+    """tools/train.py --config CONFIG overrides... ; -> wall seconds. Skipped if final/ exists."""
+    final = out_dir / "final"
+    if (final / "params.json").exists() and (out_dir / "demo_done.json").exists():
+        done = json.loads((out_dir / "demo_done.json").read_text())
+        if done.get("overrides") == overrides:
+            log(f"[demo] {out_dir.name}: reusing {final}")
+            return 0.0
+    cmd = [sys.executable, str(REPO / "tools/train.py"), "--config", str(config), f"output_dir={out_dir}", *overrides]
+    log("[demo] $ " + " ".join(cmd))
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=str(REPO))
+    wall = time.time() - t0
+    _atomic_json(out_dir / "demo_done.json", {"overrides": overrides, "wall_s": wall})
+    return wall
+
+
+# ---- 5. evaluation ------------------------------------------------------------------------------
+
+
+def _load(ckpt: Path):
+    import torch
+
+    from llama_vision.checkpoint import load_model
+    from llama_vision.generation import Generator
+    from llama_vision.tokenizer import load_tokenizer
+
+    model = load_model(str(ckpt), device="cpu", dtype=torch.float32)
+    model.eval()
+    return Generator(model, load_tokenizer(str(ckpt / "tokenizer.model")))
+
+
+def eval_images(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 16, max_new_tokens: int = 48) -> tuple[float, list[str]]:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from llama_vision.demo.shapes import caption_accuracy
+    from llama_vision.model import zero_gates
+
+    gen = _load(ckpt)
+    if control:
+        zero_gates(gen.model)
+    tok = gen.tokenizer
+    rows = _read_jsonl(test_jsonl)
+    root = Path(test_jsonl).parent
+    preds: list[str] = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="eval images" + (" (gates=0)" if control else ""), unit="batch"):
+        chunk = rows[i : i + batch_size]
+        images = [[Image.open(root / r["image"]).convert("RGB")] for r in chunk]
+        tokens = [[tok.image_token_id, tok.bos_id] for _ in chunk]
+        out = gen.generate(tokens, images, max_new_tokens=max_new_tokens, stop_tokens=list(tok.stop_tokens))
+        preds += [tok.decode(o) for o in out]
+    return caption_accuracy(preds, [r["caption"] for r in rows]), preds
+
+
+def eval_videos(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 8, max_new_tokens: int = 16) -> tuple[float, list[str]]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from llama_vision.demo.shapes import direction_accuracy
+    from llama_vision.model import zero_gates
+    from llama_vision.model.video import VideoConfig, video_inputs_from_paths
+
+    gen = _load(ckpt)
+    if control:
+        zero_gates(gen.model)
+    tok, model = gen.tokenizer, gen.model
+    cfg = VideoConfig(**model.args.video)
+    token = model.modalities["video"].token_id
+    rows = _read_jsonl(test_jsonl)
+    root = Path(test_jsonl).parent
+    preds: list[str] = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="eval videos" + (" (gates=0)" if control else ""), unit="batch"):
+        chunk = rows[i : i + batch_size]
+        videos, ratios, frames = video_inputs_from_paths(
+            [[str(root / r["video"])] for r in chunk], cfg, model.args.vision_chunk_size, model.args.vision_max_num_chunks
+        )
+        media = {"video": (videos.to(torch.float32), ratios, frames)}
+        tokens = [[token, tok.bos_id] for _ in chunk]
+        out = gen.generate_from_tensors(tokens, media_inputs=media, max_new_tokens=max_new_tokens, stop_tokens=list(tok.stop_tokens))
+        preds += [tok.decode(o) for o in out]
+    return direction_accuracy(preds, [r["caption"] for r in rows]), preds
+
+
+def decoder_unchanged(a: Path, b: Path) -> bool:
+    """Every decoder tensor of checkpoint b equals checkpoint a's bitwise."""
+    import glob
+
+    import torch
+
+    def decoder(d: Path) -> dict:
+        sd: dict = {}
+        for f in sorted(glob.glob(str(d / "consolidated.*.pth"))):
+            sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        return {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
+
+    da, db = decoder(a), decoder(b)
+    if not da or da.keys() != db.keys():
+        return False
+    return all(da[k].dtype == db[k].dtype and da[k].shape == db[k].shape and torch.equal(da[k], db[k]) for k in da)
+
+
+# ---- 6. the inference CLIs ---------------------------------------------------------------------
+
+
+def show_inference(ckpt: Path, rows: list[dict], root: Path, video: bool, num_frames: int | None, log=print) -> list[dict]:
+    shown = []
+    for r in rows:
+        if video:
+            cmd = [sys.executable, str(REPO / "tools/infer_video.py"), "--ckpt", str(ckpt), "--video", str(root / r["video"]),
+                   "--raw", "--dtype", "fp32", "--max-new-tokens", "16"]
+            if num_frames:
+                cmd += ["--num-frames", str(num_frames)]
+        else:
+            cmd = [sys.executable, str(REPO / "tools/infer_image.py"), "--ckpt", str(ckpt), "--image", str(root / r["image"]),
+                   "--prompt", "", "--raw", "--dtype", "fp32", "--max-new-tokens", "48"]
+        log("[demo] $ " + " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+        extra = f" ({r.get('aspect_ratio')} canvas {r.get('canvas')})" if not video else f" ({r.get('num_frames')} frames)"
+        log(f"  prompt: <|{'video' if video else 'image'}|><|begin_of_text|>   (raw base-model prompt){extra}")
+        log("  output:\n    " + (proc.stdout.strip() or "(none)").replace("\n", "\n    "))
+        if proc.returncode != 0:
+            log(f"  FAILED (rc={proc.returncode}): {proc.stderr.strip()[-800:]}")
+        log(f"  ground truth: {r['caption']}")
+        shown.append({"cmd": cmd, "rc": proc.returncode, "stdout": proc.stdout[-2000:], "truth": r["caption"]})
+    return shown
+
+
+# ---- the whole demo -----------------------------------------------------------------------------
+
+
+def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
+    t_start = time.time()
+    work = Path(opts.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    opts.workdir = str(work)
+    walls: dict[str, float] = {}
+
+    log(f"[demo] 1/6 data -> {work / 'data'}")
+    t0 = time.time()
+    data = prepare_data(opts)
+    walls["data_wall_s"] = time.time() - t0
+    log(f"[demo] data {'reused' if data['reused'] else 'generated'} in {walls['data_wall_s']:.1f}s: {data['counts']}")
+    tok = data["tokenizer"]
+    common = [f"tokenizer={tok}", f"seed={opts.seed}"]
+    shards = json.dumps(data["image_shards"])
+    s0, s1, s2 = work / "stage0", work / "stage1", work / "stage2"
+    if opts.quick:
+        common_quick = ["data.shuffle_buffer=16"]
+    else:
+        common_quick = []
+
+    log("[demo] 2/6 stage 0: text-only decoder pretraining")
+    walls["stage0_wall_s"] = run_stage(
+        TEXT_CFG, s0, common + common_quick + [f"max_steps={_steps(opts.text_steps, opts.steps_scale)}",
+                                               f"data.paths={json.dumps([data['text_captions']])}"], log)
+    log("[demo] 3/6 stage 1: image adapters (decoder frozen)")
+    walls["stage1_wall_s"] = run_stage(
+        IMAGE_CFG, s1, common + common_quick + [f"max_steps={_steps(opts.image_steps, opts.steps_scale)}",
+                                               f"data.paths={shards}", f"init_from={s0 / 'final'}"], log)
+    final = s1 / "final"
+    if not opts.skip_video:
+        log("[demo] 4/6 stage 2: video adapters (everything else frozen)")
+        walls["stage2_wall_s"] = run_stage(
+            VIDEO_CFG, s2, common + common_quick + [f"max_steps={_steps(opts.video_steps, opts.steps_scale)}",
+                                                   f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log)
+        final = s2 / "final"
+
+    log(f"[demo] 5/6 held-out evaluation of {final}")
+    t0 = time.time()
+    metrics: dict[str, Any] = {}
+    metrics["image_caption_accuracy"], img_preds = eval_images(final, data["test_images"], control=False)
+    metrics["control_image_caption_accuracy"], ctl_img_preds = eval_images(final, data["test_images"], control=True)
+    if opts.skip_video:
+        metrics["video_direction_accuracy"] = None
+        metrics["control_video_direction_accuracy"] = None
+        vid_preds = ctl_vid_preds = []
+    else:
+        metrics["video_direction_accuracy"], vid_preds = eval_videos(final, data["test_videos"], control=False)
+        metrics["control_video_direction_accuracy"], ctl_vid_preds = eval_videos(final, data["test_videos"], control=True)
+    metrics["decoder_unchanged"] = decoder_unchanged(s0 / "final", final) and decoder_unchanged(s0 / "final", s1 / "final")
+    walls["eval_wall_s"] = time.time() - t0
+
+    img_rows = _read_jsonl(data["test_images"])
+    samples = {
+        "image": [{"truth": r["caption"], "pred": p, "control": c} for r, p, c in list(zip(img_rows, img_preds, ctl_img_preds))[:8]],
+    }
+    if vid_preds:
+        vid_rows = _read_jsonl(data["test_videos"])
+        samples["video"] = [{"truth": r["caption"], "pred": p, "control": c} for r, p, c in list(zip(vid_rows, vid_preds, ctl_vid_preds))[:8]]
+    for kind, rows in samples.items():
+        for s in rows[:4]:
+            log(f"  [{kind}] truth: {s['truth']!r}\n          pred:  {s['pred']!r}\n          gates=0: {s['control']!r}")
+
+    log("[demo] 6/6 the inference CLIs on held-out samples")
+    t0 = time.time()
+    img_root = Path(data["test_images"]).parent
+    show_inference(final, img_rows[: opts.n_show], img_root, video=False, num_frames=None, log=log)
+    if not opts.skip_video:
+        vid_rows = _read_jsonl(data["test_videos"])
+        show_inference(final, vid_rows[: opts.n_show], Path(data["test_videos"]).parent, video=True, num_frames=None, log=log)
+    walls["infer_wall_s"] = time.time() - t0
+
+    metrics.update(walls)
+    metrics["wall_s"] = time.time() - t_start
+    metrics["counts"] = data["counts"]
+    metrics["steps"] = {
+        "stage0": _steps(opts.text_steps, opts.steps_scale),
+        "stage1": _steps(opts.image_steps, opts.steps_scale),
+        "stage2": None if opts.skip_video else _steps(opts.video_steps, opts.steps_scale),
+    }
+    metrics["loss_plots"] = [str(p) for p in (s0 / "loss.png", s1 / "loss.png", s2 / "loss.png") if p.exists()]
+    metrics["final_checkpoint"] = str(final)
+    metrics["options"] = dataclasses.asdict(opts)
+    metrics["samples"] = samples
+    _atomic_json(work / "metrics.json", metrics)
+    log("[demo] metrics -> " + str(work / "metrics.json"))
+    for k in METRIC_KEYS:
+        log(f"  {k}: {metrics[k]}")
+    return metrics
