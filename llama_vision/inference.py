@@ -30,6 +30,17 @@ class Sampling:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
 
 
+def add_common_args(p) -> None:
+    """The checkpoint, sampling and device flags shared by the inference CLIs."""
+    p.add_argument("--tokenizer", help="tokenizer.model (default: CKPT/tokenizer.model)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU, else cpu)")
+
+
 def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16") -> Generator:
     """Join the TP group when launched by torchrun, load model + tokenizer, -> Generator."""
     from .checkpoint import load_model

@@ -21,7 +21,6 @@ from llama_vision.data.image import ImageLoadError, ImageProcessor, load_image  
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint dir (Meta: params.json + consolidated.*.pth; or HF)")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: CKPT/tokenizer.model)")
     p.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
     p.add_argument("--prompt", default="", help="the question / instruction")
     mode = p.add_mutually_exclusive_group()
@@ -29,12 +28,7 @@ def parse_args(argv=None):
     mode.add_argument("--jsonl", help='batch mode: lines of {"image": path | "images": [...], "prompt": ...}')
     p.add_argument("--output", help="answers JSONL for --jsonl (default: <jsonl>.answers.jsonl)")
     p.add_argument("--raw", action="store_true", help="base model: no chat template, just <|image|><|begin_of_text|>prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=sorted(inf.DTYPES))
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU, else cpu)")
+    inf.add_common_args(p)
     return p.parse_args(argv)
 
 

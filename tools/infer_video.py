@@ -19,17 +19,11 @@ from llama_vision.data.video import VideoLoadError  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint dir with video adapters (params.json has 'video')")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: CKPT/tokenizer.model)")
     p.add_argument("--video", required=True, help="video file (mp4, mkv, ... anything decord reads)")
     p.add_argument("--prompt", default="", help="the question / instruction")
     p.add_argument("--num-frames", type=int, help="frames sampled uniformly (default: the checkpoint's)")
     p.add_argument("--raw", action="store_true", help="base model: no chat template, just <|video|><|begin_of_text|>prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=sorted(inf.DTYPES))
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU, else cpu)")
+    inf.add_common_args(p)
     args = p.parse_args(argv)
     if not Path(args.video).is_file():
         print(f"error: video file not found: {args.video}", file=sys.stderr)

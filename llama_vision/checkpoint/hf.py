@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from llama_vision.data.tiling import supported_aspect_ratios  # (tiles_h, tiles_w), HF's order
 from llama_vision.model.args import ModelArgs, fusion_schedule
 
 Tensor = torch.Tensor
 
-def supported_aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
-    """(tiles_h, tiles_w) grids in HF's order; aspect_ratio_id = index + 1 (0 = padding)."""
-    return [(h, w) for h in range(1, max_num_tiles + 1) for w in range(1, max_num_tiles + 1) if h * w <= max_num_tiles]
 
 # --- RoPE layouts --------------------------------------------------------------------------
 def permute_to_rotate_half(w: Tensor, n_heads: int) -> Tensor:

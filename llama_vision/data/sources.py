@@ -24,7 +24,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import posixpath
 import re
 import tarfile
 import zlib

@@ -14,34 +14,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model_parallel import column_parallel_linear, kv_parallel_linear, row_parallel_linear, tp_size
+from model_parallel import tp_size
 
 from .args import ModelArgs
 from .attention import attention
-from .layers import FeedForward, RMSNorm
+from .layers import FeedForward, GQAProjections, RMSNorm
 
 NO_END = 1 << 40  # the last media span runs to the end of generation
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(GQAProjections):
     """Queries from text, keys/values from media tokens; GQA; RMSNorm on q and k."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        world = tp_size()
-        self.head_dim = args.head_dim
-        self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = max(1, args.n_kv_heads // world)
-        self.backend = args.attn_backend
-        self.wq = column_parallel_linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
-        self.wv = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
-        self.wo = row_parallel_linear(args.n_heads * self.head_dim, args.dim)
+        super().__init__(args)
         self.q_norm = RMSNorm(self.head_dim, eps=args.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=args.norm_eps)
         # Replicated, but each TP rank only normalises its own heads: its gradient is a
         # partial sum that the trainer all-reduces over the TP group.
-        self.q_norm.weight.tp_partial_grad = self.k_norm.weight.tp_partial_grad = world > 1
+        self.q_norm.weight.tp_partial_grad = self.k_norm.weight.tp_partial_grad = tp_size() > 1
 
     def compute_kv(self, media_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """media_tokens [B, T, D] -> k, v [B, n_local_kv_heads, T, head_dim].

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_parallel import column_parallel_linear, row_parallel_linear
+from model_parallel import column_parallel_linear, kv_parallel_linear, row_parallel_linear, tp_size
 
 
 class RMSNorm(nn.Module):
@@ -33,3 +33,20 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GQAProjections(nn.Module):
+    """wq/wk/wv/wo of grouped-query attention, sharded by heads across TP ranks (K/V
+    replicated when TP > n_kv_heads). Shared by self- and cross-attention."""
+
+    def __init__(self, args):
+        super().__init__()
+        world = tp_size()
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = max(1, args.n_kv_heads // world)
+        self.backend = args.attn_backend
+        self.wq = column_parallel_linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
+        self.wv = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
+        self.wo = row_parallel_linear(args.n_heads * self.head_dim, args.dim)

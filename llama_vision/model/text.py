@@ -12,19 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model_parallel import (
-    column_parallel_linear,
-    gather_from_tp,
-    kv_parallel_linear,
-    row_parallel_linear,
-    tp_size,
-    vocab_parallel_embedding,
-)
+from model_parallel import column_parallel_linear, gather_from_tp, vocab_parallel_embedding
 
 from .args import ModelArgs
 from .attention import attention
 from .cross_attention import MediaState
-from .layers import FeedForward, RMSNorm
+from .layers import FeedForward, GQAProjections, RMSNorm
 from .rope import apply_rotary_emb, precompute_freqs_cis
 
 
@@ -51,20 +44,8 @@ class KVCache:
             self.v.scatter_(2, idx, v)
 
 
-class Attention(nn.Module):
+class Attention(GQAProjections):
     """Grouped-query self-attention with RoPE; K/V kept at GQA width in the cache."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        world = tp_size()
-        self.head_dim = args.head_dim
-        self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = max(1, args.n_kv_heads // world)
-        self.backend = args.attn_backend
-        self.wq = column_parallel_linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
-        self.wv = kv_parallel_linear(args.dim, args.n_kv_heads, self.head_dim)
-        self.wo = row_parallel_linear(args.n_heads * self.head_dim, args.dim)
 
     def forward(self, x, freqs_cis, positions, mask, cache: KVCache | None, cache_from: int | None, kv_len: int):
         b, s, _ = x.shape
