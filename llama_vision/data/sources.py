@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff"})
+VIDEO_EXTENSIONS = frozenset({"mp4", "mkv", "webm", "avi", "mov"})
 TEXT_EXTENSIONS = ("txt", "text", "caption")
 
 # Skip reasons produced by sources (datasets add their own; see datasets.SkipReason).
@@ -221,6 +222,7 @@ class WebDatasetSource:
     @staticmethod
     def _record(key: str, shard: str, members: dict[str, bytes]) -> Record:
         images = [data for ext, data in members.items() if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+        videos = [data for ext, data in members.items() if ext.rsplit(".", 1)[-1].lower() in VIDEO_EXTENSIONS]
         try:
             meta = json.loads(members["json"]) if "json" in members else {}
             if not isinstance(meta, dict):
@@ -237,7 +239,7 @@ class WebDatasetSource:
                 break
         if text is None and isinstance(meta.get("caption"), str):
             text = meta["caption"]
-        return Record(key=key, source=shard, fields={"images": images, "text": text, "meta": meta})
+        return Record(key=key, source=shard, fields={"images": images, "videos": videos, "text": text, "meta": meta})
 
 
 # --------------------------------------------------------------------------------------------

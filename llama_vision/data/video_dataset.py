@@ -1,5 +1,5 @@
 """Video-caption training data: JSONL manifests ``{"video": "clip.mp4", "caption": ...}``
-(paths relative to the manifest) -> examples ``[<video>] + [bos] + caption + [eos]`` with
+(paths relative to the manifest) or WebDataset shards (``key.mp4`` + ``key.txt``) -> examples ``[<video>] + [bos] + caption + [eos]`` with
 the clip decoded by decord, uniformly sampled and tiled per frame.
 
 Corrupt, zero-byte, audio-only or missing files are skipped and counted (``bad_video`` /
@@ -8,6 +8,7 @@ Corrupt, zero-byte, audio-only or missing files are skipped and counted (``bad_v
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -17,7 +18,7 @@ import torch
 from .batch import Batch
 from .collate import collate_examples
 from .datasets import EMPTY_TEXT, ExampleDataset, SkipSample, shifted_labels
-from .sources import Record, _JsonlSource
+from .sources import Record, WebDatasetSource, _JsonlSource
 from .video import VideoLoadError, VideoProcessor
 
 MISSING_VIDEO = "missing_video"
@@ -81,19 +82,33 @@ class VideoCaptionDataset(ExampleDataset):
         return partial(collate_video_examples, pad_id=self.tokenizer.pad_id,
                        max_num_tiles=self.video_processor.max_num_tiles, image_token_id=self.image_token_id)
 
-    def load_videos(self, paths: Sequence[str]):
+    def load_videos(self, refs: Sequence[str | bytes]):
+        """Paths (JSONL manifests) or encoded bytes (WebDataset members) -> tiled clips."""
         clips, ratios, frames = [], [], []
-        for path in paths:
-            if not os.path.isfile(path):
-                raise SkipSample(MISSING_VIDEO, f"video file {path!r} does not exist")
-            try:
-                clip, ar, info = self.video_processor(path)
-            except VideoLoadError as exc:
-                raise SkipSample(BAD_VIDEO, str(exc)) from None
+        for ref in refs:
+            if isinstance(ref, bytes):
+                clip, ar, info = self._decode_bytes(ref)
+            elif not os.path.isfile(ref):
+                raise SkipSample(MISSING_VIDEO, f"video file {ref!r} does not exist")
+            else:
+                clip, ar, info = self._decode(ref)
             clips.append(clip)
             ratios.append(tuple(ar))
             frames.append(info.valid)
         return clips, ratios, frames
+
+    def _decode(self, path: str):
+        try:
+            return self.video_processor(path)
+        except VideoLoadError as exc:
+            raise SkipSample(BAD_VIDEO, str(exc)) from None
+
+    def _decode_bytes(self, data: bytes):
+        # decord reads files: spill the tar member to a temporary file for the decode.
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+            f.write(data)
+            f.flush()
+            return self._decode(f.name)
 
     def build_example(self, record: Record) -> dict:
         text = record.fields.get("text")
@@ -114,8 +129,9 @@ def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int) 
     data, v = cfg.data, cfg.video
     processor = VideoProcessor(num_frames=v.num_frames, tile_size=data.tile_size or model_args.vision_chunk_size,
                                max_num_tiles=v.tiles_per_frame)
+    source = WebDatasetSource(data.paths) if data.kind == "video_wds" else JsonlVideoSource(data.paths, data.image_root)
     return VideoCaptionDataset(
-        JsonlVideoSource(data.paths, data.image_root), tokenizer, processor,
+        source, tokenizer, processor,
         video_token_id=model_args.vocab_size + 1,
         max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
         shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=True,

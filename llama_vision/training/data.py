@@ -35,7 +35,7 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
     data = cfg.data
     if not data.paths:
         raise ValueError("data.paths is empty: point it at the training shards / manifests")
-    if data.kind == "video_jsonl":
+    if data.kind in ("video_jsonl", "video_wds"):
         from llama_vision.data.video_dataset import build_video_dataset
 
         dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size)

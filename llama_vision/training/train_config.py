@@ -9,8 +9,9 @@ from typing import Any, Literal, Optional
 @dataclass
 class DataConfig:
     # caption_wds: img2dataset-style tar shards; caption_jsonl: manifest + image folder;
-    # conversations: SFT dialogs; dpo: preference pairs; video_jsonl: video + caption.
-    kind: Literal["caption_wds", "caption_jsonl", "conversations", "dpo", "video_jsonl"] = "caption_wds"
+    # conversations: SFT dialogs; dpo: preference pairs; video_jsonl / video_wds: video +
+    # caption (manifest + mp4 files, or tar shards with key.mp4 + key.txt).
+    kind: Literal["caption_wds", "caption_jsonl", "conversations", "dpo", "video_jsonl", "video_wds"] = "caption_wds"
     paths: list[str] = field(default_factory=list)
     image_root: Optional[str] = None
     max_seq_len: int = 512
