@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Throughput and MFU of one image_pretrain optimizer step (GPU benchmark; not run in CI).
+
+Shape: an 8B Llama 3.1 trunk (frozen, bf16) + ViT-H/14 at 336 px tiles + 8 gated
+cross-attention layers (trained, fp32 master weights under bf16 autocast), 4-tile images,
+512-token captions. FLOPs are counted honestly for adapter training (see
+Trainer._mfu): forward 2N over all parameters, activation backward 2N through everything the
+loss flows through (the frozen trunk included), weight-gradient 2N_trainable only.
+
+  python benchmarks/train_step.py --batch 4 --steps 10            # one H100
+  python benchmarks/train_step.py --tiny --steps 2                # CPU smoke run of the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import llama_vision  # noqa: E402
+from llama_vision.training.losses import lm_loss_sum  # noqa: E402
+from llama_vision.training.metrics import peak_flops_for_device  # noqa: E402
+
+TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, vision_chunk_size=28,
+            vision_width=32, vision_layers=4, vision_heads=4, vision_global_layers=2, vision_intermediate_layers=[1, 3],
+            vision_num_cross_attention_layers=2, max_seq_len=256)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/model/llama3_1_8b_vision_336.yaml")
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script, no figures)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--out", help="write results JSON here")
+    a = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    params = TINY if a.tiny else a.config
+    model = llama_vision.build_model(params, device=device)
+    llama_vision.set_trainable(model, decoder=False, vision=True, adapters=True)
+    if device == "cuda":  # frozen trunk in bf16; trainable weights stay fp32 (master weights)
+        for name, prm in model.named_parameters():
+            if not prm.requires_grad:
+                prm.data = prm.data.to(torch.bfloat16)
+    model.text_model.checkpoint_activations = a.activation_checkpointing
+    model.train()
+    args = model.args
+    s = args.vision_chunk_size
+    seq = min(a.seq, args.max_seq_len)
+    images = torch.randn(a.batch, 1, args.vision_max_num_chunks, 3, s, s, device=device)
+    ar = torch.tensor([[[2, 2]]] * a.batch, device=device)
+    tokens = torch.randint(0, args.vocab_size, (a.batch, seq), device=device)
+    tokens[:, 0] = args.image_token_id
+    labels = tokens.roll(-1, 1)
+    labels[:, -1] = -100
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=device == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    times = []
+    for step in range(a.steps + 2):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = lm_loss_sum(model(tokens, images, ar), labels) / (labels != -100).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= 2:  # warm-up steps excluded
+            times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+    n_all = sum(q.numel() for q in model.parameters())
+    n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    vision_tokens = a.batch * args.vision_max_num_chunks * args.vision_tokens_per_tile
+    text_tokens = a.batch * seq
+    # Dense FLOPs: text tokens through the trunk + adapters, vision tokens through the encoder.
+    n_vision = sum(q.numel() for n, q in model.named_parameters() if n.startswith("vision_model."))
+    flops = (4 * (n_all - n_vision) + 2 * (n_train - n_vision)) * text_tokens + 6 * n_vision * vision_tokens
+    peak = peak_flops_for_device() if device == "cuda" else None
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "params_total": n_all, "params_trainable": n_train, "batch": a.batch, "seq": seq,
+        "step_s": step_s, "tokens_per_s": text_tokens / step_s, "images_per_s": a.batch / step_s,
+        "mfu": (flops / step_s / peak) if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+    }
+    print(json.dumps(result, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
