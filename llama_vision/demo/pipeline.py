@@ -51,16 +51,16 @@ class DemoOptions:
     n_test_images: int = 200
     n_train_videos: int = 400
     n_test_videos: int = 80
-    text_steps: int = 300
-    image_steps: int = 600
-    video_steps: int = 200
+    text_steps: int = 100
+    image_steps: int = 300
+    video_steps: int = 100
     n_show: int = 2
 
     def __post_init__(self):
         if self.quick:
-            self.n_train_images, self.n_test_images = 64, 16
-            self.n_train_videos, self.n_test_videos = 16, 8
-            self.text_steps, self.image_steps, self.video_steps = 20, 6, 4
+            self.n_train_images, self.n_test_images = 48, 8
+            self.n_train_videos, self.n_test_videos = 12, 4
+            self.text_steps, self.image_steps, self.video_steps = 8, 4, 3
             self.n_show = 1
 
 
@@ -278,7 +278,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     shards = json.dumps(data["image_shards"])
     s0, s1, s2 = work / "stage0", work / "stage1", work / "stage2"
     if opts.quick:
-        common_quick = ["data.shuffle_buffer=16"]
+        common_quick = ["data.shuffle_buffer=16", "micro_batch_size=4"]
     else:
         common_quick = []
 

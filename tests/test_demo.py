@@ -1,0 +1,63 @@
+"""tools/demo.py --quick end to end (subprocess): metrics.json, loss plots, data reuse."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = (
+    "image_caption_accuracy",
+    "video_direction_accuracy",
+    "control_image_caption_accuracy",
+    "control_video_direction_accuracy",
+    "decoder_unchanged",
+    "wall_s",
+)
+
+
+def _run(workdir: Path, timeout: float) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools/demo.py"), "--workdir", str(workdir), "--quick"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+
+def test_demo_quick_end_to_end_and_reuse(tmp_path):
+    work = tmp_path / "demo"
+    t0 = time.time()
+    proc = _run(work, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.time() - t0 < 240
+
+    metrics = json.loads((work / "metrics.json").read_text())
+    for key in KEYS:
+        assert key in metrics, key
+    for key in KEYS[:4]:
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert metrics["decoder_unchanged"] is True
+    assert metrics["wall_s"] > 0
+    assert len(metrics["loss_plots"]) == 3
+    for png in metrics["loss_plots"]:
+        assert Path(png).exists() and Path(png).stat().st_size > 0
+    assert (work / "data" / "tokenizer.model").exists()
+    assert "ground truth:" in proc.stdout
+
+    # A second run reuses the data, the tokenizer and the finished stages.
+    tok_mtime = (work / "data" / "tokenizer.model").stat().st_mtime
+    proc2 = _run(work, timeout=180)
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    assert "data reused" in proc2.stdout
+    assert (work / "data" / "tokenizer.model").stat().st_mtime == tok_mtime
+    metrics2 = json.loads((work / "metrics.json").read_text())
+    assert metrics2["data_wall_s"] < metrics["data_wall_s"] + 5
+    assert metrics2["decoder_unchanged"] is True
+
+
+def test_demo_help():
+    proc = subprocess.run([sys.executable, str(REPO / "tools/demo.py"), "--help"], capture_output=True, text=True, cwd=str(REPO))
+    assert proc.returncode == 0
+    for flag in ("--workdir", "--seed", "--quick", "--skip-video", "--steps-scale"):
+        assert flag in proc.stdout
