@@ -53,8 +53,9 @@ def main(out_path: str) -> None:
 
     model_parallel.init_model_parallel(2, backend="gloo")
     rank = model_parallel.tp_rank()
+    # full.args carries the video config (params.json would too): build_model re-adds it.
     model = llama_vision.build_model(dict(full.args.__dict__), init=False)
-    add_video_adapters(model, CFG)
+    assert "video" in model.modalities
     model.load_state_dict(model_parallel.shard_state_dict(model, full.state_dict()), strict=True)
     model.eval()
     plan = model_parallel.shard_plan(model, "runtime")
