@@ -52,8 +52,8 @@ class DemoOptions:
     n_train_videos: int = 400
     n_test_videos: int = 80
     text_steps: int = 100
-    image_steps: int = 300
-    video_steps: int = 100
+    image_steps: int = 600
+    video_steps: int = 300
     n_show: int = 2
 
     def __post_init__(self):
@@ -133,9 +133,18 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
 def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print) -> float:
     """tools/train.py --config CONFIG overrides... ; -> wall seconds. Skipped if final/ exists."""
     final = out_dir / "final"
+    # Reuse key: the overrides, the config text and the upstream stage's stamp (so a changed
+    # config or a retrained previous stage retrains this one).
+    upstream = [o.split("=", 1)[1] for o in overrides if o.startswith("init_from=")]
+    up_stamp = Path(upstream[0]).parent / "demo_done.json" if upstream else None
+    key = {
+        "overrides": overrides,
+        "config": config.read_text(encoding="utf-8"),
+        "upstream": up_stamp.read_text(encoding="utf-8") if up_stamp and up_stamp.exists() else None,
+    }
     if (final / "params.json").exists() and (out_dir / "demo_done.json").exists():
         done = json.loads((out_dir / "demo_done.json").read_text())
-        if done.get("overrides") == overrides:
+        if done.get("key") == key:
             log(f"[demo] {out_dir.name}: reusing {final}")
             return 0.0
     cmd = [sys.executable, str(REPO / "tools/train.py"), "--config", str(config), f"output_dir={out_dir}", *overrides]
@@ -143,7 +152,7 @@ def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print) -> f
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=str(REPO))
     wall = time.time() - t0
-    _atomic_json(out_dir / "demo_done.json", {"overrides": overrides, "wall_s": wall})
+    _atomic_json(out_dir / "demo_done.json", {"key": key, "wall_s": wall, "finished": time.time()})
     return wall
 
 
