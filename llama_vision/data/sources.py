@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+from abc import ABC, abstractmethod
 import os
 import re
 import tarfile
@@ -247,7 +248,7 @@ class WebDatasetSource:
 # --------------------------------------------------------------------------------------------
 
 
-class _JsonlSource:
+class _JsonlSource(ABC):
     """One JSON object per line; image paths are relative to the JSONL file's folder (or
     ``image_root``). Blank lines are ignored; every other line is exactly one record."""
 
@@ -290,8 +291,9 @@ class _JsonlSource:
                     continue
                 yield Record(key=key, source=shard, fields=fields)
 
+    @abstractmethod
     def _fields(self, obj: dict, root: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """One parsed JSON object -> the record's fields (raise ValueError for bad records)."""
 
     @staticmethod
     def _images(obj: dict, root: str, *names: str) -> list[str]:
