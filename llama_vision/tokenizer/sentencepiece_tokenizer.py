@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from .tiktoken_tokenizer import (
+    set_special_ids,
     IMAGE_TOKEN,
     LLAMA3_NAMED_SPECIAL_TOKENS,
     NUM_LEARNABLE_EMBEDDINGS,
@@ -73,15 +74,7 @@ class SentencePieceTokenizer:
         }
         self._special_names: dict[int, str] = {i: n for n, i in self.special_tokens.items()}
         self.n_words: int = self.sp_size + len(self.special_tokens)
-        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.eot_id: int = self.special_tokens["<|eot_id|>"]
-        self.eom_id: int = self.special_tokens["<|eom_id|>"]
-        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
-        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.stop_tokens: list[int] = [self.eos_id, self.eom_id, self.eot_id]
-        self.image_special_token_id: int = self.special_tokens[IMAGE_TOKEN]
-        self.image_token_id: int = self.n_words
+        set_special_ids(self)
 
     # ------------------------------------------------------------------ encoding
     def _special_sets(

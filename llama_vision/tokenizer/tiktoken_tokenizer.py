@@ -139,6 +139,21 @@ def split_whitespaces_or_nonwhitespaces(s: str, max_consecutive_slice_len: int) 
     yield s[start:]
 
 
+
+def set_special_ids(tok) -> None:
+    """The named special ids every tokenizer of ours exposes (from `tok.special_tokens` and
+    `tok.n_words`). `image_token_id` is the id the MODEL sees for an image: n_words, row 0
+    of the learnable embedding table (Meta's chat format rewrites <|image|> to it)."""
+    tok.bos_id = tok.special_tokens["<|begin_of_text|>"]
+    tok.eos_id = tok.special_tokens["<|end_of_text|>"]
+    tok.eot_id = tok.special_tokens["<|eot_id|>"]
+    tok.eom_id = tok.special_tokens["<|eom_id|>"]
+    tok.python_tag_id = tok.special_tokens["<|python_tag|>"]
+    tok.pad_id = tok.special_tokens["<|finetune_right_pad_id|>"]
+    tok.stop_tokens = [tok.eos_id, tok.eom_id, tok.eot_id]
+    tok.image_special_token_id = tok.special_tokens[IMAGE_TOKEN]
+    tok.image_token_id = tok.n_words
+
 class Tokenizer:
     """Llama 3 tiktoken tokenizer (Meta's class plus the model-side image id).
 
@@ -169,15 +184,7 @@ class Tokenizer:
         )
 
         self.n_words: int = num_base_tokens + len(self.special_tokens)
-        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.eot_id: int = self.special_tokens["<|eot_id|>"]
-        self.eom_id: int = self.special_tokens["<|eom_id|>"]
-        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
-        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.stop_tokens: list[int] = [self.eos_id, self.eom_id, self.eot_id]
-        self.image_special_token_id: int = self.special_tokens[IMAGE_TOKEN]
-        self.image_token_id: int = self.n_words
+        set_special_ids(self)
 
     # ------------------------------------------------------------------ encoding
     def encode(
