@@ -1,9 +1,24 @@
 """Load a Meta or Hugging Face checkpoint dir into a model, at any tensor-parallel degree.
 
-The model is built on the meta device (shapes only, no memory), then only this rank's
-weights are materialised on the target device: `to_empty` allocates uninitialised
-storage, `load_state_dict(strict)` fills every parameter, and the one non-persistent
-buffer (the RoPE table `text_model.freqs_cis`, garbage after `to_empty`) is recomputed.
+The model is built on the meta device (shapes only, no memory; at TP > 1 fairscale's layers
+are built uninitialised on the CPU instead), then this rank's tensors are read from the
+checkpoint files, which are memory-mapped (`torch.load(mmap=True)` / safetensors).
+
+On the CPU the tensors are ASSIGNED (`assign_strict`): a checkpoint tensor that already has
+its parameter's dtype and is contiguous becomes the parameter itself -- the weights exist
+once, as private copy-on-write file pages read when first used -- and any other tensor is
+cast / made contiguous in one copy (a bfloat16 model from a float32 file holds only the
+bfloat16 copies). Parameters stay `nn.Parameter`s with the skeleton's `requires_grad`,
+attributes (`tp_partial_grad`) and ties, and are writable (writes copy the page, never
+reach the file). The files stay mapped while the model lives: they may be deleted or
+replaced (our savers write a temp file and rename it) but must not be rewritten in place.
+
+On other devices `to_empty` allocates uninitialised storage there and
+`load_state_dict(strict)` copies every tensor in.
+
+Either way the one non-persistent buffer, the RoPE table `text_model.freqs_cis` (not in
+any checkpoint), is recomputed, and keys and shapes are checked strictly first, with errors
+that name the offending keys and the checkpoint.
 """
 from __future__ import annotations
 
@@ -22,6 +37,7 @@ from llama_vision.model.text import TextDecoder
 from .hf_io import DEFAULT_MAX_SHARD_BYTES, is_hf_checkpoint, load_hf_as_meta, params_from_hf_dir_config, read_hf_config, save_hf_checkpoint
 from .meta import (
     PARAMS_FILE,
+    CheckpointMismatchError,
     build_skeleton,
     args_from_params,
     check_keys,
@@ -82,8 +98,11 @@ def load_model(
     _resolve_tp(tp)  # build_model shards for the current TP degree
     model = build_skeleton(params, dtype)
     state = rank_state_dict(model, path)
-    materialize(model, device)
-    load_strict(model, state, path)
+    if torch.device(device).type == "cpu":
+        assign_strict(model, state, path)
+    else:
+        materialize(model, device)
+        load_strict(model, state, path)
     return model.eval()
 
 
@@ -113,6 +132,58 @@ def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
     the caller then loads every parameter."""
     model.to_empty(device=device)
     recompute_rope_table(model)
+    return model
+
+
+def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source) -> nn.Module:
+    """Load `state` (CPU tensors, e.g. memory-mapped) into `model` (built on the meta device,
+    or uninitialised on the CPU) WITHOUT a second copy of the weights: each parameter /
+    buffer becomes the loaded tensor when that already has the skeleton's dtype and is
+    contiguous, else a contiguous cast of it (one copy). Keys and shapes are strict (as
+    `load_strict`, whose load hooks run first). The skeleton's parameter attributes
+    (`requires_grad`, `tp_partial_grad`, ...) and ties are kept; loaded tensors that
+    overlap in memory are copied, so parameters share storage only where the skeleton tied
+    them. The RoPE table is recomputed."""
+    slots: dict[int, list[tuple[dict, str]]] = {}  # id(skeleton tensor) -> where it is held
+    skeleton: dict[int, torch.Tensor] = {}
+    for kind, named in (("_parameters", model.named_parameters), ("_buffers", model.named_buffers)):
+        for name, t in named(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            slots.setdefault(id(t), []).append((getattr(model.get_submodule(owner), kind), attr))
+            skeleton[id(t)] = t
+    load_strict(model, state, source, assign=True)
+
+    def install(key: int, t: torch.Tensor) -> None:
+        old = skeleton[key]
+        if isinstance(old, nn.Parameter):
+            if not isinstance(t, nn.Parameter):
+                t = nn.Parameter(t, requires_grad=old.requires_grad)
+            t.requires_grad_(old.requires_grad)
+            t.__dict__.update(old.__dict__)
+        for table, attr in slots[key]:
+            table[attr] = t
+
+    loaded: dict[int, torch.Tensor] = {}
+    for key, places in slots.items():
+        table, attr = places[0]
+        got, old = table[attr], skeleton[key]
+        if got is old:  # not in the checkpoint: the non-persistent RoPE table
+            continue
+        ready = got.detach().to(dtype=old.dtype, memory_format=torch.contiguous_format)
+        install(key, got if ready.data_ptr() == got.data_ptr() and ready.dtype == got.dtype else ready)
+        loaded[key] = table[attr]
+    # No two parameters may share memory unless tied in the skeleton (e.g. a checkpoint
+    # saved from a model with tied weights stores one storage under two keys).
+    end = 0
+    for key, t in sorted(((k, t) for k, t in loaded.items() if t.numel()), key=lambda kt: kt[1].data_ptr()):
+        start = t.data_ptr()
+        if start < end:
+            install(key, t.detach().clone())
+        end = max(end, start + t.numel() * t.element_size())
+    recompute_rope_table(model)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointMismatchError(f"loading {source}: tensors left without values: {left[:20]}")
     return model
 
 

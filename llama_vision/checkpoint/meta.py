@@ -223,10 +223,13 @@ def check_shapes(full_shapes: Mapping[str, tuple], model: nn.Module, world: int,
         raise CheckpointMismatchError(f"checkpoint {source} has {len(bad)} tensor(s) of the wrong shape: " + "; ".join(bad[:20]))
 
 
-def load_strict(module: nn.Module, state: Mapping[str, Tensor], source, allow_missing_prefixes: tuple[str, ...] = ()) -> None:
-    """module.load_state_dict, letting the load hooks run, with errors that name the keys."""
+def load_strict(
+    module: nn.Module, state: Mapping[str, Tensor], source, allow_missing_prefixes: tuple[str, ...] = (), *, assign: bool = False
+) -> None:
+    """module.load_state_dict, letting the load hooks run, with errors that name the keys.
+    assign=True: the tensors replace the module's (no copy; see `load.assign_strict`)."""
     try:
-        result = module.load_state_dict(state, strict=False)
+        result = module.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as e:  # size mismatches after the hooks ran
         raise CheckpointMismatchError(f"loading {source}: {e}") from e
     missing = [k for k in result.missing_keys if not k.startswith(tuple(allow_missing_prefixes))]
