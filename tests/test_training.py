@@ -162,3 +162,32 @@ def test_dpo_loss_hand_computed():
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(2.0), 0.0]]])  # p = [1/4, 3/4], [2/3, 1/3]
     labels = torch.tensor([[1, -100]])
     assert sequence_logps(logits, labels).item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_init_block_sets_trainable_gates_and_scales_vision_positions(shapes_corpus, tmp_path):
+    from llama_vision.training.trainer import build_training_model, is_gate
+    from llama_vision.tokenizer import load_tokenizer
+
+    base_cfg = _cfg(shapes_corpus, tmp_path / "a")
+    tok = load_tokenizer(base_cfg.tokenizer)
+    base = build_training_model(base_cfg, tok)
+    cfg = _cfg(shapes_corpus, tmp_path / "b", **{"init.gates": 1.0, "init.vision_pos_embed_scale": 3.0,
+                                                 "trainable.vision": "false"})
+    model = build_training_model(cfg, tok)
+    ref = dict(base.named_parameters())
+    gates = [n for n, _ in model.named_parameters() if is_gate(n)]
+    assert any(n.startswith("text_model.cross_attention_layers") for n in gates)
+    for n, p in model.named_parameters():
+        if is_gate(n):
+            # Trainable gates (adapters) open; the frozen encoder's gates keep their values.
+            expected = torch.full_like(p, 1.0) if p.requires_grad else ref[n]
+            assert torch.equal(p, expected), n
+        elif "pos_embed" not in n and n != "vision_model.vision_encoder.positional_embedding":
+            assert torch.equal(p, ref[n]), n
+    enc, enc0 = model.vision_model.vision_encoder, base.vision_model.vision_encoder
+    assert torch.equal(enc.positional_embedding, enc0.positional_embedding)  # frozen: untouched
+    cfg = _cfg(shapes_corpus, tmp_path / "c", **{"init.vision_pos_embed_scale": 3.0})
+    enc = build_training_model(cfg, tok).vision_model.vision_encoder
+    assert torch.allclose(enc.positional_embedding, 3 * enc0.positional_embedding)
+    assert torch.allclose(enc.pre_tile_pos_embed.embedding, 3 * enc0.pre_tile_pos_embed.embedding)
+    assert torch.allclose(enc.post_tile_pos_embed.embedding, 3 * enc0.post_tile_pos_embed.embedding)

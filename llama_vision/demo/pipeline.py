@@ -52,7 +52,7 @@ class DemoOptions:
     n_train_videos: int = 400
     n_test_videos: int = 80
     text_steps: int = 100
-    image_steps: int = 600
+    image_steps: int = 1500
     video_steps: int = 300
     n_show: int = 2
 

@@ -48,6 +48,26 @@ class TrainableConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start values for a stage that trains the vision encoder and adapters from scratch,
+    applied after `init_from` is loaded and only to parameters this stage trains (a
+    resumed run restores its trained values on top).
+
+    gates: every trainable tanh gate (cross-attention adapters, ViT global layers and
+        tile/position embeddings) starts at this value. None keeps the paper's 0 (the
+        decoder's output is unchanged at the start); a randomly initialised encoder behind
+        closed gates gets almost no gradient, so small from-scratch runs learn far faster
+        from an open gate (e.g. 1.0, tanh = 0.76).
+    vision_pos_embed_scale: multiplies the ViT's patch- and tile-position embeddings. At
+        the default init (std width^-0.5) position is a few per cent of a patch's content
+        signal, which makes "where is it" slow to learn from scratch.
+    """
+
+    gates: Optional[float] = None
+    vision_pos_embed_scale: float = 1.0
+
+
+@dataclass
 class DPOConfig:
     beta: float = 0.1
     ref_ema_every: int = 0  # 0: the reference model stays the initial policy
@@ -89,5 +109,6 @@ class TrainConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     video: VideoTrainConfig = field(default_factory=VideoTrainConfig)

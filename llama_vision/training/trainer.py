@@ -73,11 +73,32 @@ def build_training_model(cfg: TrainConfig, tokenizer):
     groups = trainable_groups(model)
     # A modality group the model does not have (video in an image stage) must stay off.
     set_trainable(model, **{g: on for g, on in vars(cfg.trainable).items() if on or g in groups})
+    apply_init(model, cfg.init)
     if cfg.activation_checkpointing:
         model.text_model.checkpoint_activations = True
         model.vision_model.vision_encoder.transformer.checkpoint_activations = True
         model.vision_model.vision_encoder.global_transformer.checkpoint_activations = True
     return model
+
+
+def is_gate(name: str) -> bool:
+    """A tanh gate parameter (`...gate_attn`, `...gate`, `..._embedding_gate`)."""
+    return name.rsplit(".", 1)[-1].startswith("gate") or name.endswith("_gate")
+
+
+@torch.no_grad()
+def apply_init(model, init) -> None:
+    """The stage's `init:` start values (see InitConfig) on the trainable parameters."""
+    params = dict(model.named_parameters())
+    if init.gates is not None:
+        for name, p in params.items():
+            if p.requires_grad and is_gate(name):
+                p.fill_(init.gates)
+    if init.vision_pos_embed_scale != 1.0:
+        encoder = model.vision_model.vision_encoder
+        for p in (encoder.positional_embedding, encoder.pre_tile_pos_embed.embedding, encoder.post_tile_pos_embed.embedding):
+            if p.requires_grad:
+                p.mul_(init.vision_pos_embed_scale)
 
 
 def _new_module_prefixes(model) -> tuple[str, ...]:
@@ -117,7 +138,6 @@ class Trainer:
         """Decay / no-decay groups of the trainable parameters; tanh gates get their own
         group at lr x optim.gate_lr_multiplier (no decay: decay would pull them to 0)."""
         o = self.cfg.optim
-        is_gate = lambda n: n.rsplit(".", 1)[-1].startswith("gate") or n.endswith("_gate")  # noqa: E731
         decay, no_decay = split_decay_params(self.model.named_parameters())
         groups = [
             {"params": [p for _, p in decay], "weight_decay": o.weight_decay},
