@@ -44,7 +44,8 @@ def use_streaming_layout(model: nn.Module) -> int:
         w = module.weight
         if w.shape[0] <= w.shape[1] or w.stride() == (1, w.shape[0]):
             continue
-        # Replacing the storage also drops a memory-mapped original (its pages leave RSS).
+        # A memory-mapped original stays resident while its mapping is shared with other
+        # weights (the checkpoint file is one mapping): this copy costs its size in RSS.
         w.data = w.data.t().contiguous().t()
         module.register_state_dict_post_hook(_contiguous_weight_in_state_dict)
         changed += 1
