@@ -64,6 +64,17 @@ def tiny_model(seed: int = 0, **overrides):
     return randomize(model, seed).eval()
 
 
+TINY_IMAGE_TOKEN = 512  # the <|image|> id of tiny_params' vocabulary
+
+
+def tiny_inputs(seed: int = 0):
+    """(tokens [1, 6] with one image placeholder, images [1, 1, 4, 3, 28, 28], aspect
+    ratios [1, 1, 2] = a 1x3 grid): a forward pass's inputs for `tiny_model`."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(1, 1, 4, 3, 28, 28, generator=g)
+    return torch.tensor([[TINY_IMAGE_TOKEN, 1, 5, 9, 33, 17]]), imgs, torch.tensor([[[1, 3]]])
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     if not SHARED.is_dir():

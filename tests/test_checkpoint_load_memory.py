@@ -4,13 +4,12 @@ result behaves like a model whose weights were copied in (performance issue #7).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model, tiny_params
+from conftest import tiny_inputs, tiny_model, tiny_params
 
 from llama_vision.checkpoint import load_hf_as_meta, load_model, save_hf_checkpoint, save_meta_checkpoint
 from llama_vision.checkpoint.meta import build_skeleton
@@ -18,14 +17,6 @@ from llama_vision.generation import use_streaming_layout
 from llama_vision.model import build_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-
-IMG = 512
-
-
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(1, 1, 4, 3, 28, 28, generator=g)
-    return torch.tensor([[IMG, 1, 5, 9, 33, 17]]), imgs, torch.tensor([[[1, 3]]])
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_fp32_load_assigns_the_mapped_checkpoint_tensors(model, tmp_path):
     ][:10]
     _assert_equal_state(loaded, model.state_dict())
     assert torch.equal(loaded.text_model.freqs_cis, model.text_model.freqs_cis)  # recomputed
-    assert torch.equal(loaded(*_inputs()), model(*_inputs()))
+    assert torch.equal(loaded(*tiny_inputs()), model(*tiny_inputs()))
 
 
 @torch.no_grad()
@@ -89,10 +80,10 @@ def test_assigned_parameters_keep_the_skeletons_attributes(model, tmp_path):
 def test_mapped_parameters_are_writable_and_the_file_is_untouched(model, tmp_path):
     save_meta_checkpoint(model, model.args, tmp_path)
     loaded = load_model(tmp_path)
-    out = loaded(*_inputs())
+    out = loaded(*tiny_inputs())
     # Generation's CPU layout replaces weights; the values (and logits) stay.
     assert use_streaming_layout(loaded) > 0
-    torch.testing.assert_close(loaded(*_inputs()), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded(*tiny_inputs()), out, rtol=1e-5, atol=1e-5)
     w = loaded.text_model.layers[0].attention.wq.weight
     assert _mapped_file(w) is not None
     w.mul_(2.0)  # copy-on-write private mapping: allowed, and never written back
@@ -114,7 +105,7 @@ def test_bf16_load_of_an_fp32_checkpoint_casts_once(model, tmp_path):
     # Same model as building in bfloat16 and copying the float32 weights in.
     ref = build_model(tiny_params(), dtype=torch.bfloat16, init=False)
     ref.load_state_dict(model.state_dict())
-    assert torch.equal(loaded(*_inputs()), ref.eval()(*_inputs()))
+    assert torch.equal(loaded(*tiny_inputs()), ref.eval()(*tiny_inputs()))
 
 
 @torch.no_grad()
@@ -123,7 +114,7 @@ def test_two_shard_checkpoint_and_aliased_keys(model, tmp_path):
     save_meta_checkpoint(model, model.args, tmp_path / "two", num_shards=2)
     loaded = load_model(tmp_path / "two")
     _assert_equal_state(loaded, model.state_dict())
-    assert torch.equal(loaded(*_inputs()), model(*_inputs()))
+    assert torch.equal(loaded(*tiny_inputs()), model(*tiny_inputs()))
 
     # Two keys sharing one storage in the file (saved from a tied model) must not end up
     # as two parameters sharing memory.
@@ -149,6 +140,6 @@ def test_hf_checkpoint_tensors_are_assigned(model, tmp_path):
     # HF's per-aspect-ratio tile tables cannot hold the cells no ratio reaches: compare with
     # the converted state dict (and the logits with the saved model's).
     _assert_equal_state(loaded, {k: v.clone() for k, v in load_hf_as_meta(tmp_path)[1].items()})
-    assert torch.equal(loaded(*_inputs()), model(*_inputs()))
+    assert torch.equal(loaded(*tiny_inputs()), model(*tiny_inputs()))
     for name in ("text_model.output.weight", "text_model.layers.0.feed_forward.w1.weight", "text_model.tok_embeddings.weight"):
         assert _mapped_file(loaded.get_parameter(name)) == file, name

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_params
+from conftest import TINY_IMAGE_TOKEN, tiny_inputs, tiny_model, tiny_params
 
 import model_parallel as mp
 from llama_vision.checkpoint import (
@@ -23,13 +23,7 @@ from llama_vision.model import build_model
 from llama_vision.model.vision import resize_local_position_embedding
 from llama_vision.utils.io import CheckpointFormatError
 
-IMG = 512
-
-
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(1, 1, 4, 3, 28, 28, generator=g)
-    return torch.tensor([[IMG, 1, 5, 9, 33, 17]]), imgs, torch.tensor([[[1, 3]]])
+IMG = TINY_IMAGE_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def test_round_trip_any_number_of_shards(model, tmp_path, num_shards):
     _assert_same_weights(model, loaded)
     # The RoPE table is not in the checkpoint: it must be recomputed after to_empty.
     assert torch.equal(loaded.text_model.freqs_cis, model.text_model.freqs_cis)
-    assert torch.equal(loaded(*_inputs()), model(*_inputs()))
+    assert torch.equal(loaded(*tiny_inputs()), model(*tiny_inputs()))
 
 
 def test_files_follow_the_checkpoint_plan(model, tmp_path):
@@ -80,7 +74,7 @@ def test_bf16_save_and_dtype_on_load(model, tmp_path):
     assert loaded.text_model.output.weight.dtype == torch.bfloat16
     key = "text_model.output.weight"
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key].bfloat16())
-    assert loaded(*_inputs()).dtype == torch.float32  # logits are float32 whatever the weights
+    assert loaded(*tiny_inputs()).dtype == torch.float32  # logits are float32 whatever the weights
 
 
 def test_params_json_is_written_last_and_stale_shards_go(model, tmp_path, monkeypatch):
