@@ -89,9 +89,8 @@ def is_gate(name: str) -> bool:
 @torch.no_grad()
 def apply_init(model, init) -> None:
     """The stage's `init:` start values (see InitConfig) on the trainable parameters."""
-    params = dict(model.named_parameters())
     if init.gates is not None:
-        for name, p in params.items():
+        for name, p in model.named_parameters():
             if p.requires_grad and is_gate(name):
                 p.fill_(init.gates)
     if init.vision_pos_embed_scale != 1.0:
