@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -29,6 +30,10 @@ IMAGE_CFG = REPO / "configs/train/demo_image.yaml"
 VIDEO_CFG = REPO / "configs/train/demo_video.yaml"
 
 DECODER_PREFIXES = ("text_model.layers.", "text_model.tok_embeddings", "text_model.norm", "text_model.output")
+
+# Bumped whenever prepare_data writes a different stage-0 corpus from the same data, so a
+# rerun rebuilds it (and, through the stamp in every stage's reuse key, retrains).
+TEXT_CORPUS_VERSION = 2
 
 METRIC_KEYS = (
     "image_caption_accuracy",
@@ -99,9 +104,10 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
     tok_path = data_dir / "tokenizer.model"
     text_path = data_dir / "text_captions.jsonl"
     stamp = data_dir / "tokenizer.stamp.json"
-    stamp_value = {"manifest": json.loads(Path(summary["manifest"]).read_text())}
+    stamp_value = {"manifest": json.loads(Path(summary["manifest"]).read_text()), "corpus": TEXT_CORPUS_VERSION}
+    result = {**summary, "tokenizer": str(tok_path), "text_captions": str(text_path), "stamp": str(stamp)}
     if summary["reused"] and tok_path.exists() and text_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == stamp_value:
-        return {**summary, "tokenizer": str(tok_path), "text_captions": str(text_path)}
+        return result
     captions = []
     for shard in summary["image_shards"]:
         for sample in iter_shard_samples(shard):
@@ -117,21 +123,25 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
     # closed vocabulary, so they add no words the training captions lack).
     train_sentencepiece(captions + video_captions + test_captions, tok_path, vocab_size=400, model_type="word")
     # Stage 0's text corpus: image and video training captions (video ones repeated so the
-    # motion sentences are not drowned out).
+    # motion sentences are not drowned out), shuffled: stage 0 reads less than one epoch
+    # through a bounded shuffle buffer, so a file sorted by kind would hide the video
+    # sentences from it entirely.
     reps = max(1, len(captions) // max(1, 4 * len(video_captions)))
     rows = [{"caption": c} for c in captions] + [{"caption": c} for c in video_captions] * reps
+    random.Random(opts.seed).shuffle(rows)
     tmp = text_path.with_name(text_path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, text_path)
     _atomic_json(stamp, stamp_value)
-    return {**summary, "tokenizer": str(tok_path), "text_captions": str(text_path)}
+    return result
 
 
 # ---- 2-4. training stages -----------------------------------------------------------------------
 
 
-def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print) -> float:
-    """tools/train.py --config CONFIG overrides... ; -> wall seconds. Skipped if final/ exists."""
+def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print, depends: tuple[Path, ...] = ()) -> float:
+    """tools/train.py --config CONFIG overrides... ; -> wall seconds. Skipped if final/ exists
+    and was trained from the same config, overrides, upstream stage and `depends` files."""
     final = out_dir / "final"
     # Reuse key: the overrides, the config text and the upstream stage's stamp (so a changed
     # config or a retrained previous stage retrains this one).
@@ -141,6 +151,7 @@ def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print) -> f
         "overrides": overrides,
         "config": config.read_text(encoding="utf-8"),
         "upstream": up_stamp.read_text(encoding="utf-8") if up_stamp and up_stamp.exists() else None,
+        "depends": [Path(d).read_text(encoding="utf-8") for d in depends],
     }
     if (final / "params.json").exists() and (out_dir / "demo_done.json").exists():
         done = json.loads((out_dir / "demo_done.json").read_text())
@@ -286,6 +297,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     common = [f"tokenizer={tok}", f"seed={opts.seed}"]
     shards = json.dumps(data["image_shards"])
     s0, s1, s2 = work / "stage0", work / "stage1", work / "stage2"
+    stamp = (Path(data["stamp"]),)  # the data every stage trains on
     if opts.quick:
         common_quick = ["data.shuffle_buffer=16", "micro_batch_size=4"]
     else:
@@ -294,17 +306,17 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     log("[demo] 2/6 stage 0: text-only decoder pretraining")
     walls["stage0_wall_s"] = run_stage(
         TEXT_CFG, s0, common + common_quick + [f"max_steps={_steps(opts.text_steps, opts.steps_scale)}",
-                                               f"data.paths={json.dumps([data['text_captions']])}"], log)
+                                               f"data.paths={json.dumps([data['text_captions']])}"], log, stamp)
     log("[demo] 3/6 stage 1: image adapters (decoder frozen)")
     walls["stage1_wall_s"] = run_stage(
         IMAGE_CFG, s1, common + common_quick + [f"max_steps={_steps(opts.image_steps, opts.steps_scale)}",
-                                               f"data.paths={shards}", f"init_from={s0 / 'final'}"], log)
+                                               f"data.paths={shards}", f"init_from={s0 / 'final'}"], log, stamp)
     final = s1 / "final"
     if not opts.skip_video:
         log("[demo] 4/6 stage 2: video adapters (everything else frozen)")
         walls["stage2_wall_s"] = run_stage(
             VIDEO_CFG, s2, common + common_quick + [f"max_steps={_steps(opts.video_steps, opts.steps_scale)}",
-                                                   f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log)
+                                                   f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log, stamp)
         final = s2 / "final"
 
     log(f"[demo] 5/6 held-out evaluation of {final}")
