@@ -9,6 +9,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from .inputs import pad_rows, prepare_image_batch
+from .utils.pages import copy_releasing
 
 LLAMA3_STOP_TOKENS = (128001, 128008, 128009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 
@@ -44,9 +45,11 @@ def use_streaming_layout(model: nn.Module) -> int:
         w = module.weight
         if w.shape[0] <= w.shape[1] or w.stride() == (1, w.shape[0]):
             continue
-        # A memory-mapped original stays resident while its mapping is shared with other
-        # weights (the checkpoint file is one mapping): this copy costs its size in RSS.
-        w.data = w.data.t().contiguous().t()
+        # Copied block by block, each block of a memory-mapped original handed back to the
+        # kernel once read: its pages would otherwise stay resident next to the copy for as
+        # long as the file's mapping lives (as long as any weight of the file does).
+        streaming = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).t()
+        w.data = copy_releasing(streaming, w.data)
         module.register_state_dict_post_hook(_contiguous_weight_in_state_dict)
         changed += 1
     return changed
