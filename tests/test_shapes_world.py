@@ -17,6 +17,7 @@ from llama_vision.demo.shapes import (
     BACKGROUND,
     COLOURS,
     DIRECTIONS,
+    FILL_FRACTION,
     KINDS,
     POSITIONS,
     Shape,
@@ -172,7 +173,7 @@ def test_draw_shapes_image_puts_each_shape_in_its_cell(aspect):
         # every drawn pixel has the shape's exact colour, and the shape is large
         assert (cell[coloured] == COLOURS[shape.colour]).all()
         cell_area = cell.shape[0] * cell.shape[1]
-        side = 0.6 * min(cell.shape[:2])
+        side = 0.9 * FILL_FRACTION * min(cell.shape[:2])  # the smallest a shape is drawn
         area_factor = 0.5 if shape.kind == "triangle" else (np.pi / 4 if shape.kind == "circle" else 1.0)
         assert coloured.sum() >= 0.6 * area_factor * side**2 and coloured.sum() < cell_area
         # it does not touch the cell border (shapes never merge across cells)

@@ -57,7 +57,7 @@ class DemoOptions:
     n_train_videos: int = 400
     n_test_videos: int = 80
     text_steps: int = 100
-    image_steps: int = 1500
+    image_steps: int = 2000
     video_steps: int = 300
     n_show: int = 2
 

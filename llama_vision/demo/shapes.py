@@ -9,9 +9,11 @@ named cells, in this canonical (row-major) order::
     -----------+--------------
     "bottom left" | "bottom right"
 
-Each of 1-3 shapes occupies its own cell, drawn large (about 60% of the cell's shorter
-side, with random size and position jitter that keeps it inside the cell) on a black
-background. Colours are far apart in RGB so a small model can tell them apart.
+Each of 1-3 shapes occupies its own cell, drawn large (about 85% of the cell's shorter
+side, with random size and position jitter that keeps it at least 2 px inside the cell) on a
+black background. Colours are far apart in RGB so a small model can tell them apart; shapes
+this large keep circle, square and triangle apart at the demo's 28-px ViT patches (at 60%,
+a 34-px shape, the tiny ViT confused circles with squares in about one shape in four).
 
 The caption names every shape in cell order, with a fixed template::
 
@@ -100,10 +102,11 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:2": (112, 224),
     "4:1": (448, 112),
 }
-FILL_FRACTION = 0.6  # shape side / shorter side of its cell
+FILL_FRACTION = 0.85  # shape side / shorter side of its cell
+CELL_GAP = 2.0  # px kept free between a shape and its cell's border
 
 _SPLIT_STREAMS = {"train_images": 0, "test_images": 1, "train_videos": 2, "test_videos": 3}
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2  # bumped when the same arguments draw different data
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,10 @@ def draw_shapes_image(
 ) -> Image.Image:
     """Draw ``shapes`` (at most one per cell) on a ``canvas = (width, height)`` RGB image.
 
-    Each shape's side is ``FILL_FRACTION`` (x0.9-1.1) of its cell's shorter side, and its
-    centre is jittered within the cell so it never crosses into a neighbour. ``rng`` draws
-    happen in canonical cell order, so the same rng state gives the same image.
+    Each shape's side is ``FILL_FRACTION`` (x0.9-1.1) of its cell's shorter side, at most
+    that side less ``CELL_GAP`` + 1 px each way, and its centre is jittered within the cell
+    so that at least ``CELL_GAP`` px stay free on every side (shapes never touch or merge).
+    ``rng`` draws happen in canonical cell order, so the same rng state gives the same image.
     """
     positions = [s.position for s in shapes]
     if not shapes or len(set(positions)) != len(positions):
@@ -185,10 +189,11 @@ def draw_shapes_image(
     draw = ImageDraw.Draw(image)
     for shape in _canonical(shapes):
         x0, y0, x1, y1 = _cell_box((width, height), shape.position)
-        side = FILL_FRACTION * min(x1 - x0, y1 - y0) * rng.uniform(0.9, 1.1)
-        # 90% of the free room each side, so a shape keeps a gap to the cell border.
-        slack_x = 0.45 * (x1 - x0 - side)
-        slack_y = 0.45 * (y1 - y0 - side)
+        short = min(x1 - x0, y1 - y0)
+        side = min(FILL_FRACTION * short * rng.uniform(0.9, 1.1), short - 2 * (CELL_GAP + 1))
+        # 90% of the free room each side beyond the gap, so a shape keeps off the border.
+        slack_x = 0.9 * max(0.0, (x1 - x0 - side) / 2 - CELL_GAP)
+        slack_y = 0.9 * max(0.0, (y1 - y0 - side) / 2 - CELL_GAP)
         cx = (x0 + x1) / 2 + rng.uniform(-slack_x, slack_x)
         cy = (y0 + y1) / 2 + rng.uniform(-slack_y, slack_y)
         _draw_shape(draw, shape.kind, cx, cy, side, COLOURS[shape.colour])
