@@ -39,6 +39,8 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["decoder_unchanged"] is True
     assert metrics["wall_s"] > 0
+    for key in ("video_direction_forced_choice_accuracy", "control_video_direction_forced_choice_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert len(metrics["loss_plots"]) == 3
     for png in metrics["loss_plots"]:
         assert Path(png).exists() and Path(png).stat().st_size > 0

@@ -1,11 +1,19 @@
-"""The demo pipeline's pieces in-process: the stage-0 text corpus and stage reuse keys."""
+"""The demo pipeline's pieces in-process: the stage-0 text corpus, stage reuse keys and
+the forced-choice direction score."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
+from conftest import tiny_model
 from llama_vision.demo import pipeline
-from llama_vision.demo.pipeline import DemoOptions, prepare_data, run_stage
+from llama_vision.demo.pipeline import DemoOptions, forced_choice_directions, prepare_data, run_stage
+from llama_vision.demo.shapes import DIRECTIONS
+from llama_vision.model import zero_gates
+from llama_vision.model.video import VideoConfig, add_video_adapters
 
 
 def _is_video_caption(text: str) -> bool:
@@ -56,3 +64,64 @@ def test_run_stage_reuse_key_includes_dependencies(tmp_path, monkeypatch):
     assert len(calls) == 2
     run_stage(config, out, ["max_steps=4"], logs.append, (dep,))  # so do changed overrides
     assert len(calls) == 3
+
+
+class _WordTokenizer:
+    """Whitespace words -> ids (what the demo's word-level SentencePiece model does)."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        ids = [self.ids.setdefault(w, 3 + len(self.ids)) for w in text.split()]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+
+def _tiny_video_model():
+    model = tiny_model(seed=5)
+    add_video_adapters(model, VideoConfig(num_frames=4, frames_per_group=2, tiles_per_frame=1, n_latents=2, depth=1,
+                                          heads=4, every_k_image_layers=1), seed=5)
+    with torch.no_grad():  # open the (zero-initialised) video gates so the video matters
+        for name, p in model.named_parameters():
+            if "video_cross_attention_layers" in name and "gate" in name:
+                p.fill_(1.0)
+    return model.eval()
+
+
+def test_forced_choice_directions_matches_scoring_each_caption_alone():
+    model, tok = _tiny_video_model(), _WordTokenizer()
+    size = model.args.vision_chunk_size
+    g = torch.Generator().manual_seed(0)
+    videos = torch.randn(3, 1, 4, 1, 3, size, size, generator=g)
+    ratios = torch.ones(3, 1, 2, dtype=torch.long)
+    frames = torch.tensor([[4], [3], [4]])
+    captions = ["the red circle moves left.", "the blue square moves up.", "the green triangle moves down."]
+    token = model.modalities["video"].token_id
+    picks = forced_choice_directions(model, tok, token, {"video": (videos, ratios, frames)}, captions)
+
+    want = []
+    for i, caption in enumerate(captions):
+        scores = []
+        for d in DIRECTIONS:
+            ids = [token, tok.bos_id, *tok.encode(caption.rsplit(" ", 1)[0] + f" {d}.", bos=False, eos=False), tok.eos_id]
+            media = {"video": (videos[i : i + 1], ratios[i : i + 1], frames[i : i + 1])}
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), media_inputs=media)[0].double()
+            scores.append(sum(torch.log_softmax(logits[k], -1)[ids[k + 1]].item() for k in range(1, len(ids) - 1)))
+        want.append(DIRECTIONS[max(range(len(DIRECTIONS)), key=scores.__getitem__)])
+    assert picks == want
+
+    # With the gates at 0 the video cannot matter: the same caption gets the same pick.
+    zero_gates(model)
+    same = ["the red circle moves left."] * 3
+    assert len(set(forced_choice_directions(model, tok, token, {"video": (videos, ratios, frames)}, same))) == 1
+
+
+def test_forced_choice_directions_rejects_a_foreign_caption():
+    model = _tiny_video_model()
+    size = model.args.vision_chunk_size
+    media = {"video": (torch.zeros(1, 1, 4, 1, 3, size, size), torch.ones(1, 1, 2, dtype=torch.long), torch.tensor([[4]]))}
+    with pytest.raises(ValueError, match="not a shapes-world video caption"):
+        forced_choice_directions(model, _WordTokenizer(), model.modalities["video"].token_id, media, ["a red circle at the top left."])
