@@ -54,6 +54,40 @@ def test_incremental_decoding_equals_full_forward():
 
 
 @torch.no_grad()
+def test_prefill_with_logit_index_equals_full_forward_and_fills_the_caches():
+    """logit_index runs the last layer for the kept position of each row only: its logits
+    equal the full forward's at that position (ragged rows, with and without caches), and
+    the caches it fills serve the next decode step exactly as a full prefill's do."""
+    model = tiny_model(seed=4)
+    rows = [[IMG, 1, 5, 6, 7, 8, 9], [3, 4, 5], [IMG, 9, 8]]
+    imgs, ar = _images([[(2, 2)], [], [(1, 1)]], seed=3)
+    full = [model(torch.tensor([r]), imgs[i : i + 1], ar[i : i + 1])[0] for i, r in enumerate(rows)]
+    tok = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tok[i, : len(r)] = torch.tensor(r)
+    last = torch.tensor([len(r) - 1 for r in rows])
+    media = model.prepare_media(tok, {"image": (imgs, ar)})
+    for index in (last, torch.tensor([2, 1, 0])):  # last prompt positions; inner positions
+        out = model(tok, media=media, logit_index=index)
+        assert out.shape == (len(rows), 1, model.args.vocab_size)
+        for i, p in enumerate(index.tolist()):
+            torch.testing.assert_close(out[i, 0], full[i][p], atol=1e-5, rtol=0)
+    kept, whole = model.init_caches(len(rows), 16), model.init_caches(len(rows), 16)
+    out = model(tok, media=media, caches=kept, logit_index=last)
+    model(tok, media=media, caches=whole)
+    for i, p in enumerate(last.tolist()):
+        torch.testing.assert_close(out[i, 0], full[i][p], atol=1e-5, rtol=0)
+    for a, b in zip(kept, whole):
+        torch.testing.assert_close(a.k, b.k, atol=0, rtol=0)
+        torch.testing.assert_close(a.v, b.v, atol=0, rtol=0)
+    nxt = torch.tensor([[11], [12], [13]])
+    step = model(nxt, media=media, caches=kept, positions=(last + 1)[:, None])[:, 0]
+    for i, r in enumerate(rows):
+        ref = model(torch.tensor([r + [int(nxt[i])]]), imgs[i : i + 1], ar[i : i + 1])[0, -1]
+        torch.testing.assert_close(step[i], ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_text_rows_before_any_image_pass_unchanged():
     """Full-text-row mask: a row with no image before it equals the text-only model."""
     model = tiny_model(seed=3)

@@ -163,9 +163,8 @@ class VisionLanguageModel(nn.Module):
             media = self.prepare_media(tokens, inputs) if inputs else {}
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        h = self.text_model(self._canonical_tokens(tokens), positions, media, caches)
-        if logit_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logit_index.to(h.device)][:, None]
+        # With logit_index the last layer computes only the kept position of each row.
+        h = self.text_model(self._canonical_tokens(tokens), positions, media, caches, keep=logit_index)
         return self.text_model.logits(h)
 
     def _canonical_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -47,19 +47,35 @@ class KVCache:
 class Attention(GQAProjections):
     """Grouped-query self-attention with RoPE; K/V kept at GQA width in the cache."""
 
-    def forward(self, x, freqs_cis, positions, mask, cache: KVCache | None, cache_from: int | None, kv_len: int):
+    def forward(self, x, freqs_cis, positions, mask, cache: KVCache | None, cache_from: int | None, kv_len: int,
+                rows: torch.Tensor | None = None):
+        """x [B, S, D] -> [B, S, D]; rows [B] (optional): only the output of position
+        rows[b] of each row is wanted -> [B, 1, D]. Keys and values (and the cache writes)
+        still cover all S positions; the query, attention and output projection run for
+        one position per row (prefill's last layer: only the last prompt position's
+        hidden state reaches the logits)."""
         b, s, _ = x.shape
-        q = apply_rotary_emb(self.wq(x).view(b, s, self.n_local_heads, self.head_dim), freqs_cis)
+        xq, fq, q_pos = x, freqs_cis, positions
+        if rows is not None:
+            pick = (torch.arange(b, device=x.device), rows.to(x.device))
+            xq, fq, q_pos = x[pick][:, None], freqs_cis[pick][:, None], positions[pick][:, None]
+        q_len = xq.shape[1]
+        q = apply_rotary_emb(self.wq(xq).view(b, q_len, self.n_local_heads, self.head_dim), fq)
         k = apply_rotary_emb(self.wk(x).view(b, s, self.n_local_kv_heads, self.head_dim), freqs_cis)
         v = self.wv(x).view(b, s, self.n_local_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             cache.update(positions, k, v, cache_from)
             k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
-        # No mask: the queries are the last s of the keys; causal unless it is one query
+        if rows is not None and not bool((q_pos == k.shape[2] - 1).all()):
+            # Some row's kept position is not the last key: hide the keys after it.
+            mask = (torch.arange(k.shape[2], device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+        elif rows is not None:
+            mask = None  # every kept position is the last key: it sees all of them
+        # No mask: the queries are the last q_len of the keys; causal unless it is one query
         # (a decode step shared by every row), which sees every key (see _self_attention_mask).
-        out = attention(q, k, v, mask=mask, causal=mask is None and s > 1, backend=self.backend)
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        out = attention(q, k, v, mask=mask, causal=mask is None and q_len > 1, backend=self.backend)
+        return self.wo(out.transpose(1, 2).reshape(b, q_len, -1))
 
 
 class TransformerBlock(nn.Module):
@@ -70,8 +86,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, positions, mask, cache, cache_from, kv_len):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, positions, mask, cache, cache_from, kv_len)
+    def forward(self, x, freqs_cis, positions, mask, cache, cache_from, kv_len, rows=None):
+        """x [B, S, D] -> [B, S, D], or [B, 1, D] with `rows` (see `Attention.forward`)."""
+        attn = self.attention(self.attention_norm(x), freqs_cis, positions, mask, cache, cache_from, kv_len, rows)
+        if rows is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), rows.to(x.device)][:, None]
+        h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -164,8 +184,13 @@ class TextDecoder(nn.Module):
         caches: list[KVCache] | None = None,
         *,
         static: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, positions [B, S] -> final-norm hidden states [B, S, D].
+
+        keep [B] (optional): only position keep[b] of each row is wanted -> [B, 1, D]; the
+        last layer then runs its query, attention output and FFN for that position alone
+        (every layer's keys/values, and so the caches, are still complete).
 
         Without caches the batch is a causal prefix from position 0 (training / one fresh
         forward). With caches, keys up to max(positions) are attended, masked per row.
@@ -184,16 +209,18 @@ class TextDecoder(nn.Module):
         if caches is None and mask is not None:
             raise ValueError("without KV caches, positions must be 0..S-1 in every row (one causal prefix)")
         media_masks = {name: state.masks(positions) for name, state in (media or {}).items()}
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            rows = keep if i == last else None
             for modality, block in self._adapters_by_layer()[i]:
                 if modality in media_masks:
                     state = media[modality]
                     h = block(h, state.kv_for(block), *media_masks[modality])
             cache = caches[i] if caches is not None else None
             if self.checkpoint_activations and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, positions, mask, cache, cache_from, kv_len, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, positions, mask, cache, cache_from, kv_len, rows, use_reentrant=False)
             else:
-                h = layer(h, freqs_cis, positions, mask, cache, cache_from, kv_len)
+                h = layer(h, freqs_cis, positions, mask, cache, cache_from, kv_len, rows)
         return self.norm(h)
 
     @staticmethod
