@@ -64,6 +64,9 @@ def test_run_stage_reuse_key_includes_dependencies(tmp_path, monkeypatch):
     assert len(calls) == 2
     run_stage(config, out, ["max_steps=4"], logs.append, (dep,))  # so do changed overrides
     assert len(calls) == 3
+    monkeypatch.setattr(pipeline, "STAGE_FORMAT", pipeline.STAGE_FORMAT + 1)  # and a new layout
+    run_stage(config, out, ["max_steps=4"], logs.append, (dep,))
+    assert len(calls) == 4
 
 
 class _WordTokenizer:

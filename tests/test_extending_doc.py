@@ -82,7 +82,8 @@ def test_audio_example_trains_only_its_adapter_and_learns():
         loss.backward()
         if step == 0:
             for name, p in model.named_parameters():
-                owned = name.startswith(("audio_encoder.", "text_model.audio_cross_attention_layers."))
+                owned = name.startswith(("audio_encoder.", "text_model.audio_cross_attention_layers.",
+                                         "text_model.placeholder_embeddings.audio."))
                 assert (p.grad is not None) == owned, name
         optimizer.step()
         losses.append(loss.item())

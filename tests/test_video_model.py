@@ -19,7 +19,7 @@ IMG, VID = 512, 513  # learnable rows 0 and 1 of the tiny vocabulary (512)
 WORKER = Path(__file__).resolve().parent / "dist_video_worker.py"
 # 6 frames in groups of 4: two effective frames, the second one half padding.
 CFG = VideoConfig(num_frames=6, frames_per_group=4, tiles_per_frame=2, n_latents=3, depth=2, heads=4, every_k_image_layers=1)
-VIDEO_PREFIXES = ("video_aggregator.", "text_model.video_cross_attention_layers.")
+VIDEO_PREFIXES = ("video_aggregator.", "text_model.video_cross_attention_layers.", "text_model.placeholder_embeddings.video.")
 
 
 def randomize_video(model, seed: int = 0):

@@ -34,6 +34,9 @@ DECODER_PREFIXES = ("text_model.layers.", "text_model.tok_embeddings", "text_mod
 # Bumped whenever prepare_data writes a different stage-0 corpus from the same data, so a
 # rerun rebuilds it (and, through the stamp in every stage's reuse key, retrains).
 TEXT_CORPUS_VERSION = 2
+# Bumped whenever the checkpoints a stage writes change layout, so a rerun retrains instead
+# of reusing a final/ that no longer loads (2: the video placeholder's own embedding).
+STAGE_FORMAT = 2
 
 METRIC_KEYS = (
     "image_caption_accuracy",
@@ -152,6 +155,7 @@ def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print, depe
         "config": config.read_text(encoding="utf-8"),
         "upstream": up_stamp.read_text(encoding="utf-8") if up_stamp and up_stamp.exists() else None,
         "depends": [Path(d).read_text(encoding="utf-8") for d in depends],
+        "format": STAGE_FORMAT,
     }
     if (final / "params.json").exists() and (out_dir / "demo_done.json").exists():
         done = json.loads((out_dir / "demo_done.json").read_text())

@@ -12,7 +12,7 @@ from torch import nn
 from .args import ModelArgs
 from .cross_attention import MediaState, build_adapter_blocks, media_spans
 from .modality import MediaTokens, Modality
-from .text import AdapterSchedule, KVCache, TextDecoder
+from .text import AdapterSchedule, KVCache, PlaceholderEmbedding, TextDecoder
 from .vision import VisionModel
 
 # Meta's tokenizer file lists <|image|> at 128011; its chat format rewrites it to 128256
@@ -36,6 +36,7 @@ class VisionLanguageModel(nn.Module):
             layers=args.fusion_schedule,
             aliases=(LLAMA3_IMAGE_SPECIAL_ID,) if args.vocab_size == LLAMA3_VOCAB else (),
             trainable_modules=["vision_model.vision_projection", "text_model.cross_attention_layers", "text_model.learnable_embedding"],
+            own_placeholder=False,
         )
 
     # --- modalities ---------------------------------------------------------------------
@@ -52,6 +53,7 @@ class VisionLanguageModel(nn.Module):
         order: int = 0,
         aliases: tuple[int, ...] = (),
         trainable_modules: list[str] | None = None,
+        own_placeholder: bool = True,
         seed: int = 0,
     ) -> Modality:
         """Register a modality: `encode(inputs) -> MediaTokens`, adapters before `layers`.
@@ -59,6 +61,10 @@ class VisionLanguageModel(nn.Module):
         `encoder` (optional) is registered as `self.<encoder_attr>` so its weights are saved
         and trained with the model; adapter blocks go to `text_model.<adapter_attr>` with
         gates at 0, so existing outputs stay bitwise unchanged until they are trained.
+        own_placeholder: the placeholder token's input embedding is the modality's own
+        parameter (`text_model.placeholder_embeddings.<name>.weight`, in its trainability
+        group), so its training stage learns it; False reads the shared learnable table
+        (the image modality: Meta's layout).
         """
         if name in self.modalities:
             raise ValueError(f"modality {name!r} is already registered")
@@ -80,6 +86,18 @@ class VisionLanguageModel(nn.Module):
             init_weights(blocks, seed=seed, prefix=f"text_model.{adapter_attr}.")
         self.text_model.add_adapters(AdapterSchedule(name, adapter_attr, list(layers), order), blocks)
         owned = list(trainable_modules or []) or [f"text_model.{adapter_attr}"] + ([encoder_attr] if encoder is not None else [])
+        if own_placeholder:
+            with torch.device(ref.device):
+                placeholder = PlaceholderEmbedding(self.args.dim, token_id).to(ref.dtype)
+            if ref.device.type != "meta":
+                # It starts as the shared table's row for this id, so adding the modality
+                # changes no output (the table is vocab-parallel: read it through its
+                # forward, which gathers the row on every tensor-parallel rank).
+                row = torch.tensor([token_id - self.args.vocab_size], device=ref.device)
+                with torch.no_grad():
+                    placeholder.weight.copy_(self.text_model.learnable_embedding(row)[0])
+            self.text_model.placeholder_embeddings[name] = placeholder
+            owned.append(f"text_model.placeholder_embeddings.{name}")
         modality = Modality(name, token_id, encode, adapter_attr, list(layers), order, tuple(aliases), owned)
         self.modalities[name] = modality
         return modality

@@ -95,6 +95,17 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class PlaceholderEmbedding(nn.Module):
+    """The input embedding [dim] of one added modality's placeholder token, owned (and
+    trained) by that modality -- unlike the shared learnable table, whose rows all belong
+    to the image adapters' trainability group."""
+
+    def __init__(self, dim: int, token_id: int):
+        super().__init__()
+        self.token_id = token_id
+        self.weight = nn.Parameter(torch.empty(dim))
+
+
 @dataclass
 class AdapterSchedule:
     """Where one modality's adapter blocks run: block j runs before self-attention layer
@@ -114,6 +125,9 @@ class TextDecoder(nn.Module):
         self.tok_embeddings = vocab_parallel_embedding(args.vocab_size, args.dim)
         # New special tokens (ids >= vocab_size): a small trainable table beside the frozen one.
         self.learnable_embedding = vocab_parallel_embedding(args.n_learnable_embeddings, args.dim)
+        # Placeholders of modalities added later (video, user modalities): their own rows,
+        # trained with their modality (empty for the image model: Meta's layout).
+        self.placeholder_embeddings = nn.ModuleDict()
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = column_parallel_linear(args.dim, args.vocab_size)
@@ -166,7 +180,8 @@ class TextDecoder(nn.Module):
 
     # --- forward ----------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, *, skip_check: bool = False) -> torch.Tensor:
-        """tokens [B, S] -> [B, S, D]; ids >= vocab_size read the learnable table.
+        """tokens [B, S] -> [B, S, D]; ids >= vocab_size read the learnable table, or an
+        added modality's own placeholder embedding (`placeholder_embeddings`).
         skip_check: always look both tables up instead of asking the device whether any id
         is new (a host sync, which a compiled step must not have)."""
         new = tokens >= self.vocab_size
@@ -174,7 +189,10 @@ class TextDecoder(nn.Module):
         if not skip_check and not new.any():
             return base
         extra = self.learnable_embedding((tokens - self.vocab_size).clamp(min=0)).to(base.dtype)
-        return torch.where(new[..., None], extra, base)
+        out = torch.where(new[..., None], extra, base)
+        for placeholder in self.placeholder_embeddings.values():
+            out = torch.where((tokens == placeholder.token_id)[..., None], placeholder.weight.to(out.dtype), out)
+        return out
 
     def forward(
         self,

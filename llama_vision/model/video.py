@@ -297,10 +297,12 @@ def _unpack(inputs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def add_video_adapters(model, cfg: VideoConfig | None = None, *, seed: int = 0) -> Modality:
     """Register the "video" modality on `model` (a VisionLanguageModel) and return it.
 
-    Adds `model.video_aggregator` (TemporalAggregator) and
+    Adds `model.video_aggregator` (TemporalAggregator),
     `model.text_model.video_cross_attention_layers` (gated blocks, gates 0: outputs are
     bitwise unchanged until trained) before every `cfg.every_k_image_layers`-th image
-    cross-attention layer, running before the image block at that layer. The new weights
+    cross-attention layer, running before the image block at that layer, and the
+    <|video|> placeholder's own input embedding (`text_model.placeholder_embeddings.video`),
+    all in the "video" trainability group. The new weights
     are built on the model's device and dtype and initialised deterministically from `seed`
     (the same values at every tensor-parallel degree). Trainability group: "video".
 
@@ -326,6 +328,7 @@ def add_video_adapters(model, cfg: VideoConfig | None = None, *, seed: int = 0) 
             encoder_attr=VIDEO_ENCODER_ATTR,
             order=-1,  # the paper: video layers run before the image layer at that position
             trainable_modules=[VIDEO_ENCODER_ATTR, f"text_model.{VIDEO_ADAPTER_ATTR}"],
+            seed=seed,
         )
     blocks = model.text_model.adapters("video")
     model.args.video = dataclasses.asdict(cfg)  # saved in params.json; build_model re-adds it
