@@ -301,10 +301,10 @@ def add_video_adapters(model, cfg: VideoConfig | None = None, *, seed: int = 0) 
     `model.text_model.video_cross_attention_layers` (gated blocks, gates 0: outputs are
     bitwise unchanged until trained) before every `cfg.every_k_image_layers`-th image
     cross-attention layer, running before the image block at that layer, and the
-    <|video|> placeholder's own input embedding (`text_model.placeholder_embeddings.video`),
-    all in the "video" trainability group. The new weights
-    are built on the model's device and dtype and initialised deterministically from `seed`
-    (the same values at every tensor-parallel degree). Trainability group: "video".
+    <|video|> placeholder's own input embedding (`text_model.placeholder_embeddings.video`).
+    The new weights are built on the model's device and dtype and initialised
+    deterministically from `seed` (the same values at every tensor-parallel degree).
+    Trainability group: "video".
 
     Inputs at forward: `media_inputs={"video": (videos [B, V, F, T, 3, S, S] float,
     aspect_ratios [B, V, 2], num_frames [B, V])}`, one <|video|> placeholder
