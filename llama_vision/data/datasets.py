@@ -196,7 +196,11 @@ class ExampleDataset(IterableDataset):
         max_seq_len: longest example (tokens, image tokens included).
         seed: seeds shard order and shuffle buffers (together with the epoch).
         shuffle: shuffle shard order per epoch and use a shuffle buffer of ``shuffle_buffer``
-            records; ``False`` reads records in source order.
+            records; ``False`` reads records in source order. Records inside one shard (a
+            tar, or a whole JSONL file) are only mixed by the buffer: a file sorted by
+            source or kind stays nearly sorted, and a run shorter than an epoch may never
+            reach its tail -- shuffle such files once when writing them (the CPU demo's
+            stage-0 corpus had exactly this bug).
         split: ``"auto"``, ``"shard"`` or ``"record"`` (see :mod:`.sampler`).
         rank, world_size: data-parallel position; default: ``torch.distributed`` if
             initialised, else 0 of 1.
