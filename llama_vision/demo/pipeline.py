@@ -38,6 +38,9 @@ TEXT_CORPUS_VERSION = 2
 # of reusing a final/ that no longer loads (2: the video placeholder's own embedding).
 STAGE_FORMAT = 2
 
+# Extra keys beside the contract's (see eval_videos): chance-level-aware video scores.
+FORCED_CHOICE_KEYS = ("video_direction_forced_choice_accuracy", "control_video_direction_forced_choice_accuracy")
+
 METRIC_KEYS = (
     "image_caption_accuracy",
     "video_direction_accuracy",
@@ -371,7 +374,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     if opts.skip_video:
         metrics["video_direction_accuracy"] = None
         metrics["control_video_direction_accuracy"] = None
-        metrics["video_direction_forced_choice_accuracy"] = metrics["control_video_direction_forced_choice_accuracy"] = None
+        metrics.update(dict.fromkeys(FORCED_CHOICE_KEYS))
         vid_preds = ctl_vid_preds = []
     else:
         metrics["video_direction_accuracy"], metrics["video_direction_forced_choice_accuracy"], vid_preds = eval_videos(
@@ -415,6 +418,6 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     metrics["samples"] = samples
     _atomic_json(work / "metrics.json", metrics)
     log("[demo] metrics -> " + str(work / "metrics.json"))
-    for k in METRIC_KEYS + ("video_direction_forced_choice_accuracy", "control_video_direction_forced_choice_accuracy"):
+    for k in METRIC_KEYS + FORCED_CHOICE_KEYS:
         log(f"  {k}: {metrics[k]}")
     return metrics

@@ -44,6 +44,11 @@ class KVCache:
             self.v.scatter_(2, idx, v)
 
 
+def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t [B, S, ...], rows [B] -> [B, 1, ...]: position rows[b] of each row b."""
+    return t[torch.arange(t.shape[0], device=t.device), rows.to(t.device)][:, None]
+
+
 class Attention(GQAProjections):
     """Grouped-query self-attention with RoPE; K/V kept at GQA width in the cache."""
 
@@ -57,8 +62,7 @@ class Attention(GQAProjections):
         b, s, _ = x.shape
         xq, fq, q_pos = x, freqs_cis, positions
         if rows is not None:
-            pick = (torch.arange(b, device=x.device), rows.to(x.device))
-            xq, fq, q_pos = x[pick][:, None], freqs_cis[pick][:, None], positions[pick][:, None]
+            xq, fq, q_pos = take_rows(x, rows), take_rows(freqs_cis, rows), take_rows(positions, rows)
         q_len = xq.shape[1]
         q = apply_rotary_emb(self.wq(xq).view(b, q_len, self.n_local_heads, self.head_dim), fq)
         k = apply_rotary_emb(self.wk(x).view(b, s, self.n_local_kv_heads, self.head_dim), freqs_cis)
@@ -67,11 +71,11 @@ class Attention(GQAProjections):
         if cache is not None:
             cache.update(positions, k, v, cache_from)
             k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
-        if rows is not None and not bool((q_pos == k.shape[2] - 1).all()):
-            # Some row's kept position is not the last key: hide the keys after it.
-            mask = (torch.arange(k.shape[2], device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
-        elif rows is not None:
-            mask = None  # every kept position is the last key: it sees all of them
+        if rows is not None:
+            # The caller's mask is for all S queries. A kept position that is the last key
+            # sees every key; any other hides the keys after it.
+            keys = torch.arange(k.shape[2], device=x.device)
+            mask = None if bool((q_pos == keys[-1]).all()) else (keys[None, None, :] <= q_pos[:, :, None])[:, None]
         # No mask: the queries are the last q_len of the keys; causal unless it is one query
         # (a decode step shared by every row), which sees every key (see _self_attention_mask).
         out = attention(q, k, v, mask=mask, causal=mask is None and q_len > 1, backend=self.backend)
@@ -90,7 +94,7 @@ class TransformerBlock(nn.Module):
         """x [B, S, D] -> [B, S, D], or [B, 1, D] with `rows` (see `Attention.forward`)."""
         attn = self.attention(self.attention_norm(x), freqs_cis, positions, mask, cache, cache_from, kv_len, rows)
         if rows is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), rows.to(x.device)][:, None]
+            x = take_rows(x, rows)
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
