@@ -25,10 +25,12 @@ from .layers import (
     row_parallel_linear,
     vocab_parallel_embedding,
 )
+from .consistency import assert_same_across_tp
 from .grads import all_reduce_sum, global_grad_norm, sync_gradients, zero_redundancy_adamw
 from .sharding import merge_shards, shard_plan, shard_state_dict, split_state_dict
 
 __all__ = [
+    "assert_same_across_tp",
     "broadcast_object",
     "all_reduce_sum",
     "global_grad_norm",

@@ -20,12 +20,33 @@ def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 2
     """SUM gradients over the DP group (the loss is already divided by the global token
     count, so summing gives exactly the full-batch gradient), and over the TP group for
     replicated weights whose gradient is partial per rank (`tp_partial_grad`).
-    Gradients are flattened into buckets to issue few collectives."""
+    Gradients are flattened into buckets to issue few collectives.
+
+    Ranks may see different kinds of micro-batches (one text-only, another with images):
+    a parameter that some DP rank left without a gradient gets a zero one there when ANY
+    rank has one, so every rank issues the same collectives (different bucket sizes would
+    hang NCCL and mix up gloo's gradients). A parameter that NO rank touched keeps
+    `grad=None` everywhere, so AdamW skips it (no moment update, no weight decay) exactly
+    as one process would on the union batch.
+    """
     if dp_size() > 1:
+        _fill_missing_grads(params, dp_group())
         _bucketed_all_reduce([p.grad for p in params if p.grad is not None], dp_group(), bucket_bytes)
     if tp_size() > 1:
         partial = [p.grad for p in params if p.grad is not None and getattr(p, "tp_partial_grad", False)]
         _bucketed_all_reduce(partial, tp_group(), bucket_bytes)
+
+
+def _fill_missing_grads(params: list[torch.nn.Parameter], group) -> None:
+    """Zero gradients where this rank has none but another rank of `group` has one."""
+    if not params:
+        return
+    device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=group)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) -> None:

@@ -21,6 +21,8 @@ Shapes (``B`` rows, ``L`` = longest row, ``N`` = most images in a row (at least 
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -115,3 +117,34 @@ class PreferenceBatch:
 
     def pin_memory(self) -> "PreferenceBatch":
         return self._map(lambda t: t.pin_memory())
+
+
+def batch_fingerprint(batch: Any) -> torch.Tensor:
+    """A cheap content summary of any batch dataclass (`Batch`, `VideoBatch`,
+    `PreferenceBatch`) -> float64 [k], on the batch's device: the CRC of its sample keys,
+    and per tensor field its element count, its sum and (integer fields) a
+    position-weighted sum. Equal on ranks that hold the same batch; different, in
+    practice, when one rank read other samples or other bytes (a transient read error
+    that skipped or corrupted a sample)."""
+    values: list[torch.Tensor] = []
+    device = None
+
+    def visit(obj: Any) -> None:
+        nonlocal device
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                visit(v)
+            elif isinstance(v, torch.Tensor):
+                device = device or v.device
+                values.append(torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device))
+                values.append(v.sum(dtype=torch.float64))
+                if not v.is_floating_point():
+                    weights = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.float64)
+                    values.append((v.reshape(-1).to(torch.float64) * weights).sum())
+            elif f.name == "keys":
+                values.append(torch.tensor(float(zlib.crc32("\n".join(v).encode())), dtype=torch.float64))
+
+    visit(batch)
+    device = device or torch.device("cpu")
+    return torch.stack([t.to(device) for t in values])

@@ -2,6 +2,7 @@
 Llama 3 decoder (Meta's CrossAttentionTransformer; state-dict keys are Meta's)."""
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .cross_attention import MediaState, build_adapter_blocks, media_spans
+from .cross_attention import NO_END, MediaState, build_adapter_blocks, media_spans
 from .modality import MediaTokens, Modality
 from .text import AdapterSchedule, KVCache, PlaceholderEmbedding, TextDecoder
 from .vision import VisionModel
@@ -156,6 +157,27 @@ class VisionLanguageModel(nn.Module):
             )
         return states
 
+    def media_for_rows(self, media: dict[str, MediaState], rows: torch.Tensor, tokens: torch.Tensor) -> dict[str, MediaState]:
+        """Reuse encoded media under new token rows, without re-encoding anything.
+
+        Row i of `tokens` [B', S'] reads the media (K/V, valid tokens) of row `rows[i]` of
+        `media` (rows [B'] indexes its batch); its attention spans come from its own
+        placeholders, which must be as many as that source row's (e.g. DPO's chosen and
+        rejected continuations of one prompt share its images).
+        """
+        token_rows = tokens.tolist()
+        out = {}
+        for name, state in media.items():
+            mod = self.modalities[name]
+            start, end = media_spans(token_rows, mod.placeholder_ids, slots=state.span_start.shape[1])
+            have = (state.span_start != NO_END).sum(1).cpu()[rows.cpu()]
+            want = (start != NO_END).sum(1)
+            if start.shape[1] != state.span_start.shape[1] or not torch.equal(have, want):
+                raise ValueError(f"{name}: new rows have {want.tolist()} placeholders but their source rows have {have.tolist()}")
+            picked = state.select_rows(rows.to(state.span_start.device))
+            out[name] = dataclasses.replace(picked, span_start=start.to(picked.span_start.device), span_end=end.to(picked.span_end.device))
+        return out
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -227,7 +249,9 @@ class VisionLanguageModel(nn.Module):
 def build_model(params: dict | str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, init: bool = True, seed: int = 0, **overrides) -> VisionLanguageModel:
     """Build a model from a Meta params.json (dict or path; optional vision-size keys).
 
-    device="meta" builds without memory (shapes only); `seed` makes the initial weights
+    device="meta" builds without memory (shapes only, no init); device=None builds on the
+    ambient default device (`with torch.device("meta"): build_model(...)`, or
+    torch.set_default_device), the CPU unless one is set. `seed` makes the initial weights
     (identical at every tensor-parallel degree, see `init_weights`). Under torch.distributed with
     fairscale groups initialised (model_parallel.init_model_parallel), projections are
     sharded across the tensor-parallel group.
@@ -236,11 +260,14 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
     from .attention import check_backend
 
     check_backend(args.attn_backend)
+    # The ambient device, not a forced "cpu": a 90B build under `with torch.device("meta")`
+    # must not allocate (and initialise) ~360 GB on the host.
+    device = torch.get_default_device() if device is None else torch.device(device)
     prev = torch.get_default_dtype()
     if dtype is not None:
         torch.set_default_dtype(dtype)
     try:
-        with torch.device(device or "cpu"):
+        with torch.device(device):
             model = VisionLanguageModel(args)
             if args.video is not None:
                 from .video import VideoConfig, add_video_adapters
@@ -248,7 +275,7 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
                 add_video_adapters(model, VideoConfig(**args.video), seed=seed)
     finally:
         torch.set_default_dtype(prev)
-    if init and str(device) != "meta":
+    if init and device.type != "meta":
         init_weights(model, seed=seed)
     return model
 
@@ -285,7 +312,9 @@ def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, pref
         # the usual 0.02) keeps every projection's output at unit scale at any width, so
         # small models' adapters start from informative, not vanishing, signals.
         scale = shape[-1] ** -0.5 if std is None else std  # the FULL fan-in, not this rank's slice
-        full = torch.randn(shape, generator=g) * scale
+        # On the generator's device (the CPU) whatever the ambient default device is: the
+        # draws are the same everywhere, then copied to the parameter's device.
+        full = torch.randn(shape, generator=g, device="cpu") * scale
         if dim is not None:
             full = full.chunk(world, dim=dim)[rank]
         p.copy_(full.to(p.dtype))

@@ -102,6 +102,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     tp: int = 1
     dtype: Literal["fp32", "bf16"] = "bf16"  # autocast dtype on GPU; CPU runs fp32
+    # A step whose loss or gradient is not finite is skipped (no optimizer/scheduler step,
+    # no checkpoint, counted as `skipped_nonfinite`); this many in a row stop the run.
+    max_consecutive_nonfinite: int = 5
     activation_checkpointing: bool = False
     log_every: int = 1
     tensorboard: bool = True

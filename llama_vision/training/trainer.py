@@ -7,7 +7,6 @@ for trainable parameters only, sharded across DP ranks (ZeRO-1).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -21,12 +20,13 @@ import yaml
 from tqdm import tqdm
 
 import model_parallel as mp
+from llama_vision.data.batch import batch_fingerprint
 from llama_vision.model import build_model, set_trainable
 from llama_vision.tokenizer import load_tokenizer
 
 from .checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
 from .data import build_loader
-from .losses import dpo_loss, lm_loss_sum, sequence_logps
+from .objectives import build_objective
 from .metrics import MetricsLogger, ThroughputMeter
 from .optim import split_decay_params
 from .schedule import build_lr_scheduler
@@ -120,18 +120,25 @@ class Trainer:
         plan = mp.shard_plan(self.model, "runtime")
         names = {id(p): n for n, p in self.model.named_parameters()}
         self.tp_dims = {id(p): plan.get(names[id(p)]) for p in self.params}
-        self.reference = None
-        if cfg.stage == "dpo":
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.dtype == "bf16" and self.device.type == "cuda" else nullcontext
+        )
+        self.objective = build_objective(cfg, self.model, self.autocast)
         self.optimizer = mp.zero_redundancy_adamw(self._param_groups(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier)
         self.step = 0
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bf16" and self.device.type == "cuda" else nullcontext()
-        )
+        self.skipped_nonfinite = 0  # steps skipped for a non-finite loss or gradient, in all
+        self._nonfinite_streak = 0
+        if self.rank == 0:
+            tqdm.write(global_batch_line(cfg, world, mp.tp_size(), mp.dp_size()))
+
+    @property
+    def reference(self) -> dict[str, torch.Tensor] | None:
+        """DPO: the reference policy's trainable tensors (None for other stages)."""
+        return getattr(self.objective, "reference", None)
 
     def _param_groups(self) -> list[dict]:
         """Decay / no-decay groups of the trainable parameters; tanh gates get their own
@@ -149,20 +156,22 @@ class Trainer:
     def state(self) -> dict:
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         optim = self.optimizer.optim if hasattr(self.optimizer, "optim") else self.optimizer
-        state = {
+        return {
             "step": self.step,
             "trainable": trainable,
             "optimizer": optim.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "rng": capture_rng_state(),
+            "skipped_nonfinite": self.skipped_nonfinite,
+            **self.objective.state_dict(),
         }
-        if self.reference is not None:
-            state["reference"] = {n: p.detach().cpu() for n, p in self.reference.named_parameters() if n in trainable}
-        return state
 
     def resume(self) -> bool:
-        latest = self.ckpt.latest()
+        # Rank 0 picks the checkpoint for everybody: on a shared filesystem ranks can see
+        # different "latest" directories (a commit racing a directory listing cache).
+        latest = self.ckpt.latest() if self.rank == 0 else None
+        latest = mp.broadcast_object(None if latest is None else str(latest))
         if latest is None:
             return False
         state = self.ckpt.load(latest, rank=self.rank)
@@ -170,80 +179,88 @@ class Trainer:
         with torch.no_grad():
             for n, t in state["trainable"].items():
                 named[n].copy_(t)
-            if self.reference is not None:
-                ref = dict(self.reference.named_parameters())
-                for n, t in state["reference"].items():
-                    ref[n].copy_(t)
+        self.objective.load_state_dict(state)
         optim = self.optimizer.optim if hasattr(self.optimizer, "optim") else self.optimizer
         optim.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The scheduler owns the learning rate: put its value into the param groups it
+        # drives. At DP > 1 those are the ZeRO wrapper's, which are copied into the inner
+        # optimizer at every step and are not part of the inner state loaded above.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         self.loader.load_state_dict(state["data"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         return True
 
     # --- one optimizer step ---------------------------------------------------------------
-    def _forward_lm(self, batch) -> torch.Tensor:
-        media = batch.media_inputs() if hasattr(batch, "media_inputs") else None
-        with self.autocast:
-            logits = self.model(batch.tokens, batch.images, batch.aspect_ratios if batch.images is not None else None, media_inputs=media)
-        return lm_loss_sum(logits, batch.labels)
-
-    def _forward_dpo(self, batch) -> torch.Tensor:
-        def logps(model, b):
-            with self.autocast:
-                return sequence_logps(model(b.tokens, b.images, b.aspect_ratios if b.images is not None else None), b.labels)
-
-        pc, pr = logps(self.model, batch.chosen), logps(self.model, batch.rejected)
-        with torch.no_grad():
-            rc, rr = logps(self.reference, batch.chosen), logps(self.reference, batch.rejected)
-        losses, margins = dpo_loss(pc, pr, rc, rr, self.cfg.dpo.beta)
-        self._dpo_margin += float(margins.sum())
-        return losses.sum()
-
     def train_step(self, it) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        micro = [next(it).to(self.device) for _ in range(cfg.grad_accum_steps)]
-        dpo = cfg.stage == "dpo"
+        # Micro-batches stay on the host until their turn, so device memory holds one at a
+        # time (the global target count below needs all of them first).
+        micro = [next(it) for _ in range(cfg.grad_accum_steps)]
+        if mp.tp_size() > 1:
+            fingerprint = torch.cat([batch_fingerprint(b) for b in micro]).to(self.device)
+            mp.assert_same_across_tp(fingerprint, f"step {self.step + 1}: the batch (samples {micro[0].keys[:4]}...)")
         # Normalise by the global number of targets (tokens, or pairs for DPO).
-        count = torch.tensor(float(sum(len(b) if dpo else b.num_targets for b in micro)), device=self.device)
+        count = torch.tensor(float(sum(self.objective.num_targets(b) for b in micro)), device=self.device)
         mp.all_reduce_sum(count, "dp")
         total = torch.zeros((), device=self.device)
-        self._dpo_margin = 0.0
         for batch in micro:
-            loss_sum = self._forward_dpo(batch) if dpo else self._forward_lm(batch)
-            (loss_sum / count).backward()
+            batch = batch.to(self.device, non_blocking=True)
+            loss_sum = self.objective.loss_sum(batch)
+            # A text-only micro-batch under a frozen decoder touches nothing trainable:
+            # nothing to differentiate (sync_gradients fills in zeros where other ranks
+            # have gradients).
+            if loss_sum.requires_grad:
+                (loss_sum / count.clamp(min=1)).backward()
             total += loss_sum.detach()
         mp.sync_gradients(self.params)
         grad_norm = mp.global_grad_norm(self.params, self.tp_dims)
-        if cfg.optim.grad_clip is not None:
-            scale = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        mp.all_reduce_sum(total, "dp")
+        loss = total / count.clamp(min=1)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # Identical on every rank (summed loss, all-reduced gradients), so all ranks agree.
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite:
+            self._nonfinite_streak = 0
+            if cfg.optim.grad_clip is not None:
+                scale = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            # inf x clip scale 0 = NaN: applying it would poison the weights (and a
+            # checkpoint written after it). Skip the update, keep the step count moving.
+            self.skipped_nonfinite += 1
+            self._nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.reference is not None and cfg.dpo.ref_ema_every and self.step % cfg.dpo.ref_ema_every == 0:
-            self._update_reference_ema()
-        mp.all_reduce_sum(total, "dp")
-        tokens = sum(int(b.lengths.sum()) for b in (micro if not dpo else [m.chosen for m in micro]))
-        images = sum(int(b.num_images.sum()) for b in (micro if not dpo else [m.chosen for m in micro]))
-        metrics = {
-            "loss": float(total / count),
+        if finite:
+            self.objective.after_optimizer_step(self.step)
+        elif self._nonfinite_streak >= cfg.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"step {self.step}: {self._nonfinite_streak} consecutive steps with a non-finite loss or gradient "
+                f"(loss {float(loss)}, grad norm {float(grad_norm)}); stopping (max_consecutive_nonfinite="
+                f"{cfg.max_consecutive_nonfinite}). Resume from the last checkpoint with a lower lr or check the data."
+            )
+        lm_batches = [getattr(b, "chosen", b) for b in micro]
+        return {
+            "loss": float(loss),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "skipped_samples": self._skipped_total(),
+            "skipped_nonfinite": self.skipped_nonfinite,
             "step_time_s": time.perf_counter() - t0,
-            "tokens": tokens,
-            "images": images,
+            "tokens": sum(int(b.lengths.sum()) for b in lm_batches),
+            "images": sum(int(b.num_images.sum()) for b in lm_batches),
+            **self.objective.step_metrics(count),
+            "_finite": finite,
         }
-        if dpo:
-            metrics["reward_margin"] = self._dpo_margin / max(1.0, float(count))
-        return metrics
 
     def _mfu(self, rates: dict) -> dict:
         """Model FLOPs utilisation on GPU, counted honestly for adapter training: forward
@@ -264,14 +281,6 @@ class Trainer:
         skipped = torch.tensor(float(sum(self.loader.skipped.values())), device=self.device)
         return int(mp.all_reduce_sum(skipped, "dp"))
 
-    @torch.no_grad()
-    def _update_reference_ema(self) -> None:
-        d = self.cfg.dpo.ref_ema_decay
-        ref = dict(self.reference.named_parameters())
-        for n, p in self.model.named_parameters():
-            if p.requires_grad:
-                ref[n].mul_(d).add_(p.detach(), alpha=1 - d)
-
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         cfg = self.cfg
@@ -285,15 +294,15 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 last = self.train_step(it)
+                finite = last.pop("_finite")
                 meter.update(last["tokens"], last["images"], last["step_time_s"])
                 rates = meter.summary()
-                if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"loss is {last['loss']} at step {self.step}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite:
                     logger.log(self.step, **{**last, **rates, **self._mfu(rates)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", skipped=last["skipped_samples"])
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                # A skipped step writes no checkpoint: the next one that trained does.
+                if finite and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps):
                     self.ckpt.save(self.step, self.state())
         finally:
             bar.close()
@@ -314,6 +323,17 @@ class Trainer:
             os.replace(final / "tokenizer.model.tmp", final / "tokenizer.model")
         mp.barrier()
         return final
+
+
+def global_batch_line(cfg: TrainConfig, world: int, tp: int, dp: int) -> str:
+    """What one optimizer step consumes: samples (pairs for DPO) and at most how many tokens."""
+    samples = cfg.micro_batch_size * cfg.grad_accum_steps * dp
+    unit = "preference pairs" if cfg.stage == "dpo" else "samples"
+    return (
+        f"global batch: {cfg.micro_batch_size} micro-batch x {cfg.grad_accum_steps} accumulation x {dp} data-parallel "
+        f"(world {world} / TP {tp}) = {samples:,} {unit}, up to {samples * cfg.data.max_seq_len:,} tokens "
+        f"(max_seq_len {cfg.data.max_seq_len})"
+    )
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:

@@ -1,0 +1,144 @@
+"""Training at the shape of a cluster, on CPU (gloo, loopback): DP=2 and TP=2 resumes are
+bitwise equal to uninterrupted runs (image and DPO stages), ranks that see different kinds
+of micro-batches (text-only vs images) neither hang nor diverge from one process on the
+union batch (parameters AND AdamW state), rank 0 alone picks the checkpoint to resume,
+and tensor-parallel peers that read different data stop with a clear error.
+
+One torchrun launch per family (DP=2, TP=2) runs every scenario of that family in order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_torchrun, tiny_train_overrides
+from llama_vision.config import load_config
+from llama_vision.demo.chat_sets import write_chat_sets
+from llama_vision.training.metrics import read_metrics
+from llama_vision.training.train_config import TrainConfig
+from llama_vision.training.trainer import Trainer
+
+CFG = ROOT / "configs" / "train"
+PRETRAIN, DPO, SFT = (str(CFG / f"tiny_image_{s}.yaml") for s in ("pretrain", "dpo", "sft"))
+WORKER = Path(__file__).resolve().parent / "dist_train_scenarios.py"
+STEPS = 6
+COMMON = {"max_steps": STEPS, "checkpoint_every": 3, "keep_last": 5, "save_final": "false", "data.shuffle": "false",
+          "optim.warmup_steps": 2, "init_from": "null"}
+
+
+def _overrides(corpus, out, **extra):
+    return tiny_train_overrides(corpus, out, **{**COMMON, **extra})
+
+
+def _resume_runs(config: str, corpus, root: Path, name: str, **extra) -> list[dict]:
+    """An uninterrupted run, and the same run stopped after step 3's checkpoint and resumed
+    (rank 1 listing no checkpoint at all: rank 0's choice must be the one used)."""
+    full, cut = root / f"{name}_full", root / f"{name}_resumed"
+    return [
+        {"config": config, "overrides": _overrides(corpus, full, **extra), "dump": str(full / "dump")},
+        {"config": config, "overrides": _overrides(corpus, cut, **extra), "stop_after": 3},
+        {"config": config, "overrides": _overrides(corpus, cut, **extra), "resume": True, "hide_checkpoints_on_rank": 1,
+         "dump": str(cut / "dump")},
+    ]
+
+
+def _load_dump(path: Path, ranks: int = 2) -> list[dict]:
+    return [torch.load(f"{path}.rank{r}.pt", weights_only=True) for r in range(ranks)]
+
+
+def _assert_resume_bitwise(root: Path, name: str, ranks: int = 2) -> None:
+    full, cut = root / f"{name}_full", root / f"{name}_resumed"
+    rows_full, rows_cut = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    assert [r["step"] for r in rows_cut] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows_cut] == [r["loss"] for r in rows_full]  # bitwise
+    assert [r["lr"] for r in rows_cut] == [r["lr"] for r in rows_full]
+    for a, b in zip(_load_dump(full / "dump", ranks), _load_dump(cut / "dump", ranks)):
+        assert a["step"] == b["step"] == STEPS
+        assert a["params"].keys() == b["params"].keys()
+        for n in a["params"]:
+            assert torch.equal(a["params"][n], b["params"][n]), n
+        assert a["optim"].keys() == b["optim"].keys()
+        for n in a["optim"]:
+            for k in a["optim"][n]:
+                assert torch.equal(a["optim"][n][k], b["optim"][n][k]), (n, k)
+
+
+@pytest.fixture(scope="module")
+def chat(shapes_corpus, tmp_path_factory):
+    """Shapes-world SFT/DPO sets, plus an SFT manifest whose rows go to the two DP ranks as
+    (step 1) image | text, (step 2) text | image, (step 3) text | text, (step 4) image | image."""
+    root = tmp_path_factory.mktemp("cluster_chat")
+    sets = write_chat_sets(root, n=16)
+    rows = [json.loads(line) for line in Path(sets["sft"]).read_text().splitlines()]
+    text_only = {"messages": [{"role": "user", "content": "Describe the shapes."},
+                              {"role": "assistant", "content": "a red circle at the top left."}]}
+    kinds = ["image", "text", "text", "image", "text", "text", "image", "image"]
+    mixed = [rows[i] if k == "image" else text_only for i, k in enumerate(kinds)]
+    (root / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    return {**sets, "mixed": str(root / "mixed.jsonl")}
+
+
+def _mixed_overrides(corpus, chat, out, micro_batch_size):
+    return tiny_train_overrides(corpus, out, **{
+        "max_steps": 4, "checkpoint_every": 100, "save_final": "false", "data.shuffle": "false", "init_from": "null",
+        "optim.warmup_steps": 1, "micro_batch_size": micro_batch_size, "data.paths": f'["{chat["mixed"]}"]',
+        "data.image_root": str(Path(chat["mixed"]).parent)})
+
+
+def test_data_parallel_family(shapes_corpus, chat, tmp_path):
+    """DP=2: image-stage and DPO resumes bitwise; mixed text-only / image micro-batches equal
+    one process on the union batch, parameters and optimizer state."""
+    dpo = {"data.paths": f'["{chat["dpo"]}"]', "micro_batch_size": 2}
+    runs = _resume_runs(PRETRAIN, shapes_corpus, tmp_path, "image", micro_batch_size=4)
+    runs += _resume_runs(DPO, shapes_corpus, tmp_path, "dpo", **dpo)
+    runs.append({"config": SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / "mixed_dp2", 1),
+                 "dump": str(tmp_path / "mixed_dp2" / "dump")})
+    run_torchrun(WORKER, json.dumps(runs), timeout=400)
+
+    _assert_resume_bitwise(tmp_path, "image")
+    _assert_resume_bitwise(tmp_path, "dpo")
+    dpo_rows = read_metrics(tmp_path / "dpo_full" / "metrics.jsonl")
+    assert all(r["reward_margin"] == r["reward_margin"] for r in dpo_rows)  # logged, finite
+
+    # One process, micro-batch 2 = both ranks' rows: the union batch.
+    one = Trainer(load_config(TrainConfig, SFT, _mixed_overrides(shapes_corpus, chat, tmp_path / "mixed_dp1", 2)))
+    one.fit()
+    names = {id(p): n for n, p in one.model.named_parameters()}
+    want_state = {names[id(p)]: s for p, s in one.optimizer.state.items()}
+    want_params = {n: p.detach() for n, p in one.model.named_parameters() if p.requires_grad}
+    ranks = _load_dump(tmp_path / "mixed_dp2" / "dump")
+    # Step 3 is text-only everywhere: the vision encoder has no gradient then, so its AdamW
+    # step count is 3 after 4 steps, not 4 (it must not have been moved or decayed at step 3).
+    steps = {int(s["step"]) for n, s in want_state.items() if n.startswith("vision_model.vision_encoder.")}
+    assert steps == {3}, steps
+    for r in ranks:
+        for n, t in want_params.items():
+            torch.testing.assert_close(r["params"][n], t, atol=1e-6, rtol=0, msg=n)
+    got_state = {**ranks[0]["optim"], **ranks[1]["optim"]}  # ZeRO-1: each rank owns a shard
+    assert got_state.keys() == want_state.keys()
+    for n, s in want_state.items():
+        assert int(got_state[n]["step"]) == int(s["step"]), n
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got_state[n][k], s[k], atol=1e-6, rtol=0, msg=f"{n}.{k}")
+
+
+def test_tensor_parallel_family(shapes_corpus, chat, tmp_path, shared_dir):
+    """TP=2 (real Llama 3 vocabulary: it splits evenly): image-stage and DPO resumes
+    bitwise; a TP peer that lost a batch stops the run with an error naming it."""
+    llama = {"tokenizer": str(shared_dir / "reference" / "tokenizer.model"), "tp": 2}
+    runs = _resume_runs(PRETRAIN, shapes_corpus, tmp_path, "image", micro_batch_size=2, **llama)
+    runs += _resume_runs(DPO, shapes_corpus, tmp_path, "dpo", micro_batch_size=1, **{"data.paths": f'["{chat["dpo"]}"]'}, **llama)
+    desync = tmp_path / "desync"
+    runs.append({"config": PRETRAIN, "overrides": _overrides(shapes_corpus, desync, micro_batch_size=2, **llama),
+                 "drop_first_batch_on_rank": 1, "expect_error": "tensor-parallel ranks [1]", "dump": str(desync / "err")})
+    run_torchrun(WORKER, json.dumps(runs), timeout=400)
+
+    _assert_resume_bitwise(tmp_path, "image")
+    _assert_resume_bitwise(tmp_path, "dpo")
+    for r in range(2):
+        message = Path(f"{desync / 'err'}.rank{r}.error").read_text()
+        assert "step 1" in message and "hold different data than TP rank 0" in message
+    assert not (desync / "checkpoints").exists() or not any((desync / "checkpoints").glob("step_*"))
