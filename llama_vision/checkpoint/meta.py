@@ -207,7 +207,9 @@ def check_keys(got: Iterable[str], expected: Iterable[str], source, allow_missin
 def check_shapes(full_shapes: Mapping[str, tuple], model: nn.Module, world: int, source) -> None:
     """Full (unsharded) checkpoint shapes against the model's, whose parameters are this
     rank's slices at TP=`world`. Position/tile embeddings are skipped: the load hook
-    resizes them by value when the tile size differs."""
+    resizes them by value when the tile size differs. So are the shape differences a
+    module's own load hook declares it resizes (`resizes_on_load`, e.g. the video
+    aggregator's per-frame / per-group tables)."""
     runtime = mp.shard_plan(model, "runtime")
     local = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     bad = []
@@ -217,10 +219,24 @@ def check_shapes(full_shapes: Mapping[str, tuple], model: nn.Module, world: int,
         want = list(local[key])
         if runtime.get(key) is not None:
             want[runtime[key]] *= world
-        if list(shape) != want:
+        if list(shape) != want and not resized_by_load_hook(model, key, shape):
             bad.append(f"{key}: checkpoint {list(shape)} vs model {want}")
     if bad:
         raise CheckpointMismatchError(f"checkpoint {source} has {len(bad)} tensor(s) of the wrong shape: " + "; ".join(bad[:20]))
+
+
+def resized_by_load_hook(model: nn.Module, key: str, shape) -> bool:
+    """Whether the module owning `key` resizes a checkpoint tensor of `shape` in its load
+    pre-hook: modules opt in with `resizes_on_load(name, shape) -> bool` (`name` relative to
+    the module). Only whole (replicated) tensors may opt in: the shape given is the full
+    checkpoint one."""
+    owner, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return False
+    resizes = getattr(module, "resizes_on_load", None)
+    return callable(resizes) and bool(resizes(name, tuple(shape)))
 
 
 def load_strict(

@@ -17,6 +17,14 @@ per frame):
 The paper's numbers: up to 64 frames; pretraining 16 frames aggregated 16 -> 1 effective
 frame (4 tiles of 448 px per frame); SFT 64 frames aggregated 32 -> 2 effective frames.
 Only the aggregator and the video adapters train (`set_trainable(..., video=True)`).
+
+The SFT stage starts from the pretrained aggregator although its two per-group tables
+change shape (frames_per_group 16 -> 32, groups 1 -> 2): `TemporalAggregator`'s load hook
+resizes a checkpoint's `temporal_embedding` [F0, D] -> [F, D] by linear interpolation over
+the frame index (`resize_temporal_embedding`) and its `group_embedding` [G0, D] -> [G, D]
+by keeping the trained rows and repeating the last one (`resize_group_embedding`). Every
+other aggregator tensor must match; the checkpoint loaders (`llama_vision.checkpoint`)
+ask `TemporalAggregator.resizes_on_load` which shape differences the hook accepts.
 """
 from __future__ import annotations
 
@@ -46,7 +54,9 @@ class VideoConfig:
 
     num_frames: frames sampled per video (the most the aggregator accepts).
     frames_per_group: consecutive frames merged into one effective frame (paper: 16 in
-        pretraining, 32 in SFT). A last partial group is padded with masked frames.
+        pretraining, 32 in SFT). A last partial group is padded with masked frames. It and
+        max_groups may differ from a loaded checkpoint's: the temporal and group
+        embeddings are resized on load (see `TemporalAggregator.resizes_on_load`).
     tiles_per_frame: most tiles per frame the video processor produces (paper
         pretraining: 4 tiles of 448 px); must not exceed the model's vision_max_num_chunks.
     n_latents: tokens per effective frame (the perceiver's latent queries).
@@ -138,7 +148,17 @@ class TemporalAggregator(nn.Module):
     `latents + group_embedding[g]` so the decoder can tell effective frames apart (its
     cross-attention has no positions of its own). Padding (frames past a video's length,
     the pad frames of a last partial group, empty tiles) is removed by a key-padding mask.
+
+    Parameters: latents [n_latents, D], temporal_embedding [frames_per_group, D],
+    group_embedding [max_groups, D], the perceiver layers and a final norm. A state dict
+    saved at another frames_per_group or group count loads (the paper's 16 -> 1
+    pretraining into its 32 -> 2 SFT): a pre-load hook resizes those two tables (see
+    `resizes_on_load`); any other shape difference is a load error naming the key.
     """
+
+    # The tables with one row per frame slot / per group: the only tensors whose shape
+    # follows frames_per_group and the group count, hence the only ones resized on load.
+    RESIZED_ON_LOAD = ("temporal_embedding", "group_embedding")
 
     def __init__(
         self,
@@ -163,6 +183,7 @@ class TemporalAggregator(nn.Module):
         self.layers = nn.ModuleList(PerceiverBlock(dim, heads, ffn_hidden_dim, eps, backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.reset_parameters(seed)
+        self._register_load_state_dict_pre_hook(self._resize_tables_on_load)
 
     @classmethod
     def from_config(cls, args, cfg: VideoConfig, seed: int = 0) -> "TemporalAggregator":
@@ -186,6 +207,31 @@ class TemporalAggregator(nn.Module):
             from .model import init_weights
 
             init_weights(self, seed=seed)
+
+    # --- loading an aggregator trained at another frames_per_group / group count ----------
+    def resizes_on_load(self, name: str, shape: Sequence[int]) -> bool:
+        """Whether a checkpoint tensor `name` (relative to this module, e.g.
+        "temporal_embedding") of `shape` is turned into this module's shape by the load hook:
+        True only for the two per-slot tables with a different row count and the model's
+        width ([F0 >= 1, D] / [G0 >= 1, D]). The checkpoint loaders skip exactly these keys
+        in their strict shape check; every other mismatch stays an error."""
+        if name not in self.RESIZED_ON_LOAD:
+            return False
+        want = tuple(getattr(self, name).shape)
+        shape = tuple(shape)
+        return len(shape) == 2 and shape[0] >= 1 and shape[1] == want[1] and shape != want
+
+    def _resize_tables_on_load(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Load pre-hook: the checkpoint's temporal_embedding [F0, D] -> [frames_per_group, D]
+        (`resize_temporal_embedding`: linear over the frame index, first and last frame
+        kept exactly) and group_embedding [G0, D] -> [max_groups, D]
+        (`resize_group_embedding`: trained rows kept, the last one repeated). Same shapes
+        are left untouched (bitwise); shapes this cannot resize (another width, not 2-D)
+        are left for load_state_dict to report with both shapes."""
+        for name, resize in (("temporal_embedding", resize_temporal_embedding), ("group_embedding", resize_group_embedding)):
+            key = prefix + name
+            if key in state_dict and self.resizes_on_load(name, state_dict[key].shape):
+                state_dict[key] = resize(state_dict[key], getattr(self, name).shape[0])
 
     def forward(self, frames: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """frames [B, V, F, L, D] (+ valid bool [B, V, F, L] or [B, V, F]; None = all valid)
@@ -216,6 +262,62 @@ class TemporalAggregator(nn.Module):
         for layer in self.layers:
             lat = layer(lat, x, mask)
         return self.norm(lat).view(b, v, g, q_len, d), key_valid.view(b, v, g, -1).any(-1)
+
+
+def resize_temporal_embedding(embed: torch.Tensor, frames_per_group: int) -> torch.Tensor:
+    """A trained temporal embedding [F0, D] -> [F, D], F = frames_per_group, by linear
+    interpolation along the frame-index axis with aligned corners (as
+    `F.interpolate(mode="linear", align_corners=True)` and the vision encoder's
+    position-embedding resize): new frame i reads the trained axis at i * (F0 - 1) / (F - 1),
+    so the first and last frames of a group keep their trained rows exactly, and so does
+    every new frame that lands on a trained position (F0 = 2 -> F = 3 gives
+    [e0, (e0 + e1) / 2, e1]). The row is a frame's relative place within its group's
+    time span, which is what a group of 32 frames out of 64 and one of 16 out of 16 share.
+    Special cases of the same rule: F0 = 1 repeats the one row; F = 1 keeps row 0.
+    F == F0 returns `embed` itself. Interpolated rows are computed in float64 and cast
+    back to embed's dtype."""
+    if embed.dim() != 2:
+        raise ValueError(f"a temporal embedding is [frames, dim], got shape {list(embed.shape)}")
+    f0, d = embed.shape
+    if frames_per_group < 1:
+        raise ValueError(f"frames_per_group must be >= 1, got {frames_per_group}")
+    if frames_per_group == f0:
+        return embed
+    if frames_per_group == 1 or f0 == 1:
+        return embed[:1].expand(frames_per_group, d).clone()
+    # Exact integer positions: i * (F0 - 1) = lo * (F - 1) + rem, weight rem / (F - 1);
+    # a float position could land a hair below F0 - 1 and blur the last frame.
+    num = torch.arange(frames_per_group, device=embed.device) * (f0 - 1)
+    lo, rem = num // (frames_per_group - 1), num % (frames_per_group - 1)
+    hi = torch.clamp(lo + 1, max=f0 - 1)
+    w = (rem.double() / (frames_per_group - 1))[:, None]
+    mixed = torch.lerp(embed[lo].double(), embed[hi].double(), w).to(embed.dtype)
+    # Rows on a trained position are copied, not recomputed (bitwise equal to the trained row).
+    return torch.where((rem == 0)[:, None], embed[lo], mixed)
+
+
+def resize_group_embedding(embed: torch.Tensor, groups: int) -> torch.Tensor:
+    """A trained group embedding [G0, D] -> [G, D], G = groups: rows 0..min(G0, G) - 1 keep
+    their trained values and every new row (g >= G0) is a copy of the last trained row
+    G0 - 1; fewer groups keep the first G rows. G == G0 returns `embed` itself.
+
+    Why the last row and not tiling: the latent queries of group g start as
+    `latents + group_embedding[g]`, so a copied row makes the new group start from queries
+    the trained perceiver already handles (from the paper's single pretraining group, every
+    SFT group computes what the pretrained aggregator computed), and it says "at or after
+    the last trained group" -- tiling would give group G0 the embedding of group 0, the
+    start of the video. Interpolation would change the trained rows. The new rows are
+    their own parameters, so training tells the groups apart."""
+    if embed.dim() != 2:
+        raise ValueError(f"a group embedding is [groups, dim], got shape {list(embed.shape)}")
+    g0, d = embed.shape
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if groups == g0:
+        return embed
+    if groups < g0:
+        return embed[:groups].clone()
+    return torch.cat([embed, embed[-1:].expand(groups - g0, d)], dim=0)
 
 
 class VideoEncoder:
@@ -380,5 +482,7 @@ __all__ = [
     "VideoConfig",
     "VideoEncoder",
     "add_video_adapters",
+    "resize_group_embedding",
+    "resize_temporal_embedding",
     "video_inputs_from_paths",
 ]

@@ -50,6 +50,11 @@ def build_training_model(cfg: TrainConfig, tokenizer):
         params["vocab_size"] = tokenizer.n_words
     if params["vocab_size"] != tokenizer.n_words:
         raise ValueError(f"model vocab_size {params['vocab_size']} != tokenizer n_words {tokenizer.n_words} ({cfg.tokenizer})")
+    if cfg.stage.startswith("video"):
+        # The stage's `video:` block shapes the aggregator, also when `model` is a video
+        # checkpoint's params.json (the previous stage's shape): a trained aggregator at
+        # another frames_per_group / group count is resized when init_from is loaded.
+        params.pop("video", None)
     torch.manual_seed(cfg.seed)
     model = build_model(params, seed=cfg.seed)  # the same weights at every TP degree
     if cfg.stage.startswith("video") and "video" not in model.modalities:
@@ -63,7 +68,10 @@ def build_training_model(cfg: TrainConfig, tokenizer):
     if cfg.init_from:
         from llama_vision.checkpoint import load_into
 
-        load_into(model, cfg.init_from, allow_missing_prefixes=_new_module_prefixes(model))
+        # Video SFT continues a video pretraining: a checkpoint without the video weights
+        # would silently start it from a fresh aggregator, so only earlier stages may lack them.
+        missing_ok = () if cfg.stage == "video_sft" else _new_module_prefixes(model)
+        load_into(model, cfg.init_from, allow_missing_prefixes=missing_ok)
     if cfg.init_text_from:
         from llama_vision.checkpoint import load_text_trunk_into
 
