@@ -191,3 +191,51 @@ def test_init_block_sets_trainable_gates_and_scales_vision_positions(shapes_corp
     assert torch.allclose(enc.positional_embedding, 3 * enc0.positional_embedding)
     assert torch.allclose(enc.pre_tile_pos_embed.embedding, 3 * enc0.pre_tile_pos_embed.embedding)
     assert torch.allclose(enc.post_tile_pos_embed.embedding, 3 * enc0.post_tile_pos_embed.embedding)
+
+
+def _poison_gradients(trainer, bad_steps: set[int], value: float) -> None:
+    """Replace one trainable parameter's gradient by `value` on the given (1-based) steps."""
+    p = trainer.params[0]
+    p.register_hook(lambda g: torch.full_like(g, value) if trainer.step + 1 in bad_steps else g)
+
+
+@pytest.mark.parametrize("value, clip", [(float("inf"), "1.0"), (float("nan"), "null")])
+def test_nonfinite_gradient_skips_the_step_counts_it_and_writes_no_checkpoint(shapes_corpus, tmp_path, value, clip):
+    out = tmp_path / "run"
+    cfg = _cfg(shapes_corpus, out, max_steps=5, checkpoint_every=1, keep_last=10, save_final="false",
+               **{"optim.grad_clip": clip})
+    trainer = Trainer(cfg)
+    _poison_gradients(trainer, {3}, value)
+    trainer.fit()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["skipped_nonfinite"] for r in rows] == [0, 0, 1, 1, 1]
+    assert sorted(d.name for d in (out / "checkpoints").glob("step_*")) == ["step_1", "step_2", "step_4", "step_5"]
+    # Skipped: no optimizer step (every parameter has 4 AdamW steps, not 5), no scheduler
+    # step, and the weights stayed finite.
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {4}
+    assert trainer.scheduler.last_epoch == 4
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    state = torch.load(out / "checkpoints" / "step_4" / "rank_00000.pt", weights_only=True)
+    assert state["skipped_nonfinite"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(shapes_corpus, tmp_path):
+    cfg = _cfg(shapes_corpus, tmp_path / "run", max_steps=8, checkpoint_every=100, save_final="false",
+               max_consecutive_nonfinite=3)
+    trainer = Trainer(cfg)
+    _poison_gradients(trainer, {2, 3, 4}, float("inf"))
+    with pytest.raises(FloatingPointError, match=r"step 4: 3 consecutive steps with a non-finite"):
+        trainer.fit()
+
+
+def test_global_batch_is_printed_and_paper_configs_reach_the_paper_batches(shapes_corpus, tmp_path, capsys):
+    from llama_vision.training.trainer import global_batch_line
+
+    Trainer(_cfg(shapes_corpus, tmp_path / "run", micro_batch_size=4, grad_accum_steps=3))
+    assert "4 micro-batch x 3 accumulation x 1 data-parallel (world 1 / TP 1) = 12 samples, up to 768 tokens" in capsys.readouterr().out
+    # The paper's batches on the configs' stated cluster: 32 nodes x 8 GPUs.
+    for name, want in (("image_pretrain", 16384), ("image_anneal", 16384), ("video_pretrain", 4096)):
+        cfg = load_config(TrainConfig, ROOT / "configs" / "train" / f"{name}.yaml")
+        dp = 256 // cfg.tp
+        assert cfg.micro_batch_size * cfg.grad_accum_steps * dp == want, name
+        assert f"= {want:,} samples" in global_batch_line(cfg, 256, cfg.tp, dp)
