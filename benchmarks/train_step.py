@@ -3,9 +3,12 @@
 
 Shape: an 8B Llama 3.1 trunk (frozen, bf16) + ViT-H/14 at 336 px tiles + 8 gated
 cross-attention layers (trained, fp32 master weights under bf16 autocast), 4-tile images,
-512-token captions. FLOPs are counted honestly for adapter training (see
-Trainer._mfu): forward 2N over all parameters, activation backward 2N through everything the
-loss flows through (the frozen trunk included), weight-gradient 2N_trainable only.
+512-token captions. FLOPs are the whole model's matmuls for the step, counted by
+llama_vision.training.flops.step_flops (the trainer's count): the decoder per text token,
+the image encoder per patch token (every tile slot, both local and global layers), the
+cross-attention K/V per vision token, attention included, backward only where the loss's
+gradient flows (activation gradients through the frozen trunk, weight gradients of the
+trainable groups). "flops" in the output is the per-component breakdown.
 
   python benchmarks/train_step.py --batch 4 --steps 10            # one H100
   python benchmarks/train_step.py --tiny --steps 2                # CPU smoke run of the script
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llama_vision  # noqa: E402
+from llama_vision.training.flops import StepShape, mfu, step_flops, trainable_from_model  # noqa: E402
 from llama_vision.training.losses import lm_loss_sum  # noqa: E402
 from llama_vision.training.metrics import peak_flops_for_device  # noqa: E402
 
@@ -77,17 +81,18 @@ def main() -> None:
     step_s = sorted(times)[len(times) // 2]
     n_all = sum(q.numel() for q in model.parameters())
     n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    vision_tokens = a.batch * args.vision_max_num_chunks * args.vision_tokens_per_tile
     text_tokens = a.batch * seq
-    # Dense FLOPs: text tokens through the trunk + adapters, vision tokens through the encoder.
-    n_vision = sum(q.numel() for n, q in model.named_parameters() if n.startswith("vision_model."))
-    flops = (4 * (n_all - n_vision) + 2 * (n_train - n_vision)) * text_tokens + 6 * n_vision * vision_tokens
+    # Every row: seq real tokens and one image of vision_max_num_chunks tile slots.
+    shape = StepShape(text_lengths=(seq,) * a.batch, image_tiles=((args.vision_max_num_chunks,),) * a.batch)
+    count = step_flops(args, shape, trainable_from_model(model))
+    flops = count.total
     peak = peak_flops_for_device() if device == "cuda" else None
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "params_total": n_all, "params_trainable": n_train, "batch": a.batch, "seq": seq,
         "step_s": step_s, "tokens_per_s": text_tokens / step_s, "images_per_s": a.batch / step_s,
-        "mfu": (flops / step_s / peak) if peak else None,
+        "mfu": mfu(flops, step_s, tp=1, peak_flops_per_gpu=peak) if peak else None,
+        "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12, "flops": count.breakdown(),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
     }
     print(json.dumps(result, indent=2))

@@ -129,7 +129,7 @@ def test_tensor_parallel_family(shapes_corpus, chat, tmp_path, shared_dir):
     """TP=2 (real Llama 3 vocabulary: it splits evenly): image-stage and DPO resumes
     bitwise; a TP peer that lost a batch stops the run with an error naming it."""
     llama = {"tokenizer": str(shared_dir / "reference" / "tokenizer.model"), "tp": 2}
-    runs = _resume_runs(PRETRAIN, shapes_corpus, tmp_path, "image", micro_batch_size=2, **llama)
+    runs = _resume_runs(PRETRAIN, shapes_corpus, tmp_path, "image", micro_batch_size=2, peak_flops_per_device=1e12, **llama)
     runs += _resume_runs(DPO, shapes_corpus, tmp_path, "dpo", micro_batch_size=1, **{"data.paths": f'["{chat["dpo"]}"]'}, **llama)
     desync = tmp_path / "desync"
     runs.append({"config": PRETRAIN, "overrides": _overrides(shapes_corpus, desync, micro_batch_size=2, **llama),
@@ -138,6 +138,20 @@ def test_tensor_parallel_family(shapes_corpus, chat, tmp_path, shared_dir):
 
     _assert_resume_bitwise(tmp_path, "image")
     _assert_resume_bitwise(tmp_path, "dpo")
+    # MFU is one GPU's share of the replica's FLOPs over its peak: at TP=2 a GPU does half
+    # of what the single TP=1 GPU does on the same batches, and MFU follows from it.
+    one = tmp_path / "image_tp1"
+    Trainer(load_config(TrainConfig, PRETRAIN, _overrides(shapes_corpus, one, micro_batch_size=2, peak_flops_per_device=1e12,
+                                                          tokenizer=llama["tokenizer"]))).fit()
+    rows_tp1, rows_tp2 = read_metrics(one / "metrics.jsonl"), read_metrics(tmp_path / "image_full" / "metrics.jsonl")
+    assert [r["loss"] for r in rows_tp2] == pytest.approx([r["loss"] for r in rows_tp1], abs=1e-4)  # same batches
+    for r1, r2 in zip(rows_tp1, rows_tp2):
+        assert r2["flops_per_gpu"] == r1["flops_per_gpu"] / 2 > 0
+        for r in (r1, r2):
+            assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e12, rel=1e-12)
+    for rows in (rows_tp1, rows_tp2):  # the first window is one step: its FLOPs over its time
+        assert rows[0]["flops_per_s"] == pytest.approx(rows[0]["flops_per_gpu"] / rows[0]["step_time_s"], rel=1e-9)
+
     for r in range(2):
         message = Path(f"{desync / 'err'}.rank{r}.error").read_text()
         assert "step 1" in message and "hold different data than TP rank 0" in message

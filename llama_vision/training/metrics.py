@@ -227,7 +227,8 @@ def plot_metrics(
 
 
 class ThroughputMeter:
-    """Tokens/s, images/s and step time averaged over the last ``window`` steps.
+    """Tokens/s, images/s, step time (and model FLOP/s, when steps report their FLOPs)
+    averaged over the last ``window`` steps.
 
     The caller times each step (call ``torch.cuda.synchronize()`` first on GPU, else the time
     only covers kernel launches) and reports it::
@@ -239,13 +240,16 @@ class ThroughputMeter:
     def __init__(self, window: int = 20) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self._steps: deque[tuple[int, int, float]] = deque(maxlen=window)
+        self._steps: deque[tuple[int, int, float, float]] = deque(maxlen=window)
+        self._has_flops = False
 
-    def update(self, tokens: int, images: int, seconds: float) -> None:
-        """Record one step that processed ``tokens`` and ``images`` in ``seconds``."""
+    def update(self, tokens: int, images: int, seconds: float, flops: float | None = None) -> None:
+        """Record one step that processed ``tokens`` and ``images`` in ``seconds`` (and did
+        ``flops`` model FLOPs on this device, see ``llama_vision.training.flops``)."""
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, got {seconds}")
-        self._steps.append((int(tokens), int(images), float(seconds)))
+        self._has_flops = self._has_flops or flops is not None
+        self._steps.append((int(tokens), int(images), float(seconds), float(flops or 0.0)))
 
     def _total(self, index: int) -> float:
         return sum(s[index] for s in self._steps)
@@ -265,9 +269,19 @@ class ThroughputMeter:
         seconds = self._total(2)
         return self._total(1) / seconds if seconds > 0 else 0.0
 
+    @property
+    def flops_per_s(self) -> float:
+        """Model FLOPs per second of this device over the window (MFU = this / peak)."""
+        seconds = self._total(2)
+        return self._total(3) / seconds if seconds > 0 else 0.0
+
     def summary(self) -> dict[str, float]:
-        """``{"tokens_per_s", "images_per_s", "step_time_s"}`` for :meth:`MetricsLogger.log`."""
-        return {"tokens_per_s": self.tokens_per_s, "images_per_s": self.images_per_s, "step_time_s": self.step_time_s}
+        """``{"tokens_per_s", "images_per_s", "step_time_s"}`` (+ ``"flops_per_s"`` once a
+        step reported its FLOPs) for :meth:`MetricsLogger.log`."""
+        out = {"tokens_per_s": self.tokens_per_s, "images_per_s": self.images_per_s, "step_time_s": self.step_time_s}
+        if self._has_flops:
+            out["flops_per_s"] = self.flops_per_s
+        return out
 
 
 #: Dense bf16 tensor-core peak FLOP/s per GPU, matched by substring of the device name (first
@@ -299,7 +313,9 @@ def estimate_mfu(flops_per_step: float, step_time_s: float, peak_flops: float | 
     ``flops_per_step`` is the model FLOPs this GPU performs per optimizer step. For a dense
     transformer that is about ``2 * N * tokens`` for the forward pass, plus ``2 * N * tokens``
     for activation gradients and ``2 * N_trainable * tokens`` for weight gradients wherever
-    backward runs (so ``6 * N * tokens`` when everything is trained).
+    backward runs (so ``6 * N * tokens`` when everything is trained). For the
+    vision-language model use :func:`llama_vision.training.flops.step_flops` (a whole
+    replica's work) and :func:`llama_vision.training.flops.mfu` (divides by the TP degree).
     ``peak_flops=None`` looks up the current CUDA device in :data:`PEAK_BF16_FLOPS`. Returns
     ``None`` when the peak is unknown (CPU, unlisted GPU) or the step time is not positive.
     """

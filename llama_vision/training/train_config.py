@@ -105,6 +105,9 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped (no optimizer/scheduler step,
     # no checkpoint, counted as `skipped_nonfinite`); this many in a row stop the run.
     max_consecutive_nonfinite: int = 5
+    # Peak FLOP/s of one device for the logged MFU; None: looked up for known GPUs (no MFU
+    # on the CPU unless set).
+    peak_flops_per_device: Optional[float] = None
     activation_checkpointing: bool = False
     log_every: int = 1
     tensorboard: bool = True

@@ -27,7 +27,8 @@ from llama_vision.tokenizer import load_tokenizer
 from .checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
 from .data import build_loader
 from .objectives import build_objective
-from .metrics import MetricsLogger, ThroughputMeter
+from .flops import step_flops, step_shape_from_batch, trainable_from_model
+from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, peak_flops_for_device
 from .optim import split_decay_params
 from .schedule import build_lr_scheduler
 from .train_config import TrainConfig
@@ -132,6 +133,7 @@ class Trainer:
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.dtype == "bf16" and self.device.type == "cuda" else nullcontext
         )
         self.objective = build_objective(cfg, self.model, self.autocast)
+        self._flop_groups = trainable_from_model(self.model)
         self.optimizer = mp.zero_redundancy_adamw(self._param_groups(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
@@ -212,9 +214,12 @@ class Trainer:
         if mp.tp_size() > 1:
             fingerprint = torch.cat([batch_fingerprint(b) for b in micro]).to(self.device)
             mp.assert_same_across_tp(fingerprint, f"step {self.step + 1}: the batch (samples {micro[0].keys[:4]}...)")
-        # Normalise by the global number of targets (tokens, or pairs for DPO).
-        count = torch.tensor(float(sum(self.objective.num_targets(b) for b in micro)), device=self.device)
-        mp.all_reduce_sum(count, "dp")
+        # Normalise by the global number of targets (tokens, or pairs for DPO); the same
+        # collective sums the model FLOPs of the step over the replicas.
+        flops = step_flops(self.model.args, [s for b in micro for s in step_shape_from_batch(b)], self._flop_groups).total
+        totals = torch.tensor([float(sum(self.objective.num_targets(b) for b in micro)), float(flops)], dtype=torch.float64, device=self.device)
+        mp.all_reduce_sum(totals, "dp")
+        count = totals[0].float()
         total = torch.zeros((), device=self.device)
         for batch in micro:
             batch = batch.to(self.device, non_blocking=True)
@@ -267,23 +272,19 @@ class Trainer:
             "tokens": sum(int(b.lengths.sum()) for b in lm_batches),
             "images": sum(int(b.num_images.sum()) for b in lm_batches),
             **self.objective.step_metrics(count),
+            # One GPU's share of the mean replica's work (a replica is TP GPUs).
+            "flops_per_gpu": float(totals[1]) / mp.dp_size() / mp.tp_size(),
             "_finite": finite,
         }
 
     def _mfu(self, rates: dict) -> dict:
-        """Model FLOPs utilisation on GPU, counted honestly for adapter training: forward
-        2N per token over ALL parameters, backward 2N for activation gradients through
-        everything the loss flows through (the frozen trunk included) and 2N_trainable for
-        weight gradients. Attention FLOPs are left out (a lower bound)."""
-        from .metrics import estimate_mfu
-
-        if self.device.type != "cuda":
-            return {}
-        n_all = sum(p.numel() for p in self.model.parameters()) * mp.tp_size()
-        n_train = sum(p.numel() for p in self.params) * mp.tp_size()
-        flops = (4 * n_all + 2 * n_train) * rates["tokens_per_s"] * rates["step_time_s"]
-        mfu = estimate_mfu(flops, rates["step_time_s"])
-        return {} if mfu is None else {"mfu": mfu}
+        """Model FLOPs utilisation over the meter's window: one GPU's share of the
+        replica's model FLOPs per second (llama_vision.training.flops: text tokens,
+        patches, cross-attention K/V per vision token, attention, backward only where
+        gradients flow) over that GPU's peak."""
+        peak = self.cfg.peak_flops_per_device or peak_flops_for_device(self.device)
+        value = estimate_mfu(rates["flops_per_s"], 1.0, peak) if peak else None
+        return {} if value is None else {"mfu": value}
 
     def _skipped_total(self) -> int:
         skipped = torch.tensor(float(sum(self.loader.skipped.values())), device=self.device)
@@ -303,7 +304,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 last = self.train_step(it)
                 finite = last.pop("_finite")
-                meter.update(last["tokens"], last["images"], last["step_time_s"])
+                meter.update(last["tokens"], last["images"], last["step_time_s"], last["flops_per_gpu"])
                 rates = meter.summary()
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite:
                     logger.log(self.step, **{**last, **rates, **self._mfu(rates)})
