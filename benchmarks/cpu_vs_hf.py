@@ -190,16 +190,15 @@ def load_mmap(ckpt: Path):
 
     import llama_vision.checkpoint as ck
     from llama_vision.model import build_model
-    from llama_vision.model.text import TextDecoder
 
     config = json.loads((ckpt / "config.json").read_text())
     model = build_model(ck.params_from_hf_config(config), device="meta")
     sd = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         sd.update({_runtime_key(k): v for k, v in load_file(f).items()})
+    # Every tensor the model holds is in the state dict (the RoPE table is no buffer:
+    # computed on the first forward), so assigning them is the whole materialisation.
     model.load_state_dict(ck.hf_to_meta(sd, model.args), strict=True, assign=True)
-    # The RoPE table is a non-persistent buffer: it was built on "meta", recompute it.
-    model.text_model.register_buffer("freqs_cis", TextDecoder._freqs(model.args), persistent=False)
     return model
 
 

@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 from llama_vision.generation import Generator  # noqa: E402
 from llama_vision.model import build_model  # noqa: E402
-from llama_vision.model.text import TextDecoder  # noqa: E402
 
 MODEL_11B = ROOT / "configs/model/llama3_2_11b_vision.yaml"
 TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=512,
@@ -61,8 +60,6 @@ def random_model(params, device: torch.device, dtype: torch.dtype):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02)
-    # The RoPE table is a non-persistent buffer, left uninitialised by to_empty.
-    model.text_model.register_buffer("freqs_cis", TextDecoder._freqs(model.args).to(device), persistent=False)
     return model.eval()
 
 

@@ -239,3 +239,58 @@ def test_global_batch_is_printed_and_paper_configs_reach_the_paper_batches(shape
         dp = 256 // cfg.tp
         assert cfg.micro_batch_size * cfg.grad_accum_steps * dp == want, name
         assert f"= {want:,} samples" in global_batch_line(cfg, 256, cfg.tp, dp)
+
+
+def test_micro_batches_reach_the_device_one_at_a_time(shapes_corpus, tmp_path, monkeypatch):
+    """grad_accum_steps micro-batches: each is moved to the device right before its own
+    forward (device memory holds one, not all of them)."""
+    from llama_vision.data.batch import Batch
+
+    events = []
+    to = Batch.to
+    monkeypatch.setattr(Batch, "to", lambda self, *a, **k: events.append("to") or to(self, *a, **k))
+    trainer = Trainer(_cfg(shapes_corpus, tmp_path / "run", max_steps=1, micro_batch_size=2, grad_accum_steps=3,
+                           checkpoint_every=100, save_final="false"))
+    loss_sum = trainer.objective.loss_sum
+    monkeypatch.setattr(trainer.objective, "loss_sum", lambda b: events.append("forward") or loss_sum(b))
+    trainer.fit()
+    assert events == ["to", "forward"] * 3
+
+
+def test_dpo_pair_scorer_equals_separate_forwards_and_reference_holds_trainables_only(shapes_corpus, tmp_path):
+    """The one-forward, one-encoding pair score equals scoring chosen and rejected with two
+    ordinary forwards; the reference is the trainable tensors only, and scoring with it
+    equals a full copy of the model holding those values."""
+    import copy
+
+    from llama_vision.demo.chat_sets import write_chat_sets
+    from llama_vision.training.losses import sequence_logps
+
+    chat = write_chat_sets(tmp_path / "chat", n=4)
+    cfg = load_config(TrainConfig, ROOT / "configs/train/tiny_image_dpo.yaml", tiny_train_overrides(
+        shapes_corpus, tmp_path / "dpo", max_steps=1, micro_batch_size=3, init_from="null", save_final="false",
+        **{"data.paths": f'["{chat["dpo"]}"]', "init.gates": 0.5}))
+    trainer = Trainer(cfg)
+    objective, model = trainer.objective, trainer.model
+    assert set(objective.reference) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("text_model.layers.") for n in objective.reference)
+    batch = next(iter(trainer.loader))
+    assert batch.images is not None and len(batch) == 3
+
+    def separate(m):
+        return [sequence_logps(m(b.tokens, b.images, b.aspect_ratios), b.labels) for b in (batch.chosen, batch.rejected)]
+
+    with torch.no_grad():
+        got = objective.scorer(batch)
+        want = separate(model)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+        # Move the policy away from the reference, then score with the reference.
+        full_copy = copy.deepcopy(model)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+        ref = torch.func.functional_call(objective.scorer, {f"model.{n}": t for n, t in objective.reference.items()}, (batch,))
+        for g, w in zip(ref, separate(full_copy)):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(objective.scorer(batch)[0], ref[0])

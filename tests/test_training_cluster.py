@@ -100,8 +100,15 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
 
     _assert_resume_bitwise(tmp_path, "image")
     _assert_resume_bitwise(tmp_path, "dpo")
-    dpo_rows = read_metrics(tmp_path / "dpo_full" / "metrics.jsonl")
-    assert all(r["reward_margin"] == r["reward_margin"] for r in dpo_rows)  # logged, finite
+    # reward_margin is the mean over ALL ranks' pairs: one process on the union batch
+    # (micro-batch 4 = both ranks' 2) logs the same values.
+    dpo_one = tmp_path / "dpo_dp1"
+    Trainer(load_config(TrainConfig, DPO, _overrides(shapes_corpus, dpo_one, **{**dpo, "micro_batch_size": 4}))).fit()
+    rows_dp1, rows_dp2 = read_metrics(dpo_one / "metrics.jsonl"), read_metrics(tmp_path / "dpo_full" / "metrics.jsonl")
+    assert any(abs(r["reward_margin"]) > 1e-4 for r in rows_dp1)
+    for r1, r2 in zip(rows_dp1, rows_dp2):
+        assert r2["reward_margin"] == pytest.approx(r1["reward_margin"], abs=1e-5, rel=1e-4)
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
 
     # One process, micro-batch 2 = both ranks' rows: the union batch.
     one = Trainer(load_config(TrainConfig, SFT, _mixed_overrides(shapes_corpus, chat, tmp_path / "mixed_dp1", 2)))

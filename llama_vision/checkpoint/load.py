@@ -16,9 +16,13 @@ replaced (our savers write a temp file and rename it) but must not be rewritten 
 On other devices `to_empty` allocates uninitialised storage there and
 `load_state_dict(strict)` copies every tensor in.
 
-Either way the one non-persistent buffer, the RoPE table `text_model.freqs_cis` (not in
-any checkpoint), is recomputed, and keys and shapes are checked strictly first, with errors
-that name the offending keys and the checkpoint.
+Either way keys and shapes are checked strictly first, with errors that name the offending
+keys and the checkpoint. The only shape differences let through are those the modules' load
+hooks resize by value: the vision encoder's position / tile embeddings (another tile size)
+and what a module accepts in `resizes_on_load` (the video aggregator's temporal / group
+embeddings at another frames_per_group / group count). The hooks run inside
+`load_state_dict`, so both paths above go through them. (The RoPE table is in no checkpoint and needs no restoring: it is
+not a module buffer, see `TextDecoder._rope_table_on`.)
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ from torch import nn
 
 import model_parallel as mp
 from llama_vision.model import VisionLanguageModel
-from llama_vision.model.text import TextDecoder
 
 from .hf_io import DEFAULT_MAX_SHARD_BYTES, is_hf_checkpoint, load_hf_as_meta, params_from_hf_dir_config, read_hf_config, save_hf_checkpoint
 from .meta import (
@@ -109,7 +112,9 @@ def load_model(
 def load_into(model: nn.Module, path: str | Path, *, allow_missing_prefixes: tuple[str, ...] = ()) -> None:
     """Load a checkpoint dir into an existing model (its device, dtype and TP degree), e.g.
     the next training stage starting from the previous stage's `final/`. Keys under
-    `allow_missing_prefixes` (modules added since) keep their current values."""
+    `allow_missing_prefixes` (modules added since) keep their current values. Tensors a
+    load hook resizes (e.g. video_pretrain's aggregator into video_sft's larger
+    frames_per_group / group count) are resized, not refused."""
     path = Path(path)
     state = rank_state_dict(model, path, allow_missing_prefixes=allow_missing_prefixes)
     load_strict(model, state, path, allow_missing_prefixes)
@@ -128,10 +133,9 @@ def rank_state_dict(model: nn.Module, path: str | Path, *, allow_missing_prefixe
 
 
 def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
-    """Allocate a meta-device model on `device` (uninitialised) and recompute its RoPE table;
-    the caller then loads every parameter."""
+    """Allocate a meta-device model on `device` (uninitialised); the caller then loads every
+    parameter and buffer."""
     model.to_empty(device=device)
-    recompute_rope_table(model)
     return model
 
 
@@ -143,7 +147,7 @@ def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source) -
     `load_strict`, whose load hooks run first). The skeleton's parameter attributes
     (`requires_grad`, `tp_partial_grad`, ...) and ties are kept; loaded tensors that
     overlap in memory are copied, so parameters share storage only where the skeleton tied
-    them. The RoPE table is recomputed."""
+    them."""
     slots: dict[int, list[tuple[dict, str]]] = {}  # id(skeleton tensor) -> where it is held
     skeleton: dict[int, torch.Tensor] = {}
     for kind, named in (("_parameters", model.named_parameters), ("_buffers", model.named_buffers)):
@@ -167,7 +171,7 @@ def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source) -
     for key, places in slots.items():
         table, attr = places[0]
         got, old = table[attr], skeleton[key]
-        if got is old:  # not in the checkpoint: the non-persistent RoPE table
+        if got is old:  # not in the checkpoint: a non-persistent buffer, if a module has one
             continue
         ready = got.detach().to(dtype=old.dtype, memory_format=torch.contiguous_format)
         install(key, got if ready.data_ptr() == got.data_ptr() and ready.dtype == got.dtype else ready)
@@ -180,19 +184,10 @@ def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source) -
         if start < end:
             install(key, t.detach().clone())
         end = max(end, start + t.numel() * t.element_size())
-    recompute_rope_table(model)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointMismatchError(f"loading {source}: tensors left without values: {left[:20]}")
     return model
-
-
-def recompute_rope_table(model: nn.Module) -> None:
-    """Re-create the non-persistent `text_model.freqs_cis` buffer (not in any checkpoint;
-    `to_empty` leaves it uninitialised)."""
-    text = model.text_model
-    device = text.output.weight.device
-    text.register_buffer("freqs_cis", TextDecoder._freqs(text.args).to(device), persistent=False)
 
 
 def _resolve_tp(tp: int | None) -> int:

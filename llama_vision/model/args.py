@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -115,8 +116,11 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict | str | Path, **overrides) -> "ModelArgs":
-        """Build from a params.json dict or path. Unknown keys are an error naming them;
-        `vision_max_num_tiles` is accepted as an alias of Meta's `vision_max_num_chunks`."""
+        """Build from a params.json dict or path (JSON or YAML); `overrides` replace keys.
+        Unknown keys, an unresolved `vocab_size: auto` and values of the wrong type are
+        ValueErrors naming the key (and the file); `vision_max_num_tiles` is accepted as an
+        alias of Meta's `vision_max_num_chunks`."""
+        where = ""
         if not isinstance(params, dict):
             path = Path(params)
             if path.is_dir():
@@ -125,13 +129,17 @@ class ModelArgs:
                 raise FileNotFoundError(f"params file not found: {path}")
             text = path.read_text()
             params = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            if not isinstance(params, dict):
+                raise ValueError(f"{path} must hold a mapping of model params, got {type(params).__name__}")
+            where = f" (in {path})"
         params = {**params, **overrides}
-        for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scale_factor"):
-            if isinstance(params.get(key), str):  # YAML 1.1 reads "1e-05" as a string
+        for f in fields(cls):
+            if f.type in ("float", "float | None") and isinstance(params.get(f.name), str):
+                # YAML 1.1 reads "1e-05" as a string.
                 try:
-                    params[key] = float(params[key])
+                    params[f.name] = float(params[f.name])
                 except ValueError:
-                    raise ValueError(f"model param {key}={params[key]!r} is not a number") from None
+                    raise ValueError(f"model param {f.name}={params[f.name]!r}{where} is not a number") from None
         if "vision_max_num_tiles" in params:
             params["vision_max_num_chunks"] = params.pop("vision_max_num_tiles")
         # Keys Meta writes that do not change the architecture.
@@ -141,7 +149,49 @@ class ModelArgs:
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown model params {unknown}; known: {sorted(known)}")
+        if "vocab_size" in params and params["vocab_size"] in (None, "auto"):
+            # Training configs say `vocab_size: auto`: the trainer fills in the tokenizer's
+            # n_words. Built directly, nothing can.
+            raise ValueError(
+                f"model param vocab_size={params['vocab_size']!r}{where} must be resolved to a number: pass it "
+                "(e.g. build_model(path, vocab_size=N), N = the tokenizer's n_words), or build through the "
+                "trainer with a tokenizer, which sets it"
+            )
+        # Wrong types otherwise surface far away (a str dim fails as "not all arguments
+        # converted during string formatting" in a `%`).
+        for f in fields(cls):
+            if f.name in params and not _has_type(params[f.name], f.type):
+                value = params[f.name]
+                raise ValueError(f"model param {f.name}{where}: expected {f.type}, got {value!r} ({type(value).__name__})")
         return cls(**params)
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a params value fits a ModelArgs field annotation (a string under `from
+    __future__ import annotations`: "int", "float | None", "tuple[int, ...]", ...). Numpy
+    numbers count; a bool is no int or float here (`dim: true` is a mistake). An annotation
+    this does not know (a field added later) accepts anything: the dataclass then decides."""
+    kinds = [a.strip() for a in annotation.split("|")]
+    if not set(kinds) <= {"None", "bool", "int", "float", "str", "dict", "tuple[int, ...]"}:
+        return True
+    for kind in kinds:
+        if kind == "None" and value is None:
+            return True
+        if isinstance(value, bool):
+            if kind == "bool":
+                return True
+            continue
+        if kind == "int" and isinstance(value, numbers.Integral):
+            return True
+        if kind == "float" and isinstance(value, numbers.Real):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind == "dict" and isinstance(value, dict):
+            return True
+        if kind == "tuple[int, ...]" and isinstance(value, (list, tuple)):
+            return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    return False
 
 
 def fusion_schedule(n_layers: int, n_cross_attention_layers: int) -> list[int]:

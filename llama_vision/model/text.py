@@ -138,11 +138,19 @@ class TextDecoder(nn.Module):
         self.adapter_schedules: dict[str, AdapterSchedule] = {}
         self._by_layer: list[list[tuple[str, nn.Module]]] | None = None
         self.checkpoint_activations = False
-        # Computed on the CPU (it needs .tolist()), then moved to the build device (meta/cuda).
-        self.register_buffer("freqs_cis", self._freqs(args).to(torch.empty(0).device), persistent=False)
+        # The RoPE table is deliberately NOT a buffer: everything that converts or moves a
+        # module's buffers would reach it. `.to(bfloat16)` casts complex buffers to the real
+        # dtype (dropping the imaginary part), a float32 buffer would be rounded to bf16,
+        # `to_empty` (meta builds, checkpoint loading) leaves it uninitialised, FSDP's
+        # buffer_dtype casts it and DDP re-broadcasts it every step. As a plain attribute it
+        # stays Meta's float32 table whatever the parameters become; `_rope_table_on`
+        # computes it on first use and follows the device the decoder runs on.
+        self._rope_table: torch.Tensor | None = None
 
     @staticmethod
     def _freqs(args: ModelArgs) -> torch.Tensor:
+        """Meta's float32 RoPE table, complex64 [2 * max_seq_len, head_dim // 2], on the CPU
+        (the Llama 3.1 scaling needs host values)."""
         return precompute_freqs_cis(
             args.head_dim,
             args.max_seq_len * 2,
@@ -153,6 +161,45 @@ class TextDecoder(nn.Module):
             high_freq_factor=args.rope_high_freq_factor,
             old_context_len=args.rope_original_max_position,
         )
+
+    def _rope_table_on(self, device: torch.device) -> torch.Tensor:
+        """The float32 RoPE table (complex64 [2 * max_seq_len, head_dim // 2]) on `device`.
+
+        Computed on the CPU on first use -- bitwise the table of `precompute_freqs_cis` on
+        every device -- and copied once to the device in use (recomputed only when the
+        decoder moves). The fast path is one attribute read and a device compare, so
+        torch.compile traces through it without a break. (Building it does host work,
+        `.tolist()`: a compiled call that finds no table graph-breaks there once and
+        recompiles onto the fast path next call. Not wrapped in torch.compiler.disable,
+        whose import of torch._dynamo would add ~1.5 s to `import llama_vision`.)"""
+        table = self._rope_table
+        if table is not None and table.device == device:
+            return table
+        # A normal tensor even if first used under inference_mode (a later training step
+        # must be able to use it).
+        with torch.inference_mode(False), torch.no_grad():
+            if device.type == "meta":  # shape-only runs: nothing to compute
+                n, d = 2 * self.args.max_seq_len, self.args.head_dim // 2
+                table = torch.empty(n, d, dtype=torch.complex64, device="meta")
+            else:
+                table = self._freqs(self.args).to(device)
+        if device.type == "cuda":
+            # A constant of CUDA-graph replays (like parameters), not an input copied in
+            # at every decode step.
+            torch._dynamo.mark_static_address(table)
+        self._rope_table = table
+        return table
+
+    def rope(self, positions: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """positions [B, S] (int) -> complex64 rotations [B, S, head_dim // 2] on `device`
+        (default: positions' device): row p of Meta's float32 table, e^{i p theta_j}."""
+        if device is None:
+            device = positions.device
+        else:
+            device = torch.device(device)
+            if device.index is None and device.type not in ("cpu", "meta"):
+                device = torch.empty(0, device=device).device  # "cuda" -> "cuda:<current>"
+        return self._rope_table_on(device)[positions]
 
     # --- adapters ---------------------------------------------------------------------
     def add_adapters(self, schedule: AdapterSchedule, blocks: nn.ModuleList) -> None:
@@ -221,7 +268,7 @@ class TextDecoder(nn.Module):
         torch.compile / CUDA graphs need (the eager default slices to the used length).
         """
         h = self.embed(tokens, skip_check=static)
-        freqs_cis = self.freqs_cis[positions]
+        freqs_cis = self.rope(positions, h.device)  # [B, S, head_dim // 2], float32 whatever h's dtype
         if static:
             if caches is None:
                 raise ValueError("static=True needs KV caches")
