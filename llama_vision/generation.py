@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+from model_parallel import is_linear
 
 from .inputs import pad_rows, prepare_image_batch
 from .utils.pages import copy_releasing
@@ -40,7 +41,7 @@ def use_streaming_layout(model: nn.Module) -> int:
     """
     changed = 0
     for module in model.text_model.modules():
-        if not isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+        if not is_linear(module):
             continue
         w = module.weight
         if w.shape[0] <= w.shape[1] or w.stride() == (1, w.shape[0]):

@@ -20,6 +20,7 @@ from .groups import (
 from .layers import (
     column_parallel_linear,
     gather_from_tp,
+    is_linear,
     kv_parallel_linear,
     reduce_from_tp,
     row_parallel_linear,
@@ -43,6 +44,7 @@ __all__ = [
     "dp_rank",
     "dp_size",
     "gather_from_tp",
+    "is_linear",
     "init_model_parallel",
     "kv_parallel_linear",
     "is_model_parallel",

@@ -15,6 +15,13 @@ from fairscale.nn.model_parallel import mappings as fs_map
 from .groups import tp_rank, tp_size
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A weight-matrix projection a factory here may return: `nn.Linear` at TP=1,
+    fairscale's Column/RowParallelLinear at TP>1 (model code asks this instead of naming
+    fairscale's classes)."""
+    return isinstance(module, (nn.Linear, fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear))
+
+
 def _keep(weight: torch.Tensor) -> torch.Tensor:
     # Weights are initialised by the model (or loaded); skip fairscale's xavier pass, which
     # would build and initialise a full master weight on every rank.

@@ -1,7 +1,9 @@
 from .args import ModelArgs, fusion_schedule
 from .cross_attention import GatedCrossAttentionBlock, MediaState
 from .modality import MediaTokens, Modality, every_kth, zero_gates
-from .model import VisionLanguageModel, build_model, init_weights
+from .builder import build_model
+from .init import init_weights
+from .model import VisionLanguageModel
 from .text import KVCache
 from .trainability import set_trainable, trainable_groups
 

@@ -3,8 +3,6 @@ Llama 3 decoder (Meta's CrossAttentionTransformer; state-dict keys are Meta's)."
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .cross_attention import NO_END, MediaState, build_adapter_blocks, media_spans
+from .init import init_weights
 from .modality import MediaTokens, Modality
 from .text import AdapterSchedule, KVCache, PlaceholderEmbedding, TextDecoder
 from .vision import VisionModel
@@ -244,77 +243,3 @@ class VisionLanguageModel(nn.Module):
         image_inputs = prepare_image_batch(self, tokens, images, device=device)
         out = self.forward(tok, media_inputs={"image": image_inputs} if image_inputs is not None else None)
         return [out[i, :n] for i, n in enumerate(lengths)]
-
-
-def build_model(params: dict | str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, init: bool = True, seed: int = 0, **overrides) -> VisionLanguageModel:
-    """Build a model from a Meta params.json (dict or path; optional vision-size keys).
-
-    device="meta" builds without memory (shapes only, no init); device=None builds on the
-    ambient default device (`with torch.device("meta"): build_model(...)`, or
-    torch.set_default_device), the CPU unless one is set. `seed` makes the initial weights
-    (identical at every tensor-parallel degree, see `init_weights`). Under torch.distributed with
-    fairscale groups initialised (model_parallel.init_model_parallel), projections are
-    sharded across the tensor-parallel group.
-    """
-    args = ModelArgs.from_params(params, **overrides)
-    from .attention import check_backend
-
-    check_backend(args.attn_backend)
-    # The ambient device, not a forced "cpu": a 90B build under `with torch.device("meta")`
-    # must not allocate (and initialise) ~360 GB on the host.
-    device = torch.get_default_device() if device is None else torch.device(device)
-    prev = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = VisionLanguageModel(args)
-            if args.video is not None:
-                from .video import VideoConfig, add_video_adapters
-
-                add_video_adapters(model, VideoConfig(**args.video), seed=seed)
-    finally:
-        torch.set_default_dtype(prev)
-    if init and device.type != "meta":
-        init_weights(model, seed=seed)
-    return model
-
-
-@torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, prefix: str = "") -> None:
-    """Deterministic, tensor-parallel-invariant initialisation.
-
-    Each parameter is drawn in FULL (TP=1) shape from a generator seeded by (seed, its
-    name), then this rank keeps its slice: a TP=N model starts from exactly the weights of
-    the TP=1 model. Weights ~ N(0, std) with std = (last dim)^-1/2 unless given (linear
-    fan-in; class/position embeddings get CLIP's width^-1/2); norms at 1; biases and tanh
-    gates at 0.
-    `prefix` names a submodule's place in the full model (its parameters' seeds).
-    """
-    from model_parallel import shard_plan, tp_rank, tp_size
-
-    plan = shard_plan(model, "runtime")
-    world, rank = tp_size(), tp_rank()
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "bias" or leaf.startswith("gate") or leaf.endswith("_gate"):
-            p.zero_()
-            continue
-        if "norm" in name or ".ln_" in name or name.startswith("ln_"):
-            p.fill_(1.0)
-            continue
-        dim = plan.get(name)
-        shape = list(p.shape)
-        if dim is not None:
-            shape[dim] *= world
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((prefix + name).encode()))
-        # LeCun-style fan-in scaling (std = in_features^-1/2; 0.0156 at width 4096, about
-        # the usual 0.02) keeps every projection's output at unit scale at any width, so
-        # small models' adapters start from informative, not vanishing, signals.
-        scale = shape[-1] ** -0.5 if std is None else std  # the FULL fan-in, not this rank's slice
-        # On the generator's device (the CPU) whatever the ambient default device is: the
-        # draws are the same everywhere, then copied to the parameter's device.
-        full = torch.randn(shape, generator=g, device="cpu") * scale
-        if dim is not None:
-            full = full.chunk(world, dim=dim)[rank]
-        p.copy_(full.to(p.dtype))

@@ -41,6 +41,7 @@ from torch import nn
 from model_parallel import column_parallel_linear, row_parallel_linear, tp_size
 
 from .attention import attention
+from .init import init_weights
 from .layers import FeedForward
 from .modality import MediaTokens, Modality, every_kth
 
@@ -201,12 +202,13 @@ class TemporalAggregator(nn.Module):
         )
 
     def reset_parameters(self, seed: int = 0) -> None:
-        """The model's deterministic, tensor-parallel-invariant init (see `init_weights`):
-        linears and latents ~ N(0, 0.02), embeddings ~ N(0, dim^-1/2), norms 1, biases 0."""
+        """The model's deterministic, tensor-parallel-invariant init (`init_weights`): every
+        weight ~ N(0, fan_in^-1/2) (the latents and the temporal / group embeddings:
+        dim^-1/2), norms 1, biases 0, each seeded by its state-dict name in the model
+        (`video_aggregator.*`), so adding the modality to a built model gives the weights
+        `build_model` gives a model whose params carry it."""
         if self.latents.device.type != "meta":
-            from .model import init_weights
-
-            init_weights(self, seed=seed)
+            init_weights(self, seed=seed, prefix=VIDEO_ENCODER_ATTR + ".")
 
     # --- loading an aggregator trained at another frames_per_group / group count ----------
     def resizes_on_load(self, name: str, shape: Sequence[int]) -> bool:
@@ -432,14 +434,8 @@ def add_video_adapters(model, cfg: VideoConfig | None = None, *, seed: int = 0) 
             trainable_modules=[VIDEO_ENCODER_ATTR, f"text_model.{VIDEO_ADAPTER_ATTR}"],
             seed=seed,
         )
-    blocks = model.text_model.adapters("video")
+    blocks = model.text_model.adapters("video")  # initialised by add_modality (TP-invariant, gates 0)
     model.args.video = dataclasses.asdict(cfg)  # saved in params.json; build_model re-adds it
-    if ref.device.type != "meta":
-        # add_modality builds the blocks with torch's default (rank-dependent at TP > 1)
-        # init; redo it with the model's TP-invariant one. Gates come out at 0.
-        from .model import init_weights
-
-        init_weights(blocks, seed=seed)
     for module in (aggregator, blocks):
         module.to(dtype=ref.dtype).train(model.training)
     return modality

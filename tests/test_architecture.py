@@ -1,0 +1,103 @@
+"""The codebase's shape: no import cycles (lazy, function-level imports included), process
+groups and fairscale only under model_parallel/, and modalities added to a built model
+start from the weights build_model gives."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, tiny_params
+
+PACKAGES = ("llama_vision", "model_parallel")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of the packages that `name` imports, anywhere in the file (lazy ones too)."""
+    is_pkg = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_pkg else 0)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            # `from pkg import sub` imports the submodule when there is one.
+            targets = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in known else prefix for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # `import a.b.c` -> the deepest known module
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports(name, path, known) for name, path in modules.items()}
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(n: str) -> None:  # depth-first; an edge back onto the path closes a cycle
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_only_model_parallel_touches_fairscale_and_process_groups():
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith("model_parallel"):
+            continue
+        text = path.read_text()
+        for needle in ("import fairscale", "from fairscale", "torch.distributed import", "import torch.distributed"):
+            if needle in text:
+                offenders.append(f"{name}: {needle}")
+    assert not offenders, offenders
+
+
+def test_adding_video_to_a_built_model_gives_build_models_weights():
+    """The trainer adds video to a built image model; build_model re-adds it from params:
+    both give the same weights, and the video adapters do not copy the image adapters'."""
+    import llama_vision
+    from llama_vision.model.video import VideoConfig, add_video_adapters
+
+    cfg = VideoConfig(num_frames=4, frames_per_group=2, tiles_per_frame=1, n_latents=3, depth=1, heads=4, every_k_image_layers=1)
+    added = llama_vision.build_model(tiny_params(), seed=5)
+    add_video_adapters(added, cfg, seed=5)
+    built = llama_vision.build_model({**tiny_params(), "video": dict(vars(cfg))}, seed=5)
+    a, b = added.state_dict(), built.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    img = a["text_model.cross_attention_layers.0.attention.wq.weight"]
+    vid = a["text_model.video_cross_attention_layers.0.attention.wq.weight"]
+    assert not torch.equal(img, vid)
