@@ -35,18 +35,32 @@ Rules:
 * **Errors** are :class:`ConfigError` and name the dotted key: unknown keys (with a
   did-you-mean suggestion and the list of valid keys), type mismatches (expected type and the
   value received), missing required keys and missing files (with their path).
+* **Documentation.** A field is documented by an attribute docstring, a string literal on
+  the line(s) right after it (as in torchtitan)::
+
+      lr: float = 3e-4
+      \"\"\"Peak learning rate.\"\"\"
+
+  Python drops these at runtime, so :func:`config_keys` reads them from the source with
+  ``ast``; it walks the dataclass tree and yields each dotted key with its type, default and
+  docstring, and :func:`format_config_help` lays that out for a ``--help`` screen.
 """
 
 from __future__ import annotations
 
+import ast
 import collections.abc
 import dataclasses
 import difflib
+import functools
+import inspect
+import shutil
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union
+from typing import Any, Iterator, Literal, Sequence, TypeVar, Union
 
 import yaml
 
@@ -54,7 +68,14 @@ from llama_vision.utils.io import atomic_write_text
 
 __all__ = [
     "ConfigError",
+    "ConfigKey",
+    "class_doc",
+    "config_keys",
     "config_to_dict",
+    "field_docs",
+    "format_config_help",
+    "format_type",
+    "format_value",
     "load_config",
     "load_yaml",
     "parse_cli",
@@ -348,6 +369,224 @@ def config_to_dict(cfg: Any) -> Any:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML to ``path`` atomically (field order preserved)."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One entry of :func:`config_keys`.
+
+    key: the dotted key as written in YAML paths and overrides (``optim.lr``).
+    section: the dotted key of the enclosing section (``"optim"``; ``""`` at top level).
+    type: the annotation, readable (``float``, ``list[str]``, ``Optional[int]``).
+    default: the default value (``dataclasses.MISSING`` for a required key); keys inside a
+        section take their default from the section field's default instance, as
+        :func:`load_config` does.
+    doc: the field's attribute docstring, cleaned (``""`` when it has none).
+    annotation: the resolved annotation (the string itself where it cannot be resolved).
+    is_section: the field is a nested dataclass (only yielded with ``sections=True``).
+    """
+
+    key: str
+    section: str
+    type: str
+    default: Any
+    doc: str
+    annotation: Any = None
+    is_section: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    @property
+    def default_text(self) -> str:
+        """The default as you would write it in YAML or a ``key=value`` override."""
+        return format_value(self.default)
+
+
+def config_keys(cls: type, *, sections: bool = False) -> Iterator[ConfigKey]:
+    """Walk dataclass ``cls`` depth-first in field order and yield a :class:`ConfigKey` per
+    key: every leaf field, and with ``sections=True`` also each nested-dataclass field (just
+    before its own keys). Works for any dataclass tree; docstrings come from
+    :func:`field_docs`."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"config_keys expects a dataclass type, got {cls!r}")
+    yield from _walk(cls, "", dataclasses.MISSING, sections)
+
+
+def _walk(cls: type, prefix: str, instance: Any, sections: bool) -> Iterator[ConfigKey]:
+    hints = _type_hints(cls)
+    docs = field_docs(cls)
+    section = prefix.rstrip(".")
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue  # not settable from a config
+        if instance is not dataclasses.MISSING:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        tp = hints.get(f.name, f.type)
+        sub = _section_class(tp, default)
+        key = prefix + f.name
+        if sub is None:
+            yield ConfigKey(key, section, format_type(tp), default, docs.get(f.name, ""), tp)
+            continue
+        if sections:
+            yield ConfigKey(key, section, format_type(sub), default, docs.get(f.name, ""), sub, is_section=True)
+        yield from _walk(sub, key + ".", default if isinstance(default, sub) else dataclasses.MISSING, sections)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations; where that fails (a class defined inside a function, with
+    ``from __future__ import annotations``), the fields' own (string) annotations."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 -- NameError, TypeError, ... from unresolvable strings
+        return {}
+
+
+def _section_class(tp: Any, default: Any) -> type | None:
+    """The dataclass a field nests (its keys get a dotted prefix), else None."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    if isinstance(tp, str) and dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return type(default)  # unresolved annotation: the default instance tells
+    return None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field name: attribute docstring}`` of dataclass ``cls`` (and its bases), read from
+    the source with ``ast``; fields without one are absent. Empty when the source is not
+    available (a class defined in an interactive session)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is not object:
+            docs.update(_class_source_docs(klass)[1])
+    return docs
+
+
+def class_doc(cls: type) -> str:
+    """The class's own docstring as written (not dataclasses' generated signature)."""
+    return _class_source_docs(cls)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _class_source_docs(cls: type) -> tuple[str, dict[str, str]]:
+    """(class docstring, {field: attribute docstring}) from ``cls``'s own source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return "", {}
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+    if node is None:
+        return "", {}
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(node.body, node.body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return ast.get_docstring(node) or "", docs
+
+
+def format_type(tp: Any) -> str:
+    """A readable annotation: ``float``, ``list[str]``, ``Optional[int]``,
+    ``Literal['fp32', 'bf16']``, ``dict[str, Any]``, ``tuple[int, ...]``, ``Path``."""
+    if isinstance(tp, str):
+        return tp
+    if tp is type(None) or tp is None:
+        return "None"
+    if tp is Any:
+        return "Any"
+    if tp is Ellipsis:
+        return "..."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is Union or origin is types.UnionType:
+        rest = [a for a in args if a is not type(None)]
+        inner = " | ".join(format_type(a) for a in rest)
+        return f"Optional[{inner}]" if len(rest) < len(args) else inner
+    if origin is not None:
+        name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
+        return f"{name}[{', '.join(format_type(a) for a in args)}]" if args else name
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def format_value(value: Any) -> str:
+    """A default as YAML flow text, what a ``key=value`` override takes (``null``,
+    ``true``, ``[0.9, 0.95]``, ``{}``); ``(required)`` for ``dataclasses.MISSING``."""
+    if value is dataclasses.MISSING:
+        return "(required)"
+    try:
+        text = yaml.safe_dump(config_to_dict(value), default_flow_style=True, width=1 << 30)
+    except yaml.YAMLError:
+        return repr(value)
+    text = text.strip()
+    return text[: -len("...")].rstrip() if text.endswith("\n...") else text
+
+
+def format_config_help(cls: type, *, width: int | None = None) -> str:
+    """Every key of dataclass ``cls`` with its type, default and docstring, grouped by
+    section (top level first), for a ``--help`` screen::
+
+        optim.*  AdamW and its schedule ...
+          optim.lr                  float = 0.0001
+                                    Peak learning rate, ...
+
+    ``width``: wrap docstrings to this many columns (default: the terminal's, 80 to 120).
+    """
+    if width is None:
+        width = min(max(shutil.get_terminal_size((100, 24)).columns, 80), 120)
+    entries = list(config_keys(cls, sections=True))
+    leaves = [e for e in entries if not e.is_section]
+    column = min(max((len(e.key) for e in leaves), default=0), 30) + 4
+    width = max(width, column + 30)
+
+    groups: dict[str, list[ConfigKey]] = {"": []}
+    for e in leaves:
+        groups.setdefault(e.section, []).append(e)
+    section_entry = {e.key: e for e in entries if e.is_section}
+
+    lines = [
+        "Config keys: set them in the --config YAML file or as key=value (defaults shown as YAML).",
+    ]
+    for section, keys in groups.items():
+        if not keys:
+            continue
+        lines.append("")
+        if section:
+            entry = section_entry[section]
+            about = class_doc(entry.annotation) or entry.doc
+            head = f"{section}.*"
+        else:
+            about, head = "", "top level"
+        about = " ".join(about.split())
+        if about:
+            lines.extend(textwrap.wrap(f"{head}  {about}", width, subsequent_indent=" " * (len(head) + 2),
+                                       break_on_hyphens=False))
+        else:
+            lines.append(head)
+        for e in keys:
+            lines.append(f"  {e.key:<{column - 4}}  {e.type} = {e.default_text}")
+            for para in (e.doc or "(undocumented)").split("\n\n"):
+                lines.extend(textwrap.wrap(" ".join(para.split()), width, initial_indent=" " * column,
+                                           subsequent_indent=" " * column, break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line

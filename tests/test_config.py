@@ -230,3 +230,187 @@ def test_parse_cli():
         parse_cli(["stray"])
     with pytest.raises(ConfigError, match="--config"):
         parse_cli(["--config"])
+
+
+# --------------------------------------------------------------------------- documentation
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+from llama_vision.config import ConfigKey, config_keys, field_docs, format_config_help, format_type, format_value  # noqa: E402
+from llama_vision.training.train_config import TrainConfig as RealTrainConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DocLeaf:
+    """A section two levels down."""
+
+    depth: int = 3
+    """How deep."""
+
+
+@dataclass
+class DocOptim:
+    """The optimizer section."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas,
+    over two lines."""
+    clip: Optional[float] = None
+    leaf: DocLeaf = field(default_factory=DocLeaf)
+    """A nested section."""
+
+
+@dataclass
+class DocRoot:
+    steps: int
+    """Required: no default."""
+    name: str = "run"
+    """The run's name."""
+    mode: Literal["fp32", "bf16"] = "bf16"
+    """Precision."""
+    paths: list[str] = field(default_factory=lambda: ["a", "b"])
+    """Input files."""
+    tags: dict[str, Any] = field(default_factory=dict)
+    """Free-form tags."""
+    out: Path = Path("runs/x")
+    """Where to write."""
+    undocumented: bool = True  # a comment is not a docstring
+    optim: DocOptim = field(default_factory=DocOptim)
+    """Optimizer settings."""
+    eval_optim: DocOptim = field(default_factory=lambda: DocOptim(lr=1.0))
+    """A section whose default differs from its class's."""
+
+
+@dataclass
+class DocChild(DocRoot):
+    extra: int = 1
+    """Added by a subclass."""
+
+
+def test_config_keys_on_a_hand_written_tree():
+    keys = list(config_keys(DocRoot))
+    assert all(isinstance(k, ConfigKey) and not k.is_section for k in keys)
+    table = {k.key: (k.type, k.default, k.doc, k.section) for k in keys}
+    assert list(table) == [
+        "steps", "name", "mode", "paths", "tags", "out", "undocumented",
+        "optim.lr", "optim.betas", "optim.clip", "optim.leaf.depth",
+        "eval_optim.lr", "eval_optim.betas", "eval_optim.clip", "eval_optim.leaf.depth",
+    ]
+    assert table["steps"] == ("int", dataclasses.MISSING, "Required: no default.", "")
+    assert table["name"] == ("str", "run", "The run's name.", "")
+    assert table["mode"] == ("Literal['fp32', 'bf16']", "bf16", "Precision.", "")
+    assert table["paths"] == ("list[str]", ["a", "b"], "Input files.", "")  # default_factory called
+    assert table["tags"] == ("dict[str, Any]", {}, "Free-form tags.", "")
+    assert table["out"] == ("Path", Path("runs/x"), "Where to write.", "")
+    assert table["undocumented"] == ("bool", True, "", "")
+    assert table["optim.lr"] == ("float", 3e-4, "Peak learning rate.", "optim")
+    assert table["optim.betas"] == ("tuple[float, float]", (0.9, 0.95), "Adam betas,\nover two lines.", "optim")
+    assert table["optim.clip"] == ("Optional[float]", None, "", "optim")
+    assert table["optim.leaf.depth"] == ("int", 3, "How deep.", "optim.leaf")
+    # A section's keys default to the section field's default instance, as load_config merges.
+    assert table["eval_optim.lr"][1] == 1.0 and load_config(DocRoot, None, ["steps=1"]).eval_optim.lr == 1.0
+    assert keys[0].required and not keys[1].required
+
+    with_sections = [(k.key, k.is_section, k.doc) for k in config_keys(DocRoot, sections=True) if k.is_section]
+    assert with_sections == [
+        ("optim", True, "Optimizer settings."),
+        ("optim.leaf", True, "A nested section."),
+        ("eval_optim", True, "A section whose default differs from its class's."),
+        ("eval_optim.leaf", True, "A nested section."),
+    ]
+    # Inherited fields keep their docstrings; the subclass's own come last, as dataclasses order them.
+    child = {k.key: k.doc for k in config_keys(DocChild)}
+    assert child["name"] == "The run's name." and list(child)[-1] == "extra" and child["extra"] == "Added by a subclass."
+    assert field_docs(DocOptim) == {"lr": "Peak learning rate.", "betas": "Adam betas,\nover two lines.", "leaf": "A nested section."}
+    with pytest.raises(TypeError):
+        list(config_keys(DocRoot()))
+
+
+def test_config_keys_on_a_class_defined_in_a_function():
+    # Under `from __future__ import annotations` a local section's name cannot be resolved;
+    # the walker still finds the section from its default and reads the docstrings.
+    @dataclass
+    class Inner:
+        k: int = 2
+        """Inner key."""
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+        """Inner section."""
+        x: Optional[int] = None
+        """An optional."""
+
+    got = [(k.key, k.type, k.default, k.doc) for k in config_keys(Outer)]
+    assert got == [("inner.k", "int", 2, "Inner key."), ("x", "Optional[int]", None, "An optional.")]
+
+
+def test_format_type_and_value():
+    assert format_type(int) == "int" and format_type(Optional[int]) == "Optional[int]"
+    assert format_type(int | None) == "Optional[int]" and format_type(int | str) == "int | str"
+    assert format_type(list[str]) == "list[str]" and format_type(tuple[int, ...]) == "tuple[int, ...]"
+    assert format_type(dict[str, Any]) == "dict[str, Any]" and format_type(Path) == "Path"
+    assert format_type(Literal["a", 1]) == "Literal['a', 1]"
+    assert [format_value(v) for v in (None, True, 3, 1e-4, "", "x y", [], (0.9, 0.95), {}, Path("a/b"))] == [
+        "null", "true", "3", "0.0001", "''", "x y", "[]", "[0.9, 0.95]", "{}", "a/b",
+    ]
+    assert format_value(dataclasses.MISSING) == "(required)"
+    # What --help shows is what an override takes back.
+    for k in config_keys(RealTrainConfig):
+        assert load_config(RealTrainConfig, None, [f"{k.key}={k.default_text}"]) == RealTrainConfig(), k.key
+
+
+def test_format_config_help_groups_sections():
+    text = format_config_help(DocRoot, width=100)
+    lines = text.splitlines()
+    heads = [ln.split()[0] for ln in lines if ln and not ln.startswith(" ") and not ln.startswith("Config keys")]
+    assert heads == ["top", "optim.*", "optim.leaf.*", "eval_optim.*", "eval_optim.leaf.*"]
+    assert "optim.*  The optimizer section." in text  # a section's header: its class docstring
+    assert re.search(r"^  steps +int = \(required\)\n +Required: no default\.$", text, re.M)
+    assert re.search(r"^  eval_optim\.lr +float = 1\.0$", text, re.M)
+    assert re.search(r"^  undocumented +bool = true\n +\(undocumented\)$", text, re.M)
+    assert max(len(ln) for ln in lines if not ln.lstrip().startswith(("mode", "Config"))) <= 100
+
+
+def test_every_train_config_field_has_a_docstring():
+    """Document every new key with an attribute docstring (a string literal right below
+    the field): `tools/train.py --help` prints it."""
+    keys = list(config_keys(RealTrainConfig, sections=True))
+    assert len(keys) > 50
+    missing = [k.key for k in keys if not k.doc.strip()]
+    assert not missing, f"config fields without a docstring: {missing}"
+
+
+def test_train_help_lists_every_key_with_type_and_default():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+    out = proc.stdout
+    assert out.startswith("Train a stage: `torchrun") and "--resume" in out.splitlines()[1]
+    keys = list(config_keys(RealTrainConfig))
+    for k in keys:
+        first_words = " ".join(k.doc.split()[:3])
+        pattern = rf"^  {re.escape(k.key)} +{re.escape(k.type)} = {re.escape(k.default_text)}\n +{re.escape(first_words)}"
+        assert re.search(pattern, out, re.M), k.key
+    listed = re.findall(r"^  ([a-z_][a-z0-9_.]*) {2,}\S.* = ", out, re.M)
+    assert listed == [k.key for k in keys]
+    for key, tp, default in [
+        ("optim.lr", "float", "0.0001"),
+        ("data.max_seq_len", "int", "512"),
+        ("dpo.beta", "float", "0.1"),
+        ("max_consecutive_nonfinite", "int", "5"),
+        ("dtype", "Literal['fp32', 'bf16']", "bf16"),
+        ("data.paths", "list[str]", "[]"),
+    ]:
+        assert re.search(rf"^  {re.escape(key)} +{re.escape(tp)} = {re.escape(default)}$", out, re.M), key
+    for section in ("trainable", "data", "optim", "init", "dpo", "video"):
+        assert re.search(rf"^{section}\.\*  \S", out, re.M), section
+    short = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--config", "x.yaml", "-h"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120, check=True)
+    assert short.stdout == out

@@ -8,14 +8,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_vision.config import load_config, parse_cli  # noqa: E402
+from llama_vision.config import format_config_help, load_config, parse_cli  # noqa: E402
 from llama_vision.training.train_config import TrainConfig  # noqa: E402
 from llama_vision.training.trainer import train  # noqa: E402
 
 
 def main(argv=None) -> None:
-    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
+    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
+        print(f"{__doc__.strip()}\n\n{format_config_help(TrainConfig)}")
         return
     config_path, overrides, flags = parse_cli(argv)
     cfg = load_config(TrainConfig, config_path, overrides)

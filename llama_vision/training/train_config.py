@@ -1,5 +1,10 @@
 """The training-stage config: one dataclass tree, loaded from configs/train/*.yaml and
-overridable as key=value on the command line (`tools/train.py --config X max_steps=10`)."""
+overridable as key=value on the command line (`tools/train.py --config X max_steps=10`).
+
+Every field carries an attribute docstring (the string right below it); `tools/train.py
+--help` lists them all (see `llama_vision.config.config_keys`), and a test fails if a
+field has none.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,113 +13,218 @@ from typing import Any, Literal, Optional
 
 @dataclass
 class DataConfig:
-    # caption_wds: img2dataset-style tar shards; caption_jsonl: manifest + image folder;
-    # conversations: SFT dialogs; dpo: preference pairs; video_jsonl / video_wds: video +
-    # caption (manifest + mp4 files, or tar shards with key.mp4 + key.txt).
+    """What the stage reads: format, files, sequence length, tiling, shuffling."""
+
     kind: Literal["caption_wds", "caption_jsonl", "conversations", "dpo", "video_jsonl", "video_wds"] = "caption_wds"
+    """Record format of `paths`: caption_wds = img2dataset-style tar shards (key.jpg + key.txt
+    or key.json); caption_jsonl = JSONL manifest ({image, caption}) + image folder;
+    conversations = SFT dialogs (JSONL, loss on assistant turns); dpo = preference pairs
+    (JSONL prompt + chosen/rejected, for stage dpo); video_jsonl / video_wds = video + caption
+    (JSONL manifest + mp4 files, or tar shards with key.mp4 + key.txt)."""
     paths: list[str] = field(default_factory=list)
+    """Shards / manifests to read; brace (`{000000..000099}`) and glob patterns expand. Must
+    not be empty."""
     image_root: Optional[str] = None
+    """Folder that media paths in JSONL manifests are relative to; null: each manifest's own
+    folder. Unused for tar shards."""
     max_seq_len: int = 512
-    tile_size: Optional[int] = None  # default: the model's vision_chunk_size
-    max_num_tiles: Optional[int] = None  # default: the model's vision_max_num_chunks
-    text_only: bool = False  # drop the images (a text stage trained on the captions alone)
+    """Longest example in tokens (image placeholders included), capped at the model's
+    max_seq_len. Longer ones keep their first tokens (images past the cut are dropped)."""
+    tile_size: Optional[int] = None
+    """Tile side in pixels for images and video frames; null: the model's vision_chunk_size."""
+    max_num_tiles: Optional[int] = None
+    """Most tiles per image; null: the model's vision_max_num_chunks (videos use
+    `video.tiles_per_frame`)."""
+    text_only: bool = False
+    """Drop the images (a text stage trained on the captions alone)."""
     shuffle: bool = True
+    """Shuffle the shard order every epoch and mix records through a shuffle buffer; false:
+    source order."""
     shuffle_buffer: int = 1000
+    """Records in the shuffle buffer. It only mixes records within its reach: a sorted file
+    stays nearly sorted, so shuffle such files when writing them."""
     num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process). Resuming needs
+    the same value (and seed and world size)."""
 
 
 @dataclass
 class OptimConfig:
+    """AdamW (ZeRO-1 sharded over data-parallel ranks, trainable parameters only)
+    and its schedule: linear warmup to `lr`, then cosine decay to `lr x min_lr_ratio`."""
+
     lr: float = 1e-4
+    """Peak learning rate, reached at the end of warmup, cosine-decayed until max_steps."""
     min_lr_ratio: float = 0.1
+    """Learning rate at max_steps as a fraction of `lr` (0 to 1)."""
     warmup_steps: int = 100
+    """Optimizer steps of linear warmup from lr / warmup_steps to lr (0: none)."""
     weight_decay: float = 0.01
+    """Decoupled AdamW weight decay of the weight matrices; norms, biases, gates and
+    embeddings get none."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2): decay rates of the gradient's first and second moments."""
     eps: float = 1e-8
+    """AdamW epsilon (added to the second-moment root)."""
     grad_clip: Optional[float] = 1.0
-    # tanh gates start at 0 and get tiny gradients until the adapter carries signal; a larger
-    # step for them shortens that cold start (1.0 = the paper's plain AdamW).
+    """Clip the global gradient norm (over all TP and DP shards) to this; null: no clipping
+    (the norm is still logged as grad_norm)."""
     gate_lr_multiplier: float = 1.0
+    """Tanh gates train at lr x this (own param group, no decay). They start at 0 and get tiny
+    gradients until the adapter carries signal; a larger step for them shortens that cold
+    start (1.0 = the paper's plain AdamW)."""
 
 
 @dataclass
 class TrainableConfig:
-    """Which parameter groups train (see llama_vision.model.trainability)."""
+    """Which parameter groups train (see llama_vision.model.trainability);
+    the rest are frozen: no gradient and no optimizer state."""
 
     decoder: bool = False
+    """The Llama text decoder: token embeddings, layers, final norm, output head (frozen in
+    the paper's image and video stages)."""
     vision: bool = True
+    """The ViT image encoder: local and gated global layers, class token, position and tile
+    embeddings."""
     adapters: bool = True
+    """The image adapters: gated cross-attention layers, the vision projection and the
+    learnable special-token rows."""
     video: bool = False
+    """The video modality: temporal aggregator and video cross-attention (video_* stages; a
+    model without video keeps it off)."""
 
 
 @dataclass
 class InitConfig:
-    """Start values for a stage that trains the vision encoder and adapters from scratch,
-    applied after `init_from` is loaded and only to parameters this stage trains (a
-    resumed run restores its trained values on top).
-
-    gates: every trainable tanh gate (cross-attention adapters, ViT global layers and
-        tile/position embeddings) starts at this value. None keeps the paper's 0 (the
-        decoder's output is unchanged at the start); a randomly initialised encoder behind
-        closed gates gets almost no gradient, so small from-scratch runs learn far faster
-        from an open gate (e.g. 1.0, tanh = 0.76).
-    vision_pos_embed_scale: multiplies the ViT's patch- and tile-position embeddings. At
-        the default init (std width^-0.5) position is a few per cent of a patch's content
-        signal, which makes "where is it" slow to learn from scratch.
-    """
+    """Start values for a stage that trains the vision encoder and adapters from
+    scratch, applied after `init_from` is loaded and only to parameters this stage trains
+    (a resumed run restores its trained values on top)."""
 
     gates: Optional[float] = None
+    """Start value of every trainable tanh gate (cross-attention adapters, ViT global layers,
+    tile/position embeddings). null keeps the paper's 0 (the decoder's output is unchanged at
+    the start); a random encoder behind closed gates gets almost no gradient, so small
+    from-scratch runs learn far faster from an open gate (e.g. 1.0, tanh = 0.76)."""
     vision_pos_embed_scale: float = 1.0
+    """Multiplies the ViT's patch- and tile-position embeddings. At the default init (std
+    width^-0.5) position is a few per cent of a patch's content signal, which makes "where is
+    it" slow to learn from scratch."""
 
 
 @dataclass
 class DPOConfig:
+    """The DPO objective (stage dpo only): the reference is a copy of the policy's
+    trainable tensors after init_from (the frozen rest is shared)."""
+
     beta: float = 0.1
-    ref_ema_every: int = 0  # 0: the reference model stays the initial policy
+    """DPO temperature: scales the policy-minus-reference log-ratio margin (larger: the
+    policy is held closer to the reference)."""
+    ref_ema_every: int = 0
+    """Every this many optimizer steps move the reference towards the policy by EMA (paper:
+    optional); 0: the reference stays the initial policy."""
     ref_ema_decay: float = 0.99
+    """EMA decay of that update: reference = decay x reference + (1 - decay) x policy."""
 
 
 @dataclass
 class VideoTrainConfig:
+    """Shape of the video modality that video_* stages add to the model: a
+    perceiver aggregator and video cross-attention adapters (llama_vision.model.video)."""
+
     num_frames: int = 16
+    """Frames sampled per video (the most the aggregator accepts)."""
     frames_per_group: int = 16
+    """Consecutive frames merged into one effective frame (paper: 16 in pretraining, 32 in
+    SFT); may differ from init_from's (its embeddings are resized on load)."""
     tiles_per_frame: int = 1
+    """Most tiles per frame (paper pretraining: 4 of 448 px); at most the model's
+    vision_max_num_chunks."""
     n_latents: int = 32
+    """Tokens per effective frame (the perceiver's latent queries)."""
     depth: int = 2
+    """Perceiver layers of the temporal aggregator."""
     heads: int = 8
+    """Perceiver attention heads; must be divisible by `tp`."""
     every_k_image_layers: int = 4
+    """A video cross-attention adapter before every k-th image cross-attention layer (the
+    last one kept; paper: 4)."""
 
 
 @dataclass
 class TrainConfig:
+    """One training run (top-level keys), with its sections below."""
+
     stage: Literal["pretrain", "anneal", "sft", "dpo", "video_pretrain", "video_sft", "text"] = "pretrain"
-    model: str = "configs/model/tiny.yaml"  # params.json or YAML of Meta params
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vision_chunk_size: 448}
-    init_from: Optional[str] = None  # a Meta/HF vision checkpoint dir (previous stage)
-    init_text_from: Optional[str] = None  # a text-only Llama trunk (swapped in; adapters kept)
+    """The stage: dpo trains the DPO objective (data.kind dpo); video_pretrain / video_sft add
+    the video modality shaped by `video.*` (video_sft's init_from must hold video weights);
+    pretrain, anneal, sft and text train token cross-entropy. What trains is `trainable.*`."""
+    model: str = "configs/model/tiny.yaml"
+    """Architecture: a Meta params.json (or a checkpoint dir holding one) or a YAML of Meta
+    params; vocab_size null or auto takes the tokenizer's."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """Params merged over `model`'s, e.g. {vision_chunk_size: 448}."""
+    init_from: Optional[str] = None
+    """A Meta/HF vision checkpoint dir to start from (usually the previous stage's
+    output_dir/final); null: random init."""
+    init_text_from: Optional[str] = None
+    """A text-only Llama trunk (Meta or HF dir) swapped into the decoder after init_from;
+    adapters, vision tower and learnable rows are kept. null: none."""
     tokenizer: str = ""
+    """tokenizer.model (tiktoken BPE or SentencePiece) or a dir holding one; its n_words must
+    equal the model's vocab_size. A file is copied into final/."""
     output_dir: str = "runs/default"
+    """Run directory: metrics.jsonl, loss.png, tensorboard/, checkpoints/step_N/, final/.
+    --resume continues from its latest checkpoint."""
     max_steps: int = 1000
+    """Optimizer steps to train (also the length of the LR schedule); skipped non-finite steps
+    count."""
     checkpoint_every: int = 500
+    """Save a resumable checkpoint (trainable weights, optimizer, scheduler, data position,
+    RNG) every this many steps, and at max_steps."""
     keep_last: int = 3
+    """Most recent checkpoints/step_N/ kept (at least 1); older ones are deleted."""
     seed: int = 0
+    """Seeds the model init (the same weights at every TP degree), the shard order and the
+    shuffle buffers."""
     micro_batch_size: int = 8
+    """Samples (dpo: preference pairs) per forward/backward on one data-parallel rank.
+    Global batch = micro_batch_size x grad_accum_steps x DP ranks (= world / tp), printed at
+    start."""
     grad_accum_steps: int = 1
+    """Micro-batches per optimizer step. The loss is divided by the step's global target
+    count, so the update equals one step on the whole global batch."""
     tp: int = 1
-    dtype: Literal["fp32", "bf16"] = "bf16"  # autocast dtype on GPU; CPU runs fp32
-    # A step whose loss or gradient is not finite is skipped (no optimizer/scheduler step,
-    # no checkpoint, counted as `skipped_nonfinite`); this many in a row stop the run.
+    """Tensor-parallel degree (GPUs per model replica); the world size must be a multiple of
+    it, and world / tp is the number of data-parallel ranks."""
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    """bf16: forward under bf16 autocast on GPU (fp32 master weights, gradients and optimizer
+    state); fp32: no autocast. CPU runs fp32 either way."""
     max_consecutive_nonfinite: int = 5
-    # Peak FLOP/s of one device for the logged MFU; None: looked up for known GPUs (no MFU
-    # on the CPU unless set).
+    """A step whose loss or gradient is not finite is skipped (no optimizer/scheduler step,
+    no checkpoint, counted as `skipped_nonfinite`); this many in a row stop the run."""
     peak_flops_per_device: Optional[float] = None
+    """Peak FLOP/s of one device for the logged MFU (e.g. 989e12); null: looked up for known
+    GPUs (no MFU on the CPU unless set)."""
     activation_checkpointing: bool = False
+    """Recompute activations in backward for the decoder and the ViT's local and global
+    layers: less memory for about one more forward of compute."""
     log_every: int = 1
+    """Log metrics (metrics.jsonl, TensorBoard) every this many steps; the last step and
+    skipped non-finite steps are always logged."""
     tensorboard: bool = True
+    """Also write the metrics to output_dir/tensorboard/ (if TensorBoard is installed)."""
     save_final: bool = True
+    """At the end, write the whole model in Meta format to output_dir/final/ (tokenizer
+    beside it): what inference and the next stage's init_from read."""
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    """Which parameter groups train; everything else is frozen."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and learning-rate schedule."""
     init: InitConfig = field(default_factory=InitConfig)
+    """Start values for parameters trained from scratch."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO settings (stage dpo)."""
     video: VideoTrainConfig = field(default_factory=VideoTrainConfig)
+    """Video modality shape (video_* stages)."""
