@@ -66,7 +66,7 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
 
     import importlib.util
 
-    from llama_vision.demo.chat_sets import write_chat_sets
+    from llama_vision.data.synthetic.chat_sets import write_chat_sets
 
     spec = importlib.util.spec_from_file_location("cpu_vs_hf", ROOT / "benchmarks" / "cpu_vs_hf.py")
     cpu_vs_hf = importlib.util.module_from_spec(spec)

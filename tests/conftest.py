@@ -98,7 +98,7 @@ def make_shapes_corpus(root: Path, n_train: int = 64, n_test: int = 8, n_videos:
     captions (what the tiny_* training configs expect)."""
     import tarfile
 
-    from llama_vision.demo.shapes import generate_shapes_world
+    from llama_vision.data.synthetic.shapes import generate_shapes_world
     from llama_vision.tokenizer import train_sentencepiece
 
     info = generate_shapes_world(root / "data", n_train_images=n_train, n_test_images=n_test,

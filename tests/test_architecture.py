@@ -101,3 +101,38 @@ def test_adding_video_to_a_built_model_gives_build_models_weights():
     img = a["text_model.cross_attention_layers.0.attention.wq.weight"]
     vid = a["text_model.video_cross_attention_layers.0.attention.wq.weight"]
     assert not torch.equal(img, vid)
+
+
+def test_parallelize_switches_activation_checkpointing_on_from_outside():
+    """Every layer stack checkpoints (decoder, the ViT's local and global transformers),
+    names unchanged, gradients equal to the plain run."""
+    from conftest import tiny_inputs, tiny_model
+    from llama_vision.training.parallelize import apply_activation_checkpointing
+
+    def grads(model):
+        model.train()
+        tokens, images, ratios = tiny_inputs()
+        model(tokens, images, ratios).float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = tiny_model(), tiny_model()
+    names = [n for n, _ in checkpointed.named_parameters()]
+    assert apply_activation_checkpointing(checkpointed) == 3
+    assert [n for n, _ in checkpointed.named_parameters()] == names
+    want, got = grads(plain), grads(checkpointed)
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_train_state_layout(shapes_corpus, tmp_path):
+    """The rank checkpoint dict keeps its documented layout (what resume reads)."""
+    from conftest import tiny_train_overrides
+    from llama_vision.config import load_config
+    from llama_vision.training.train_config import TrainConfig
+    from llama_vision.training.trainer import Trainer
+
+    cfg = load_config(TrainConfig, ROOT / "configs/train/tiny_image_pretrain.yaml", tiny_train_overrides(shapes_corpus, tmp_path / "run"))
+    state = Trainer(cfg).train_state.state_dict()
+    assert set(state) == {"step", "skipped_nonfinite", "trainable", "optimizer", "scheduler", "data", "rng"}
+    assert state["step"] == 0 and all(not n.startswith("text_model.layers.") for n in state["trainable"])

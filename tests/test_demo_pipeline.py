@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from llama_vision.demo import pipeline
-from llama_vision.demo.pipeline import DemoOptions, forced_choice_directions, prepare_data, run_stage
-from llama_vision.demo.shapes import DIRECTIONS
+from examples.shapes_demo import pipeline
+from examples.shapes_demo.pipeline import DemoOptions, forced_choice_directions, prepare_data, run_stage
+from llama_vision.data.synthetic.shapes import DIRECTIONS
 from llama_vision.model import zero_gates
 from llama_vision.model.video import VideoConfig, add_video_adapters
 

@@ -80,7 +80,7 @@ def test_infer_image_jsonl_batch_and_errors(ckpt, tmp_path):
 def test_infer_video(ckpt, tmp_path):
     import numpy as np
 
-    from llama_vision.demo.shapes import draw_motion_video, write_mp4
+    from llama_vision.data.synthetic.shapes import draw_motion_video, write_mp4
 
     frames = draw_motion_video(np.random.default_rng(0), "left", num_frames=6, size=(56, 56), colour="red", kind="circle")
     write_mp4(frames, tmp_path / "clip.mp4")

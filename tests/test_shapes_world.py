@@ -1,4 +1,4 @@
-"""Tests for the demo's shapes-world generator (llama_vision.demo.shapes)."""
+"""Tests for the demo's shapes-world generator (llama_vision.data.synthetic.shapes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_vision.demo.shapes import (
+from llama_vision.data.synthetic.shapes import (
     ASPECT_RATIOS,
     BACKGROUND,
     COLOURS,

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, make_shapes_corpus, tiny_train_overrides
 from llama_vision.checkpoint import load_model
 from llama_vision.config import load_config
-from llama_vision.demo.chat_sets import write_chat_sets
+from llama_vision.data.synthetic.chat_sets import write_chat_sets
 from llama_vision.training.metrics import read_metrics
 from llama_vision.training.train_config import TrainConfig
 from llama_vision.training.trainer import train

@@ -165,7 +165,7 @@ def test_dpo_loss_hand_computed():
 
 
 def test_init_block_sets_trainable_gates_and_scales_vision_positions(shapes_corpus, tmp_path):
-    from llama_vision.training.trainer import build_training_model, is_gate
+    from llama_vision.training.build import build_training_model, is_gate
     from llama_vision.tokenizer import load_tokenizer
 
     base_cfg = _cfg(shapes_corpus, tmp_path / "a")
@@ -229,7 +229,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(shapes_corpus,
 
 
 def test_global_batch_is_printed_and_paper_configs_reach_the_paper_batches(shapes_corpus, tmp_path, capsys):
-    from llama_vision.training.trainer import global_batch_line
+    from llama_vision.training.metrics import global_batch_line
 
     Trainer(_cfg(shapes_corpus, tmp_path / "run", micro_batch_size=4, grad_accum_steps=3))
     assert "4 micro-batch x 3 accumulation x 1 data-parallel (world 1 / TP 1) = 12 samples, up to 768 tokens" in capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_dpo_pair_scorer_equals_separate_forwards_and_reference_holds_trainables
     equals a full copy of the model holding those values."""
     import copy
 
-    from llama_vision.demo.chat_sets import write_chat_sets
+    from llama_vision.data.synthetic.chat_sets import write_chat_sets
     from llama_vision.training.losses import sequence_logps
 
     chat = write_chat_sets(tmp_path / "chat", n=4)

@@ -27,7 +27,8 @@ from llama_vision.model.video import (
 from llama_vision.tokenizer import load_tokenizer
 from llama_vision.training.metrics import read_metrics
 from llama_vision.training.train_config import TrainConfig
-from llama_vision.training.trainer import build_training_model, train
+from llama_vision.training.build import build_training_model
+from llama_vision.training.trainer import train
 
 CFG = ROOT / "configs" / "train"
 AGG = "video_aggregator."

@@ -15,7 +15,7 @@ from llama_vision.data.collate import build_dataloader
 from llama_vision.data.sources import WebDatasetSource
 from llama_vision.data.video import VideoProcessor
 from llama_vision.data.video_dataset import JsonlVideoSource, VideoBatch, VideoCaptionDataset
-from llama_vision.demo.shapes import draw_motion_video, write_mp4
+from llama_vision.data.synthetic.shapes import draw_motion_video, write_mp4
 from llama_vision.tokenizer import load_tokenizer
 
 

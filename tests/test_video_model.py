@@ -268,7 +268,7 @@ def test_video_inputs_from_mp4_files(tmp_path):
     import numpy as np
 
     from llama_vision.data.video import VideoProcessor
-    from llama_vision.demo.shapes import draw_motion_video, write_mp4
+    from llama_vision.data.synthetic.shapes import draw_motion_video, write_mp4
 
     rng = np.random.default_rng(0)
     long = write_mp4(draw_motion_video(rng, "right", num_frames=12, size=(56, 28)), tmp_path / "long.mp4")

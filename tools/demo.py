@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_vision.demo.pipeline import DemoOptions, run_demo  # noqa: E402
+from examples.shapes_demo.pipeline import DemoOptions, run_demo  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "MetricsLogger",
     "ThroughputMeter",
     "estimate_mfu",
+    "global_batch_line",
     "peak_flops_for_device",
     "plot_metrics",
     "read_metrics",
@@ -324,3 +325,15 @@ def estimate_mfu(flops_per_step: float, step_time_s: float, peak_flops: float | 
     if peak_flops is None or peak_flops <= 0 or step_time_s <= 0:
         return None
     return flops_per_step / step_time_s / peak_flops
+
+
+def global_batch_line(cfg, world: int, tp: int, dp: int) -> str:
+    """What one optimizer step of `cfg` (a TrainConfig) consumes on `world` ranks at TP
+    `tp` (DP = world / tp): samples (pairs for DPO) and at most how many tokens."""
+    samples = cfg.micro_batch_size * cfg.grad_accum_steps * dp
+    unit = "preference pairs" if cfg.stage == "dpo" else "samples"
+    return (
+        f"global batch: {cfg.micro_batch_size} micro-batch x {cfg.grad_accum_steps} accumulation x {dp} data-parallel "
+        f"(world {world} / TP {tp}) = {samples:,} {unit}, up to {samples * cfg.data.max_seq_len:,} tokens "
+        f"(max_seq_len {cfg.data.max_seq_len})"
+    )

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["build_adamw", "clip_grad_norm_", "count_parameters", "split_decay_params"]
+__all__ = ["build_adamw", "clip_grad_norm_", "count_parameters", "is_gate", "split_decay_params", "stage_param_groups"]
 
 
 def split_decay_params(
@@ -44,6 +44,26 @@ def split_decay_params(
         else:
             decay.append((name, p))
     return decay, no_decay
+
+
+def is_gate(name: str) -> bool:
+    """A tanh gate parameter (`...gate_attn`, `...gate`, `..._embedding_gate`)."""
+    return name.rsplit(".", 1)[-1].startswith("gate") or name.endswith("_gate")
+
+
+def stage_param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, gate_lr_multiplier: float = 1.0
+) -> list[dict]:
+    """A training stage's AdamW groups of the trainable parameters: decay, no-decay, and
+    the tanh gates in their own no-decay group at lr x gate_lr_multiplier (decay would pull
+    them to 0; a larger step shortens their cold start). Empty groups are omitted."""
+    decay, no_decay = split_decay_params(named_params)
+    groups = [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in no_decay if not is_gate(n)], "weight_decay": 0.0},
+        {"params": [p for n, p in no_decay if is_gate(n)], "weight_decay": 0.0, "lr": lr * gate_lr_multiplier},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def build_adamw(

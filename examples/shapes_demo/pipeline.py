@@ -1,6 +1,6 @@
 """The CPU demo end to end (`tools/demo.py --workdir DIR`).
 
-1. data: the shapes world (`llama_vision.demo.shapes`) in ``DIR/data`` + a word-level
+1. data: the shapes world (`llama_vision.data.synthetic.shapes`) in ``DIR/data`` + a word-level
    SentencePiece tokenizer on all captions (``DIR/data/tokenizer.model``); reused on rerun.
 2. stage 0 (``configs/train/demo_text.yaml``): the decoder learns the caption language
    (image + video captions, no media) -> ``DIR/stage0/final`` = "the pretrained LLM".
@@ -94,7 +94,7 @@ def _read_jsonl(path: str | Path) -> list[dict]:
 
 
 def prepare_data(opts: DemoOptions) -> dict[str, Any]:
-    from llama_vision.demo.shapes import generate_shapes_world, iter_shard_samples
+    from llama_vision.data.synthetic.shapes import generate_shapes_world, iter_shard_samples
     from llama_vision.tokenizer.sentencepiece_tokenizer import train_sentencepiece
 
     data_dir = Path(opts.workdir) / "data"
@@ -193,7 +193,7 @@ def eval_images(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 16
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from llama_vision.demo.shapes import caption_accuracy
+    from llama_vision.data.synthetic.shapes import caption_accuracy
     from llama_vision.model import zero_gates
 
     gen = _load(ckpt)
@@ -221,7 +221,7 @@ def eval_videos(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 8,
     import torch
     from tqdm.auto import tqdm
 
-    from llama_vision.demo.shapes import direction_accuracy
+    from llama_vision.data.synthetic.shapes import direction_accuracy
     from llama_vision.model import zero_gates
     from llama_vision.model.video import VideoConfig, video_inputs_from_paths
 
@@ -255,7 +255,7 @@ def forced_choice_directions(model, tok, video_token: int, media: dict, captions
     after `<|video|><|begin_of_text|>`."""
     import torch
 
-    from llama_vision.demo.shapes import DIRECTIONS, parse_video_caption, video_caption
+    from llama_vision.data.synthetic.shapes import DIRECTIONS, parse_video_caption, video_caption
 
     n = len(DIRECTIONS)
     seqs = []

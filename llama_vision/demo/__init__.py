@@ -1,1 +1,0 @@
-"""Tiny CPU demo: a synthetic "shapes world" data set to train image and video adapters on."""
