@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,9 +40,8 @@ from llama_vision.generation import Generator  # noqa: E402
 from llama_vision.model import build_model  # noqa: E402
 
 MODEL_11B = ROOT / "configs/model/llama3_2_11b_vision.yaml"
-TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=512,
-            vision_chunk_size=28, vision_max_num_chunks=4, vision_num_cross_attention_layers=2, vision_width=32,
-            vision_layers=4, vision_heads=4, vision_global_layers=2, vision_intermediate_layers=[1, 3])
+# The one tiny config, with a fixed vocabulary and room for a 512-token decode.
+TINY = {**yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text()), "vocab_size": 512, "max_seq_len": 512}
 
 
 @torch.no_grad()

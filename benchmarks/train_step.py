@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,9 +31,8 @@ from llama_vision.training.flops import StepShape, mfu, step_flops, trainable_fr
 from llama_vision.training.losses import lm_loss_sum  # noqa: E402
 from llama_vision.training.metrics import peak_flops_for_device  # noqa: E402
 
-TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, vision_chunk_size=28,
-            vision_width=32, vision_layers=4, vision_heads=4, vision_global_layers=2, vision_intermediate_layers=[1, 3],
-            vision_num_cross_attention_layers=2, max_seq_len=256)
+# The one tiny config, with a fixed vocabulary (no tokenizer here).
+TINY = {**yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml").read_text()), "vocab_size": 512}
 
 
 def main() -> None:

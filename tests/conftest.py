@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model configs with random weights (nothing is downloaded)."""
+"""Shared fixtures (helpers are in _helpers.py): the reference material beside the checkout
+and a session-wide shapes-world corpus."""
 from __future__ import annotations
 
 import os
@@ -8,71 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tools/, examples/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _helpers
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY_PARAMS = dict(
-    dim=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    vocab_size=512,
-    multiple_of=16,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    use_scaled_rope=True,
-    max_seq_len=256,
-    vision_chunk_size=28,
-    vision_max_num_chunks=4,
-    vision_num_cross_attention_layers=2,
-    vision_width=32,
-    vision_layers=4,
-    vision_heads=4,
-    vision_global_layers=2,
-    vision_patch_size=14,
-    vision_intermediate_layers=[1, 3],
-)
-
-
-def tiny_params(**overrides) -> dict:
-    return {**TINY_PARAMS, **overrides}
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.08) -> torch.nn.Module:
-    """Give every parameter (gates included) non-trivial random values, so equivalence
-    tests exercise every branch. Norm weights stay near 1, gates in [0.3, 0.9]."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if "gate" in leaf:
-            p.copy_(0.3 + 0.6 * torch.rand(p.shape, generator=g))
-        elif "norm" in name or "ln_" in name:
-            p.copy_((1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(scale * torch.randn(p.shape, generator=g))
-    return model
-
-
-def tiny_model(seed: int = 0, **overrides):
-    import llama_vision
-
-    torch.manual_seed(seed)
-    model = llama_vision.build_model(tiny_params(**overrides))
-    return randomize(model, seed).eval()
-
-
-TINY_IMAGE_TOKEN = 512  # the <|image|> id of tiny_params' vocabulary
-
-
-def tiny_inputs(seed: int = 0):
-    """(tokens [1, 6] with one image placeholder, images [1, 1, 4, 3, 28, 28], aspect
-    ratios [1, 1, 2] = a 1x3 grid): a forward pass's inputs for `tiny_model`."""
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(1, 1, 4, 3, 28, 28, generator=g)
-    return torch.tensor([[TINY_IMAGE_TOKEN, 1, 5, 9, 33, 17]]), imgs, torch.tensor([[[1, 3]]])
+from _helpers import SHARED, make_shapes_corpus  # noqa: E402
 
 
 @pytest.fixture
@@ -82,47 +23,6 @@ def shared_dir() -> Path:
     return SHARED
 
 
-def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> None:
-    """Run `script` under torchrun on CPU (gloo, loopback); fail with its output."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-
-
-def make_shapes_corpus(root: Path, n_train: int = 64, n_test: int = 8, n_videos: int = 0) -> dict:
-    """A small shapes-world dataset + a word-level SentencePiece tokenizer trained on its
-    captions (what the tiny_* training configs expect)."""
-    import tarfile
-
-    from llama_vision.data.synthetic.shapes import generate_shapes_world
-    from llama_vision.tokenizer import train_sentencepiece
-
-    info = generate_shapes_world(root / "data", n_train_images=n_train, n_test_images=n_test,
-                                 n_train_videos=n_videos, n_test_videos=min(n_videos, 4), seed=0, progress=False)
-    caps = []
-    for tar in sorted((root / "data" / "images").glob("train-*.tar")):
-        with tarfile.open(tar) as t:
-            caps += [t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".txt")]
-    tok = train_sentencepiece(caps + ["the red circle moves left. up down right green blue yellow square triangle"], root / "tokenizer.model", vocab_size=320, model_type="word")
-    return {"root": root, "tokenizer": str(tok), "shards": str(root / "data" / "images" / "train-*.tar"), **info}
-
-
 @pytest.fixture(scope="session")
 def shapes_corpus(tmp_path_factory) -> dict:
     return make_shapes_corpus(tmp_path_factory.mktemp("shapes"))
-
-
-def tiny_train_overrides(corpus: dict, out: Path, **extra) -> list[str]:
-    base = {
-        "model": str(ROOT / "configs/model/tiny.yaml"),
-        "tokenizer": corpus["tokenizer"],
-        "output_dir": str(out),
-        "data.paths": f'["{corpus["shards"]}"]',
-        "tensorboard": "false",
-    }
-    base.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_params  # noqa: E402
+from _helpers import tiny_params  # noqa: E402
 
 import model_parallel  # noqa: E402
 import llama_vision  # noqa: E402

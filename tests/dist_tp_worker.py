@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_model  # noqa: E402
+from _helpers import tiny_model  # noqa: E402
 
 import model_parallel  # noqa: E402
 import llama_vision  # noqa: E402

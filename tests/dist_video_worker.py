@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import randomize, tiny_model, tiny_params  # noqa: E402
+from _helpers import randomize, tiny_model, tiny_params  # noqa: E402
 
 import model_parallel  # noqa: E402
 import llama_vision  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, tiny_params
+from _helpers import ROOT, tiny_params
 
 PACKAGES = ("llama_vision", "model_parallel")
 
@@ -106,7 +106,7 @@ def test_adding_video_to_a_built_model_gives_build_models_weights():
 def test_parallelize_switches_activation_checkpointing_on_from_outside():
     """Every layer stack checkpoints (decoder, the ViT's local and global transformers),
     names unchanged, gradients equal to the plain run."""
-    from conftest import tiny_inputs, tiny_model
+    from _helpers import tiny_inputs, tiny_model
     from llama_vision.training.parallelize import apply_activation_checkpointing
 
     def grads(model):
@@ -127,7 +127,7 @@ def test_parallelize_switches_activation_checkpointing_on_from_outside():
 
 def test_train_state_layout(shapes_corpus, tmp_path):
     """The rank checkpoint dict keeps its documented layout (what resume reads)."""
-    from conftest import tiny_train_overrides
+    from _helpers import tiny_train_overrides
     from llama_vision.config import load_config
     from llama_vision.training.train_config import TrainConfig
     from llama_vision.training.trainer import Trainer

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_params
+from _helpers import tiny_params
 
-import llama_vision.model.model as model_mod
+import llama_vision.model.builder as builder_mod
 from llama_vision.model import ModelArgs, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,13 +22,13 @@ TINY_YAML = ROOT / "configs/model/tiny.yaml"
 def init_calls(monkeypatch):
     """Records every init_weights call build_model makes (and still runs it)."""
     calls = []
-    real = model_mod.init_weights
+    real = builder_mod.init_weights
 
     def spy(model, *a, **kw):
         calls.append(model)
         return real(model, *a, **kw)
 
-    monkeypatch.setattr(model_mod, "init_weights", spy)
+    monkeypatch.setattr(builder_mod, "init_weights", spy)
     return calls
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, randomize, tiny_model, tiny_params
+from _helpers import ROOT, randomize, tiny_model, tiny_params
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration  # noqa: E402

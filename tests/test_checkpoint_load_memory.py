@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_inputs, tiny_model, tiny_params
+from _helpers import tiny_inputs, tiny_model, tiny_params
 
 from llama_vision.checkpoint import load_hf_as_meta, load_model, save_hf_checkpoint, save_meta_checkpoint
 from llama_vision.checkpoint.meta import build_skeleton

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_IMAGE_TOKEN, tiny_inputs, tiny_model, tiny_params
+from _helpers import TINY_IMAGE_TOKEN, tiny_inputs, tiny_model, tiny_params
 
 import model_parallel as mp
 from llama_vision.checkpoint import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import run_torchrun, tiny_model, tiny_params
+from _helpers import run_torchrun, tiny_model, tiny_params
 
 import model_parallel as mp
 from dist_checkpoint_worker import CASES, inputs

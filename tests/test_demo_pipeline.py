@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from _helpers import tiny_model
 from examples.shapes_demo import pipeline
 from examples.shapes_demo.pipeline import DemoOptions, forced_choice_directions, prepare_data, run_stage
 from llama_vision.data.synthetic.shapes import DIRECTIONS

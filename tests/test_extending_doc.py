@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT
+from _helpers import ROOT
 
 DOC = ROOT / "docs" / "extending.md"
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import llama_vision
-from conftest import TINY_IMAGE_TOKEN, run_torchrun, tiny_model, tiny_params
+from _helpers import TINY_IMAGE_TOKEN, run_torchrun, tiny_model, tiny_params
 from llama_vision.data.batch import PreferenceBatch
 from llama_vision.data.collate import collate_examples
 from llama_vision.data.video_dataset import VideoBatch
@@ -32,7 +32,7 @@ from llama_vision.training.losses import lm_loss_sum
 
 IMG, VID = TINY_IMAGE_TOKEN, TINY_IMAGE_TOKEN + 1
 
-# The tiny config's sizes, written out (tests/conftest.py TINY_PARAMS):
+# The tiny config's sizes, written out (configs/model/tiny.yaml, vocabulary 512: tests/_helpers.py TINY_PARAMS):
 D, H, KV, HD = 64, 4, 2, 16  # dim, heads, kv heads, head_dim = 64 / 4
 FFN = 176  # int(2 * 4 * 64 / 3) = 170, rounded up to a multiple of 16
 VOCAB, LAYERS = 512, 4

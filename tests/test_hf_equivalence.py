@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from _helpers import tiny_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402

@@ -11,14 +11,14 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tiny_model
+from _helpers import ROOT, tiny_model
 
 TOOLS = ROOT / "tools"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, request):
-    from conftest import SHARED
+    from _helpers import SHARED
 
     tok = SHARED / "reference" / "tokenizer.model"
     if not tok.exists():

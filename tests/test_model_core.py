@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import llama_vision
-from conftest import tiny_model, tiny_params
+from _helpers import tiny_model, tiny_params
 from llama_vision.model import MediaTokens, zero_gates
 
 IMG = 512

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize, tiny_model
+from _helpers import randomize, tiny_model
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.transformer import VisionTransformer  # noqa: E402

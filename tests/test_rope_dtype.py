@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_inputs, tiny_model, tiny_params
+from _helpers import tiny_inputs, tiny_model, tiny_params
 
 from llama_vision.model import ModelArgs, build_model
 from llama_vision.model.rope import precompute_freqs_cis

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT, make_shapes_corpus, tiny_train_overrides
+from _helpers import ROOT, make_shapes_corpus, tiny_train_overrides
 from llama_vision.checkpoint import load_model
 from llama_vision.config import load_config
 from llama_vision.data.synthetic.chat_sets import write_chat_sets

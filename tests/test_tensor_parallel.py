@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_torchrun
+from _helpers import run_torchrun
 
 WORKER = Path(__file__).resolve().parent / "dist_tp_worker.py"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_torchrun, tiny_train_overrides
+from _helpers import ROOT, run_torchrun, tiny_train_overrides
 from llama_vision.config import load_config
 from llama_vision.training.metrics import read_metrics
 from llama_vision.training.train_config import TrainConfig
@@ -294,3 +294,12 @@ def test_dpo_pair_scorer_equals_separate_forwards_and_reference_holds_trainables
         for g, w in zip(ref, separate(full_copy)):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
         assert not torch.allclose(objective.scorer(batch)[0], ref[0])
+
+
+def test_unset_model_key_is_a_clear_error(tmp_path):
+    from llama_vision.training.build import load_model_params
+
+    with pytest.raises(ValueError, match="config key `model` is not set"):
+        load_model_params(TrainConfig().model)
+    with pytest.raises(FileNotFoundError, match="model params not found"):
+        load_model_params(str(tmp_path / "nope.yaml"))

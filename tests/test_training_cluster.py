@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_torchrun, tiny_train_overrides
+from _helpers import ROOT, run_torchrun, tiny_train_overrides
 from llama_vision.config import load_config
 from llama_vision.data.synthetic.chat_sets import write_chat_sets
 from llama_vision.training.metrics import read_metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_shapes_corpus, randomize, tiny_model, tiny_params, tiny_train_overrides
+from _helpers import ROOT, make_shapes_corpus, randomize, tiny_model, tiny_params, tiny_train_overrides
 from llama_vision.checkpoint import CheckpointMismatchError, load_into, load_model, rank_state_dict, save_meta_checkpoint
 from llama_vision.checkpoint.load import materialize
 from llama_vision.checkpoint.meta import build_skeleton, load_meta_state_dict, load_strict, read_params

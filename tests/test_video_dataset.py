@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED
+from _helpers import SHARED
 from llama_vision.data.collate import build_dataloader
 from llama_vision.data.sources import WebDatasetSource
 from llama_vision.data.video import VideoProcessor

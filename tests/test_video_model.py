@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llama_vision
-from conftest import randomize, run_torchrun, tiny_model, tiny_params
+from _helpers import randomize, run_torchrun, tiny_model, tiny_params
 from llama_vision.generation import Generator
 from llama_vision.model import zero_gates
 from llama_vision.model.video import TemporalAggregator, VideoConfig, add_video_adapters, video_inputs_from_paths

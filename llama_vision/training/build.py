@@ -20,7 +20,10 @@ __all__ = ["apply_init", "build_training_model", "is_gate", "load_model_params",
 
 
 def load_model_params(path: str) -> dict:
-    """A Meta params.json or a YAML of the same keys."""
+    """A Meta params.json (or a dir holding one) or a YAML of the same keys."""
+    if not path:
+        raise ValueError("config key `model` is not set: point it at a params.json, a checkpoint dir or a YAML of "
+                         "Meta params (e.g. configs/model/tiny.yaml in a checkout)")
     p = Path(path)
     if p.is_dir():
         p = p / "params.json"

@@ -158,9 +158,10 @@ class TrainConfig:
     """The stage: dpo trains the DPO objective (data.kind dpo); video_pretrain / video_sft add
     the video modality shaped by `video.*` (video_sft's init_from must hold video weights);
     pretrain, anneal, sft and text train token cross-entropy. What trains is `trainable.*`."""
-    model: str = "configs/model/tiny.yaml"
-    """Architecture: a Meta params.json (or a checkpoint dir holding one) or a YAML of Meta
-    params; vocab_size null or auto takes the tokenizer's."""
+    model: str = ""
+    """Architecture (required): a Meta params.json (or a checkpoint dir holding one) or a
+    YAML of Meta params, e.g. configs/model/tiny.yaml in a checkout; vocab_size null or
+    auto takes the tokenizer's."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Params merged over `model`'s, e.g. {vision_chunk_size: 448}."""
     init_from: Optional[str] = None
