@@ -190,3 +190,87 @@ def test_sentencepiece_chat(tmp_path):
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>what is this<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\na red square<|eot_id|>"
     )
+
+
+# ---- Meta's encode_content (completion prompts) and stop_reason=None (issue #14) ----------
+#
+# Expected ids are written from llama-models' ChatFormat.encode_content, i.e.
+# _encode_content(content, bos=True): <|begin_of_text|> exactly once, before the first item
+# (text: tokenizer.encode(text, bos=True); image: BOS appended, then the image token), and no
+# other BOS. Literal Llama 3 ids: "Hello" 9906, " world" 1917, "Compare " 28474 220,
+# " and " 323 220, " please." 4587 13; images are the model-side id 128256. ``cf`` is the real
+# Llama 3 tokenizer (shared/reference/tokenizer.model).
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("Hello world", [BOT, 9906, 1917]),
+        ([{"type": "text", "text": "Hello world"}], [BOT, 9906, 1917]),
+        ([{"type": "image"}, {"type": "text", "text": "Hello"}], [BOT, IMG, 9906]),
+        (
+            ["Compare ", {"type": "image"}, {"type": "text", "text": " and "}, {"type": "image"}, " please."],
+            [BOT, 28474, 220, IMG, 323, 220, IMG, 4587, 13],
+        ),
+        ([{"type": "image"}, {"type": "image"}], [BOT, IMG, IMG]),
+        ([{"type": "image", "image": "a.png"}], [BOT, IMG]),
+        ("", [BOT]),  # Meta: tokenizer.encode("", bos=True)
+        ([{"type": "text", "text": ""}, {"type": "image"}], [BOT, IMG]),  # BOS still only once
+        ([], []),  # Meta: no item, so nothing to put BOS before
+    ],
+    ids=["str", "text-item", "image-text", "text-image-text-image-text", "two-images", "one-image",
+         "empty-str", "empty-text-then-image", "empty-list"],  # fmt: skip
+)
+def test_encode_content_matches_meta_completion_prompt(cf, content, expected):
+    ids = cf.encode_content(content)
+    assert ids == expected
+    assert ids.count(BOT) == (1 if expected else 0)
+    # the bare content (what a message holds) is the same ids without the leading BOS
+    assert cf.encode_content_tokens(content) == expected[1:]
+
+
+def test_encode_content_with_strip_and_sentencepiece(cf, tmp_path):
+    stripped = ChatFormat(cf.tokenizer, strip_content=True)
+    assert stripped.encode_content(["  Hello  ", {"type": "image"}]) == [BOT, 9906, IMG]
+    sp = SentencePieceTokenizer(train_sentencepiece(["a red square", "what is this"] * 30, tmp_path / "sp.model", 300))
+    sp_cf = ChatFormat(sp)
+    assert sp_cf.encode_content([{"type": "image"}, "a red square"]) == (
+        [sp.bos_id, sp.image_token_id] + sp.encode("a red square", bos=False, eos=False)
+    )
+
+
+def test_encode_message_content_has_no_bos(cf):
+    # Meta's encode_message uses _encode_content(message.content) with bos=False.
+    msg = {"role": "user", "content": [{"type": "image"}, "Hello"]}
+    ids = cf.encode_message(msg)
+    assert BOT not in ids and ids == [SH, 882, EH, 271, IMG, 9906, EOT]
+    assert cf.encode_dialog([msg]).count(BOT) == 1
+
+
+def test_stop_reason_none_is_end_of_turn(cf):
+    without = [
+        {"role": "user", "content": [{"type": "image"}, "Hello"]},
+        {"role": "assistant", "content": "A cat"},
+        {"role": "user", "content": "Hello world"},
+    ]
+    with_none = [{**m, "stop_reason": None} for m in without]
+    expected = cf.encode_dialog(without)
+    assert cf.encode_dialog(with_none) == expected
+    assert cf.encode_dialog_with_assistant_mask(with_none) == cf.encode_dialog_with_assistant_mask(without)
+    # a JSON round trip of Meta's RawMessage (stop_reason: null) encodes the same
+    assert cf.encode_dialog(json.loads(json.dumps(with_none))) == expected
+    assert cf.encode_message({"role": "assistant", "content": "A cat", "stop_reason": None}) == (
+        [SH, 78191, EH, 271, 32, 8415, EOT]
+    )
+    # end_of_message still gives <|eom_id|>, unknown strings still raise a clear error
+    assert cf.encode_message({"role": "assistant", "content": "A cat", "stop_reason": "end_of_message"})[-1] == EOM
+    with pytest.raises(ValueError, match="unknown stop_reason 'stop'"):
+        cf.encode_dialog([{"role": "assistant", "content": "x", "stop_reason": "stop"}])
+
+
+def test_decoded_reply_encodes_back(cf):
+    # decode_assistant reports a cut-off reply as out_of_tokens (a Meta StopReason), which Meta
+    # closes with <|eot_id|>: the message must encode back instead of raising.
+    reply = cf.decode_assistant([32, 8415])
+    assert reply["stop_reason"] == "out_of_tokens"
+    assert cf.encode_message(reply) == [SH, 78191, EH, 271, 32, 8415, EOT]

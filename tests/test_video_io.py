@@ -315,7 +315,7 @@ def test_unsupported_codec(tmp_path):
         assert str(path) in str(error) and "unsupported video codec" in str(error)
         assert error.__cause__ is None
     else:
-        pytest.skip("this decord build decodes AV1")
+        pytest.skip("decord or its PyAV fallback decodes AV1 here (test_av1_via_fallback checks it)")
 
 
 # ---- arguments, contexts, imports ---------------------------------------------------------
@@ -419,3 +419,231 @@ def test_video_processor_with_real_image_processor(good_video):
         n = expected.shape[0]
         assert torch.allclose(tiles[i, :n], torch.as_tensor(expected, dtype=torch.float32))
         assert torch.count_nonzero(tiles[i, n:]) == 0
+
+
+# ---- the PyAV fallback (issue #14) ----------------------------------------------------------
+#
+# decord 0.6 hands back 6-channel frames for a valid 16x16 H.264 clip (and 4-channel ones for
+# a 90-degree display rotation); load_video then reads the file with PyAV. The clips below are
+# valid files of several kinds; each must decode whichever decoder reads it, and with decord
+# made to fail in each way the loader guards against, PyAV must give decord's result.
+
+import decord  # noqa: E402  (importorskip'd above)
+from types import SimpleNamespace  # noqa: E402
+
+
+def write_clip(path, num_frames, width, height, codec="libx264", pix_fmt="yuv420p", fps=25, pts=None, rotation=None):
+    """Palette clip in any container (by extension), pixel format, rate or display rotation."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if rotation is not None:
+            stream.set_display_rotation(rotation)  # counter-clockwise degrees
+        if pts is not None:
+            stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+VFR_PTS = [10 * i if i < 10 else 100 + 200 * (i - 10) for i in range(20)]  # 10 ms, then 200 ms apart
+# name -> (frames, width, height, writer kwargs, counter-clockwise display rotation)
+CLIPS = {
+    "h264_16x16.mp4": (10, 16, 16, {}, 0),  # decord 0.6: 6-channel frames
+    # yuv420p halves the chroma planes, so libx264 refuses odd sizes; yuv444p takes them.
+    "h264_17x13_yuv444p.mp4": (12, 17, 13, {"pix_fmt": "yuv444p"}, 0),
+    "one_frame.mp4": (1, 64, 48, {}, 0),
+    "vfr.mp4": (20, 64, 48, {"pts": VFR_PTS}, 0),
+    "vfr.mkv": (20, 64, 48, {"pts": VFR_PTS}, 0),
+    "vp9.webm": (20, 64, 48, {"codec": "libvpx-vp9"}, 0),
+    "h264.mkv": (37, 64, 48, {"fps": NTSC}, 0),
+    "rot180.mp4": (6, 64, 48, {"rotation": 180}, 180),
+    "rot90.mp4": (6, 64, 48, {"rotation": 90}, 90),  # decord 0.6: 4-channel frames
+}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    return {name: write_clip(root / name, n, w, h, **kw) for name, (n, w, h, kw, _) in CLIPS.items()}
+
+
+def upright(frame: torch.Tensor, rotation: int) -> torch.Tensor:
+    """Undo a display rotation that the loader applied (it turns frames counter-clockwise)."""
+    return torch.from_numpy(np.ascontiguousarray(np.rot90(frame.numpy(), k=-(rotation // 90))))
+
+
+def break_decord(monkeypatch, how):
+    """Make decord fail on every file in one way: "open" raises in VideoReader(), "raise" in
+    get_batch, "six_channels" doubles the channels (decord's 16x16 bug), "fewer" drops a frame."""
+    real_reader = decord.VideoReader
+
+    class BrokenReader:
+        def __init__(self, path, *args, **kwargs):
+            if how == "open":
+                raise decord.DECORDError(f"[10:00:00] /src/video/video_reader.cc:83: ERROR opening: {path}")
+            self._reader = real_reader(path, *args, **kwargs)
+
+        def __len__(self):
+            return len(self._reader)
+
+        def __getattr__(self, name):
+            return getattr(self._reader, name)
+
+        def get_batch(self, indices):
+            if how == "raise":
+                raise decord.DECORDError("[10:00:00] /src/runtime/ndarray.cc:171: Check failed: from_size == to_size")
+            array = self._reader.get_batch(indices).asnumpy()
+            array = {"six_channels": np.concatenate([array, array], axis=-1), "fewer": array[:-1]}[how]
+            return SimpleNamespace(asnumpy=lambda: array)
+
+    monkeypatch.setattr(decord, "VideoReader", BrokenReader)
+
+
+@pytest.mark.parametrize("name", list(CLIPS))
+def test_valid_files_decode(clips, name):
+    length, width, height, _, rotation = CLIPS[name]
+    if rotation in (90, 270):
+        width, height = height, width
+    frames, info = load_video(clips[name], 8)
+    expected = uniform_indices(length, 8)
+    assert frames.dtype == torch.uint8 and frames.shape == (8, height, width, 3)
+    assert info.total_frames == length and info.frame_indices == tuple(expected) and info.valid == 8
+    assert (info.height, info.width) == (height, width) and info.decoder in ("decord", "pyav")
+    assert [identify(upright(f, rotation)) for f in frames] == expected
+    if rotation == 90:  # the white marker ends up at the bottom-left, as decord turns it
+        assert frames[0, -height // 8 :, : width // 8].float().mean() > 200
+
+
+@pytest.mark.parametrize(
+    "name,how",
+    [(name, "open") for name in CLIPS]
+    + [(name, "six_channels") for name in CLIPS]
+    + [("h264.mkv", "raise"), ("h264.mkv", "fewer"), ("vfr.mp4", "fewer")],
+)
+def test_pyav_fallback_matches_decord(monkeypatch, clips, name, how):
+    length, _, _, _, rotation = CLIPS[name]
+    path = clips[name]
+    reference = None
+    try:
+        reference = load_video(path, 8)
+    except VideoLoadError:
+        pass
+    if reference is not None and reference[1].decoder != "decord":
+        reference = None  # this decord cannot read the clip; test_valid_files_decode covers it
+    break_decord(monkeypatch, how)
+    frames, info = load_video(path, 8)
+    assert info.decoder == "pyav"
+    assert info.frame_indices == tuple(uniform_indices(length, 8)) and info.total_frames == length
+    assert [identify(upright(f, rotation)) for f in frames] == list(info.frame_indices)
+    if reference is None:
+        return
+    ref_frames, ref_info = reference
+    # the same contract: same indices, sizes, rate; decord's duration is a float32. The
+    # duration is the last frame's pts + packet duration; in a VFR mp4 the FFmpeg inside
+    # decord gives every packet the first frame spacing (1.9 s + 10 ms) where PyAV's gives
+    # its own spacing (1.9 s + 200 ms), so there only the last frame's start is common.
+    assert info.fps == ref_info.fps
+    if name == "vfr.mp4":
+        assert min(info.duration_s, ref_info.duration_s) > 1.9 - 1e-6
+    else:
+        assert info.duration_s == pytest.approx(ref_info.duration_s, rel=1e-6)
+    same = {"decoder": "decord", "duration_s": ref_info.duration_s}
+    assert VideoInfo(**{**info.__dict__, **same}) == ref_info
+    # both run FFmpeg's decoder and swscale's RGB conversion: identical here (decord 0.6,
+    # PyAV 18); a rounding step is allowed for other pairs of FFmpeg versions
+    assert frames.shape == ref_frames.shape and frames.dtype == ref_frames.dtype
+    assert (frames.int() - ref_frames.int()).abs().max() <= 1
+
+
+def test_pyav_fallback_short_clip_modes(monkeypatch, clips):
+    path = clips["vp9.webm"]  # 20 frames
+    break_decord(monkeypatch, "open")
+    frames, info = load_video(path, 24, short="pad")
+    assert info.valid == 20 and info.frame_indices == tuple(range(20)) and info.decoder == "pyav"
+    assert [identify(f) for f in frames[:20]] == list(range(20)) and torch.count_nonzero(frames[20:]) == 0
+    frames, info = load_video(path, 24, short="repeat")
+    assert info.frame_indices == tuple(uniform_indices(20, 24)) and info.valid == 24
+    assert [identify(f) for f in frames] == uniform_indices(20, 24)
+
+
+def test_tiny_h264_clip_is_read_despite_decord(clips):
+    # The clip of the issue: a valid 16x16 H.264 file that decord mangles.
+    path = clips["h264_16x16.mp4"]
+    with av.open(path) as container:  # PyAV decodes every frame of it as RGB 16x16
+        assert [f.to_ndarray(format="rgb24").shape for f in container.decode(video=0)] == [(16, 16, 3)] * 10
+    frames, info = load_video(path, 4)
+    assert frames.shape == (4, 16, 16, 3) and info.frame_indices == (1, 3, 6, 8)
+    assert [identify(f) for f in frames] == [1, 3, 6, 8]
+
+
+def test_av1_via_fallback(tmp_path):
+    # decord's bundled FFmpeg has no AV1 decoder; PyAV's FFmpeg usually has libdav1d.
+    encoder = next((c for c in ("libsvtav1", "libaom-av1") if c in av.codecs_available), None)
+    if encoder is None:
+        pytest.skip("PyAV has no AV1 encoder")
+    try:
+        path = write_clip(tmp_path / "av1.mp4", 6, 64, 48, encoder)
+    except Exception as exc:  # the encoder is listed but cannot open on this build
+        pytest.skip(f"cannot write AV1 here: {exc}")
+    try:
+        frames, info = load_video(path, 3)
+    except VideoLoadError as error:  # neither FFmpeg decodes AV1: the precise cause is kept
+        assert "unsupported video codec" in str(error) and "pyav" in str(error).lower()
+        pytest.skip("neither decord nor PyAV decodes AV1 here")
+    assert info.total_frames == 6 and [identify(f) for f in frames] == [1, 3, 5]
+
+
+# -- broken files still give the clear error, after both decoders failed
+
+
+def _truncated(tmp_path, good, name):
+    data = open(good, "rb").read()
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "truncated_faststart", "garbage", "audio_only", "not_a_video"])
+@pytest.mark.parametrize("decord_state", ["real", "broken"])
+def test_broken_files_fail_in_both_decoders(monkeypatch, tmp_path, kind, decord_state):
+    if kind == "truncated":  # no moov index at all
+        path = _truncated(tmp_path, write_video(tmp_path / "full.mp4", 100, 160, 90), "half.mp4")
+        words = ("truncated", "corrupt")
+    elif kind == "truncated_faststart":  # the index opens and promises 100 frames
+        full = write_video(tmp_path / "fs.mp4", 100, 160, 90, options={"movflags": "faststart"})
+        path, words = _truncated(tmp_path, full, "fs_half.mp4"), ("truncated",)
+    elif kind == "garbage":
+        path, words = tmp_path / "noise.webm", ("corrupt", "not a readable")
+        path.write_bytes(np.random.default_rng(1).bytes(30_000))
+    elif kind == "audio_only":
+        codec = next((c for c in ("aac", "mp3") if c in av.codecs_available), None)
+        if codec is None:
+            pytest.skip("PyAV has no audio encoder")
+        path, words = write_audio(tmp_path / "tone.m4a", codec), ("no video stream",)
+    else:
+        path, words = tmp_path / "notes.mkv", ("corrupt", "not a readable")
+        path.write_text("these are meeting notes, not a matroska file\n" * 50)
+    if decord_state == "broken":
+        break_decord(monkeypatch, "open")
+    with pytest.raises(VideoLoadError) as excinfo:
+        load_video(path, 4)
+    assert_clean_error(excinfo, path, *words)
+    assert "pyav" in str(excinfo.value).lower()  # the fallback was tried, and says so
+    if kind == "audio_only":
+        assert "audio" in str(excinfo.value)
+
+
+def test_fallback_unavailable_keeps_decord_cause(monkeypatch, clips):
+    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` fail
+    break_decord(monkeypatch, "six_channels")
+    with pytest.raises(VideoLoadError) as excinfo:
+        load_video(clips["h264.mkv"], 4)
+    assert_clean_error(excinfo, clips["h264.mkv"], "malformed")
+    assert "6 channels" in str(excinfo.value) and "PyAV is not installed" in str(excinfo.value)

@@ -12,7 +12,8 @@ Messages are plain dicts::
      "content": str | [str | {"type": "text", "text": str} | {"type": "image", ...}],
      # optional, as in Meta's RawMessage:
      "tool_calls": [{"tool_name": str, "arguments": dict}],     # assistant only
-     "stop_reason": "end_of_turn" | "end_of_message",          # assistant only
+     "stop_reason": "end_of_turn" | "end_of_message" | "out_of_tokens" | None,
+                                                 # assistant only; None/absent: end_of_turn
      "context": str}                                            # user only (RAG context)
 
 Faithful to Meta in the details that change ids:
@@ -25,6 +26,8 @@ Faithful to Meta in the details that change ids:
 * an image item is one token at its place in the content: the tokenizer's
   ``image_token_id`` (128256 for Llama 3), i.e. Meta's ``<|image|>`` (128011) after the
   rewrite Meta applies before the model; the image payload itself is not read here;
+* :meth:`ChatFormat.encode_content` is Meta's completion-prompt encoder: BOS, then the
+  content (``encode_content_tokens`` gives the content alone, as inside a message);
 * the tool role's header says ``ipython``; an assistant turn that calls a tool ends with
   ``<|eom_id|>`` when its ``stop_reason`` is ``end_of_message``; tool calls are rendered
   with Meta's ``ToolUtils.encode_tool_call`` rules.
@@ -47,7 +50,10 @@ ROLE_HEADERS = {
 }
 BUILTIN_QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 TOOL_PROMPT_FORMATS = ("json", "function_tag", "python_list")
-STOP_REASONS = ("end_of_turn", "end_of_message")
+# Meta's StopReason values. Only end_of_message changes the ids (<|eom_id|>); Meta closes
+# the other two with <|eot_id|>. out_of_tokens is what decode_assistant reports for a cut-off
+# reply, so its messages must encode back.
+STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 
 
 def _format_python_value(value: Any) -> str:
@@ -144,7 +150,23 @@ class ChatFormat:
         return pieces
 
     def encode_content(self, content: Any) -> list[int]:
-        """Token ids of a message's content alone (no header, no end token)."""
+        """A completion prompt: ``<|begin_of_text|>`` then the content (Meta's ``encode_content``).
+
+        Same semantics as llama-models' ``ChatFormat.encode_content`` (``_encode_content``
+        with ``bos=True``), so code ported from there keeps its BOS: ``<|begin_of_text|>``
+        comes exactly once, before the first item, whether that item is text or an image.
+        As in Meta's code, an empty item list gives no ids at all (there is no first item
+        to put BOS before). For the content ids alone, as placed inside a message, use
+        :meth:`encode_content_tokens`.
+        """
+        pieces = self._content_pieces(content)
+        tokens = [i for ids, _ in pieces for i in ids]
+        # Meta adds BOS while processing the first item, so [] stays empty.
+        return [self.bos_id, *tokens] if pieces else tokens
+
+    def encode_content_tokens(self, content: Any) -> list[int]:
+        """Token ids of the content alone, no BOS (Meta's ``_encode_content(content)``, as
+        :meth:`encode_message` uses it between the header and the end token)."""
         return [i for ids, _ in self._content_pieces(content) for i in ids]
 
     def _message_pieces(self, message: Message, tool_prompt_format: str | None) -> list[tuple[list[int], bool]]:
@@ -162,7 +184,11 @@ class ChatFormat:
             raise ValueError(f"unknown tool_prompt_format {fmt!r}; expected one of {TOOL_PROMPT_FORMATS}")
         is_assistant = role == "assistant"
         tool_calls = message.get("tool_calls") or []
-        stop_reason = message.get("stop_reason", "end_of_turn")
+        # Meta's RawMessage defaults stop_reason to None and treats it as end_of_turn; JSON
+        # round trips of such messages carry an explicit null, so None == absent.
+        stop_reason = message.get("stop_reason")
+        if stop_reason is None:
+            stop_reason = "end_of_turn"
         if stop_reason not in STOP_REASONS:
             raise ValueError(f"unknown stop_reason {stop_reason!r}; expected one of {STOP_REASONS}")
         if tool_calls and not is_assistant:
