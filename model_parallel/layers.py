@@ -4,6 +4,17 @@ Every module a factory returns carries `tp_dims` / `checkpoint_tp_dims`: per par
 dimension split across model-parallel ranks (0 for column-parallel / vocab-parallel,
 1 for row-parallel weights, None for replicated). `sharding.shard_plan` reads it, so checkpoint
 merge/split never relies on key-name patterns.
+
+At TP > 1 the factories return fairscale's own classes (Column/RowParallelLinear,
+VocabParallelEmbedding: their forward, isinstance checks, state-dict names) but never run
+fairscale's constructors, which allocate the weight with the legacy `torch.Tensor(n, m)`
+(always the CPU, whatever the device context), build and initialise a FULL master weight
+on every rank and scatter it. Instead each module gets exactly the attributes fairscale's
+`__init__` sets, with this rank's parameters allocated by `torch.empty` on the ambient
+device and dtype: on the meta device (checkpoint loading) a TP > 1 model costs no memory,
+and on a real device only the local shards are allocated, uninitialised (the model's
+`init_weights` or a checkpoint fills them; biases start at zero as fairscale's do).
+tests/dist_tp_memory_worker.py checks the attributes against fairscale's constructor.
 """
 from __future__ import annotations
 
@@ -11,6 +22,7 @@ import torch
 from torch import nn
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel import mappings as fs_map
+from fairscale.nn.model_parallel import utils as fs_utils
 
 from .groups import tp_rank, tp_size
 
@@ -22,10 +34,44 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear))
 
 
-def _keep(weight: torch.Tensor) -> torch.Tensor:
-    # Weights are initialised by the model (or loaded); skip fairscale's xavier pass, which
-    # would build and initialise a full master weight on every rank.
-    return weight
+def _fairscale_module(cls: type, attrs: dict, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> nn.Module:
+    """An instance of fairscale's `cls` with `attrs` (the plain attributes its __init__ sets)
+    and this rank's `weight` (+ `bias`, zeroed) from `torch.empty` on the ambient device /
+    dtype, fairscale's constructor not run (see the module docstring)."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    for name, value in attrs.items():
+        setattr(layer, name, value)
+    layer.weight = nn.Parameter(torch.empty(weight_shape))
+    if bias_shape is None:
+        layer.register_parameter("bias", None)
+    else:
+        layer.bias = nn.Parameter(torch.empty(bias_shape))
+        with torch.no_grad():
+            layer.bias.zero_()
+    return layer
+
+
+def _fs_column_parallel(in_features: int, out_features: int, bias: bool, gather_output: bool) -> nn.Module:
+    local = fs_utils.divide_and_check_no_remainder(out_features, tp_size())
+    attrs = dict(in_features=in_features, out_features=out_features, gather_output=gather_output,
+                 output_size_per_partition=local, master_weight=None)
+    return _fairscale_module(fs_layers.ColumnParallelLinear, attrs, (local, in_features), (local,) if bias else None)
+
+
+def _fs_row_parallel(in_features: int, out_features: int, bias: bool) -> nn.Module:
+    local = fs_utils.divide_and_check_no_remainder(in_features, tp_size())
+    attrs = dict(in_features=in_features, out_features=out_features, input_is_parallel=True,
+                 input_size_per_partition=local, master_weight=None)
+    return _fairscale_module(fs_layers.RowParallelLinear, attrs, (out_features, local), (out_features,) if bias else None)
+
+
+def _fs_vocab_parallel_embedding(num_embeddings: int, dim: int) -> nn.Module:
+    start, end = fs_utils.VocabUtility.vocab_range_from_global_vocab_size(num_embeddings, tp_rank(), tp_size())
+    attrs = dict(num_embeddings=num_embeddings, embedding_dim=dim, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False, _weight=None, vocab_start_index=start, vocab_end_index=end,
+                 num_embeddings_per_partition=end - start)
+    return _fairscale_module(fs_layers.VocabParallelEmbedding, attrs, (end - start, dim), None)
 
 
 def _tag(module: nn.Module, weight_dim: int | None, bias_dim: int | None, checkpoint_dims: dict | None = None) -> nn.Module:
@@ -47,9 +93,7 @@ def column_parallel_linear(in_features: int, out_features: int, bias: bool = Fal
     if tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
-        layer = fs_layers.ColumnParallelLinear(
-            in_features, out_features, bias=bias, gather_output=gather_output, init_method=_keep
-        )
+        layer = _fs_column_parallel(in_features, out_features, bias, gather_output)
     return _tag(layer, 0, 0)
 
 
@@ -59,9 +103,7 @@ def row_parallel_linear(in_features: int, out_features: int, bias: bool = False)
     if tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
-        layer = fs_layers.RowParallelLinear(
-            in_features, out_features, bias=bias, input_is_parallel=True, init_method=_keep
-        )
+        layer = _fs_row_parallel(in_features, out_features, bias)
     return _tag(layer, 1, None)
 
 
@@ -70,7 +112,7 @@ def vocab_parallel_embedding(num_embeddings: int, dim: int) -> nn.Module:
     if tp_size() == 1:
         layer = nn.Embedding(num_embeddings, dim)
     else:
-        layer = fs_layers.VocabParallelEmbedding(num_embeddings, dim, init_method=_keep)
+        layer = _fs_vocab_parallel_embedding(num_embeddings, dim)
     return _tag(layer, 0, None)
 
 

@@ -1,9 +1,12 @@
 """Meta <-> Hugging Face Mllama key layouts (state dicts and configs).
 
 HF differences handled here: a merged decoder (n_layers + n_xattn layers, cross-attention
-layer j at index schedule[j] + j), q/k of self-attention permuted for rotate-half RoPE,
+layer j at index schedule[j] + j, `schedule` = Meta's per-layer positions, any ascending
+list: `ModelArgs.fusion_schedule`), q/k of self-attention permuted for rotate-half RoPE,
 learnable special-token rows appended to `embed_tokens`, position/tile embeddings
-precomputed per aspect-ratio id, the patch embedding as a conv weight.
+precomputed per aspect-ratio id (from Meta's grid, or held per ratio as they are when
+`ModelArgs.tile_embedding_layout == "per_aspect_ratio"`), the patch embedding as a conv
+weight.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 
 from llama_vision.data.tiling import supported_aspect_ratios  # (tiles_h, tiles_w), HF's order
 from llama_vision.model.args import ModelArgs, fusion_schedule
+from llama_vision.model.vision import grid_from_per_ratio, per_ratio_from_grid, tile_table_rows
 
 Tensor = torch.Tensor
 
@@ -28,29 +32,51 @@ def permute_from_rotate_half(w: Tensor, n_heads: int) -> Tensor:
 # --- tile-indexed embeddings ----------------------------------------------------------------
 def precompute_by_aspect_ratio(table: Tensor) -> Tensor:
     """Meta [T, T, P, W] -> HF [n_ratios + 1, T * P * W] (row 0 = padding, zeros)."""
-    t, _, p, w = table.shape
-    ratios = supported_aspect_ratios(t)
-    out = table.new_zeros(len(ratios) + 1, t, p, w)
-    for i, (h, wt) in enumerate(ratios, 1):
-        out[i, : h * wt] = table[:h, :wt].reshape(h * wt, p, w)
-    return out.flatten(1)
+    return per_ratio_from_grid(table).flatten(1)
 
 def table_from_aspect_ratios(pre: Tensor, t: int, p: int, w: int) -> Tensor:
     """Inverse of `precompute_by_aspect_ratio`. Grid cells no supported ratio reaches (e.g.
     [2, 2] of a 4x4 table is reached, [3, 3] is not) are never read by a forward and come
-    back as zeros."""
-    pre = pre.view(-1, t, p, w)
-    table = pre.new_zeros(t, t, p, w)
-    for i, (h, wt) in enumerate(supported_aspect_ratios(t), 1):
-        table[:h, :wt] = pre[i, : h * wt].reshape(h, wt, p, w)
-    return table
+    back as zeros. Exact only for tables that are the image of a grid (see
+    `hf_io.grid_mismatch`); otherwise each cell keeps the last ratio's value."""
+    return grid_from_per_ratio(pre.view(-1, t, p, w))
 
 # --- layer index maps -----------------------------------------------------------------------
 def hf_layer_indices(n_layers: int, schedule: list[int]) -> tuple[list[int], list[int]]:
-    """HF merged-stack index of each Meta self-attention layer and cross-attention block."""
+    """HF merged-stack index of each Meta self-attention layer and cross-attention block.
+    schedule[j] = the self-attention layer cross-attention block j runs before (ascending):
+    block j sits at merged index schedule[j] + j, self layer i at i + #{j: schedule[j] <= i}."""
     cross = [layer + j for j, layer in enumerate(schedule)]
     self_idx = [i + sum(s <= i for s in schedule) for i in range(n_layers)]
     return self_idx, cross
+
+def schedule_from_hf_cross_layers(cross_attention_layers, num_hidden_layers: int) -> list[int]:
+    """HF `text_config.cross_attention_layers` (merged-stack indices) -> Meta's per-layer
+    schedule (the inverse of `hf_layer_indices`): schedule[j] = sorted(cross)[j] - j. Our
+    decoder (as Meta's) runs at most one cross-attention block before each self-attention
+    layer and none after the last, so two adjacent cross-attention layers, or one at the
+    top of the stack, are refused."""
+    cross = sorted(int(c) for c in cross_attention_layers)
+    where = f"HF text_config.cross_attention_layers {list(cross_attention_layers)}"
+    if not cross:
+        raise ValueError(f"{where}: an Mllama model needs at least one cross-attention layer")
+    if len(set(cross)) != len(cross):
+        raise ValueError(f"{where} repeats a layer index")
+    bad = [c for c in cross if not 0 <= c < num_hidden_layers]
+    if bad:
+        raise ValueError(f"{where}: indices {bad} outside the {num_hidden_layers}-layer stack (0..{num_hidden_layers - 1})")
+    n_layers = num_hidden_layers - len(cross)
+    schedule = [c - j for j, c in enumerate(cross)]
+    adjacent = [c for c, prev in zip(cross[1:], cross) if c == prev + 1]
+    if adjacent:
+        raise ValueError(
+            f"{where}: cross-attention layers {adjacent} directly follow another cross-attention layer; this model "
+            f"runs at most one cross-attention block before each self-attention layer (fusion_schedule must not repeat)"
+        )
+    if schedule[-1] >= n_layers:
+        raise ValueError(f"{where}: cross-attention layer {cross[-1]} comes after the last self-attention layer; "
+                         f"this model runs every cross-attention block before a self-attention layer")
+    return schedule
 
 _VISION_BLOCK = {
     "attn.wq.weight": "self_attn.q_proj.weight",
@@ -147,14 +173,35 @@ def meta_to_hf(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     out[f"{_HT}embed_tokens.weight"] = torch.cat(
         [remaining.pop(f"{_T}tok_embeddings.weight"), remaining.pop(f"{_T}learnable_embedding.weight")]
     )
-    out[f"{_HV}gated_positional_embedding.tile_embedding.weight"] = precompute_by_aspect_ratio(
-        remaining.pop(f"{_V}gated_positional_embedding")
-    )
-    for meta, hf in (("pre_tile_pos_embed", "pre_tile_positional_embedding"), ("post_tile_pos_embed", "post_tile_positional_embedding")):
-        out[f"{_HV}{hf}.embedding.weight"] = precompute_by_aspect_ratio(remaining.pop(f"{_V}{meta}.embedding"))
+    for meta, hf in _TILE_TABLE_KEYS:
+        table = remaining.pop(meta)
+        _check_tile_table(table, meta, args)
+        # Per-ratio tables are HF's rows already: only flattened (a view), values untouched.
+        out[hf] = precompute_by_aspect_ratio(table) if args.tile_embedding_layout == "grid" else table.flatten(1)
     if remaining:
         raise KeyError(f"Meta keys with no HF counterpart: {sorted(remaining)[:10]}")
     return out
+
+# (Meta key, HF key) of the tile-position tables, the only keys whose layout differs.
+_TILE_TABLE_KEYS = (
+    (f"{_V}gated_positional_embedding", f"{_HV}gated_positional_embedding.tile_embedding.weight"),
+    (f"{_V}pre_tile_pos_embed.embedding", f"{_HV}pre_tile_positional_embedding.embedding.weight"),
+    (f"{_V}post_tile_pos_embed.embedding", f"{_HV}post_tile_positional_embedding.embedding.weight"),
+)
+
+def _tile_table_shape(meta_key: str, args: ModelArgs) -> tuple[int, ...]:
+    """Meta-side shape of a tile table in `args`' layout."""
+    t = args.vision_max_num_chunks
+    p = args.vision_tokens_per_tile if meta_key.endswith("gated_positional_embedding") else 1
+    return (tile_table_rows(t, args.tile_embedding_layout), t, p, args.vision_width)
+
+def _check_tile_table(table: Tensor, meta_key: str, args: ModelArgs) -> None:
+    want = _tile_table_shape(meta_key, args)
+    if tuple(table.shape) != want:
+        raise KeyError(
+            f"{meta_key} has shape {list(table.shape)}, expected {list(want)} for tile_embedding_layout="
+            f"{args.tile_embedding_layout!r} (grid: [T, T, ...], per_aspect_ratio: [n_ratios + 1, T, ...])"
+        )
 
 def hf_to_meta(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """HF MllamaForConditionalGeneration state dict -> Meta state dict."""
@@ -173,12 +220,17 @@ def hf_to_meta(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     emb = remaining.pop(f"{_HT}embed_tokens.weight")
     out[f"{_T}tok_embeddings.weight"] = emb[: args.vocab_size]
     out[f"{_T}learnable_embedding.weight"] = emb[args.vocab_size :]
-    t, w, p = args.vision_max_num_chunks, args.vision_width, args.vision_tokens_per_tile
-    out[f"{_V}gated_positional_embedding"] = table_from_aspect_ratios(
-        remaining.pop(f"{_HV}gated_positional_embedding.tile_embedding.weight"), t, p, w
-    )
-    for meta, hf in (("pre_tile_pos_embed", "pre_tile_positional_embedding"), ("post_tile_pos_embed", "post_tile_positional_embedding")):
-        out[f"{_V}{meta}.embedding"] = table_from_aspect_ratios(remaining.pop(f"{_HV}{hf}.embedding.weight"), t, 1, w)
+    for meta, hf in _TILE_TABLE_KEYS:
+        if hf not in remaining:
+            raise KeyError(f"HF checkpoint is missing {hf} (needed for {meta})")
+        _, t, p, w = _tile_table_shape(meta, args)
+        rows = len(supported_aspect_ratios(t)) + 1
+        pre = remaining.pop(hf)
+        if tuple(pre.shape) != (rows, t * p * w):
+            raise KeyError(f"{hf} has shape {list(pre.shape)}, expected [{rows}, {t * p * w}] (n_ratios + 1, T * P * W)")
+        # Grid: one value per tile (exact when the rows agree, see hf_io); per ratio: HF's
+        # rows as they are (a view).
+        out[meta] = table_from_aspect_ratios(pre, t, p, w) if args.tile_embedding_layout == "grid" else pre.view(rows, t, p, w)
     if remaining:
         raise KeyError(f"unexpected HF keys: {sorted(remaining)[:10]}")
     return out
@@ -280,9 +332,11 @@ def params_from_hf_config(config: dict) -> dict:
             rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
             rope_original_max_position=rope.get("original_max_position_embeddings", 8192),
         )
-    merged = [layer + j for j, layer in enumerate(fusion_schedule(n_layers, len(cross)))]
-    if merged != cross:
-        raise ValueError(f"HF cross_attention_layers {cross} do not follow Meta's fusion schedule ({merged})")
+    # Any positions transformers accepts that our decoder can run; params.json names them
+    # only when they are not Meta's rule (Meta-scheduled configs convert exactly as before).
+    schedule = schedule_from_hf_cross_layers(cross, tc["num_hidden_layers"])
+    if schedule != fusion_schedule(n_layers, len(cross)):
+        params["fusion_schedule"] = schedule
     return params
 
 def ffn_params(dim: int, hidden: int) -> dict:

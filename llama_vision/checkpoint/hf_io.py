@@ -13,6 +13,12 @@ use (`language_model.model.*`, `language_model.lm_head.*`, `vision_model.*`,
 `multi_modal_projector.*`). Both are accepted here; files are written with the Hub names,
 so transformers 4.x and 5.x both read them.
 
+Tile-position tables: HF keeps one row per aspect-ratio id. Rows that are the per-ratio
+form of a grid (every checkpoint converted from Meta's) load into Meta's "grid" layout,
+bitwise as before; rows no grid can hold (a transformers fine-tune) load into
+`tile_embedding_layout="per_aspect_ratio"`, with a warning saying so (`grid_mismatch`,
+`load_hf_as_meta`), and export back unchanged.
+
 Writing: config.json from `hf_config_from_args`, safetensors split into files of at most
 `max_shard_bytes` (+ the index when there is more than one), each written atomically;
 an existing config.json is removed first and rewritten LAST, so a dir with a config.json is
@@ -32,7 +38,15 @@ import model_parallel as mp
 from llama_vision.model.args import ModelArgs
 from llama_vision.utils.io import CheckpointFormatError, atomic_save_safetensors, atomic_write_text
 
-from .hf import hf_config_from_args, hf_to_meta, meta_to_hf, params_from_hf_config, precompute_by_aspect_ratio, supported_aspect_ratios
+from .hf import (
+    hf_config_from_args,
+    hf_to_meta,
+    meta_to_hf,
+    params_from_hf_config,
+    precompute_by_aspect_ratio,
+    supported_aspect_ratios,
+    table_from_aspect_ratios,
+)
 from .meta import CheckpointMismatchError, args_from_params, tensors_for_saving
 
 Tensor = torch.Tensor
@@ -160,19 +174,67 @@ def params_from_hf_dir_config(config: dict, source) -> dict:
     return params
 
 
-def load_hf_as_meta(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+def load_hf_as_meta(path: str | Path, tile_embedding_layout: str | None = None) -> tuple[dict, dict[str, Tensor]]:
     """(Meta params, full Meta state dict) of an HF Mllama dir. Only the rotate-half
-    un-permutation of q/k and the tile tables materialise; the rest stays memory-mapped."""
+    un-permutation of q/k and the tile tables materialise; the rest stays memory-mapped.
+
+    tile_embedding_layout: how to hold the per-aspect-ratio tile tables (the ModelArgs
+    key). None: "grid" (Meta's) when the rows are the per-ratio form of a grid -- every
+    checkpoint converted from Meta's -- else "per_aspect_ratio" (`tile_layout_for`).
+    Holding rows no grid can hold warns once, saying which layout is used and why ("grid"
+    forced on them: that outputs will differ). The params carry the key only when it is
+    "per_aspect_ratio"."""
     path = Path(path)
     hf_state, config = load_hf_state_dict(path)
     params = params_from_hf_dir_config(config, path / CONFIG_FILE)
+    args = ModelArgs.from_params(dict(params))
+    mismatch = grid_mismatch(hf_state, args)
+    layout = tile_embedding_layout or tile_layout_for(mismatch)
+    _warn_about_tile_layout(mismatch, layout, path)
+    params = _with_layout(params, layout)
     args = ModelArgs.from_params(dict(params))
     try:
         state = hf_to_meta(hf_state, args)
     except KeyError as e:
         raise CheckpointMismatchError(f"{path}: {e.args[0] if e.args else e}") from e
-    _warn_if_tile_tables_diverge(hf_state, state, args, path)
     return params, state
+
+
+def hf_dir_params(path: str | Path) -> dict:
+    """Meta params of an HF Mllama dir: config.json's, plus the tile-embedding layout its
+    weights need (read from the three tile tables only; see `load_hf_as_meta`, which
+    warns when loading them)."""
+    path = Path(path)
+    params = params_from_hf_dir_config(read_hf_config(path), path / CONFIG_FILE)
+    args = ModelArgs.from_params(dict(params))
+    tables = _read_hf_tensors(path, list(_TILE_TABLES))
+    return _with_layout(params, tile_layout_for(grid_mismatch(tables, args)))
+
+
+def _with_layout(params: dict, layout: str) -> dict:
+    params = {k: v for k, v in params.items() if k != "tile_embedding_layout"}
+    return params if layout == "grid" else {**params, "tile_embedding_layout": layout}
+
+
+def _read_hf_tensors(path: Path, keys: list[str]) -> dict[str, Tensor]:
+    """Only `keys` (transformers 5 in-memory names) of an HF dir's weight files."""
+    from safetensors import SafetensorError, safe_open
+
+    want = set(keys)
+    out: dict[str, Tensor] = {}
+    for f in safetensors_files(path):
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for file_key in handle.keys():
+                    key = next(iter(file_to_memory_names({file_key: None})))
+                    if key in want:
+                        out[key] = handle.get_tensor(file_key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointFormatError(f"{f} is not a readable safetensors file: {e}") from e
+    missing = sorted(want - set(out))
+    if missing:
+        raise CheckpointMismatchError(f"{path}: HF checkpoint is missing {missing}")
+    return out
 
 
 _TILE_TABLES = {
@@ -182,25 +244,56 @@ _TILE_TABLES = {
 }
 
 
-def _warn_if_tile_tables_diverge(hf_state: Mapping[str, Tensor], meta_state: Mapping[str, Tensor], args: ModelArgs, source) -> None:
-    """HF keeps one tile-embedding row per aspect ratio, Meta one per grid cell shared by
-    every ratio that reaches it. Checkpoints converted from Meta agree on the shared cells;
-    one fine-tuned in HF's layout may not, and Meta's layout cannot hold that (the last
-    ratio's value is kept). Say so instead of silently changing the model."""
-    t = args.vision_max_num_chunks
-    for hf_key, meta_key in _TILE_TABLES.items():
-        theirs = hf_state[hf_key].view(-1, t, *meta_state[meta_key].shape[2:])
-        ours = precompute_by_aspect_ratio(meta_state[meta_key]).view_as(theirs)
-        worst = 0.0
-        for i, (h, w) in enumerate(supported_aspect_ratios(t), 1):
-            worst = max(worst, float((theirs[i, : h * w].float() - ours[i, : h * w].float()).abs().max()))
-        if worst > 0:
+def grid_mismatch(hf_state: Mapping[str, Tensor], args: ModelArgs) -> dict[str, float]:
+    """HF tile table -> max |row value - what Meta's grid gives back| for each table a grid
+    cannot hold bitwise (empty: all three can). HF keeps one row of T tile slots per
+    aspect ratio; Meta one value per grid cell, shared by every ratio that reaches it, and
+    zeros in a ratio's empty tile slots and for absent images (row 0)."""
+    t, w = args.vision_max_num_chunks, args.vision_width
+    n_rows = len(supported_aspect_ratios(t)) + 1
+    out = {}
+    for hf_key in _TILE_TABLES:
+        pre = hf_state.get(hf_key)
+        if pre is None or pre.dim() != 2 or pre.shape[0] != n_rows or pre.shape[1] % (t * w):
+            continue  # missing or misshapen: the conversion names it
+        rows = pre.view(n_rows, t, -1, w)
+        back = precompute_by_aspect_ratio(table_from_aspect_ratios(pre, t, rows.shape[2], w)).view_as(rows)
+        if not torch.equal(back, rows):
+            out[hf_key] = float((back.float() - rows.float()).abs().max())
+    return out
+
+
+def tile_layout_for(mismatch: Mapping[str, float]) -> str:
+    """The layout that holds an HF checkpoint's tile tables exactly, from `grid_mismatch`:
+    "grid" when every table is the per-ratio form of a grid (the checkpoint loads and
+    exports bitwise in Meta's layout), else "per_aspect_ratio" -- transformers' own
+    layout, e.g. a checkpoint fine-tuned with transformers, whose rows for aspect ratios
+    sharing a tile disagree."""
+    return "per_aspect_ratio" if mismatch else "grid"
+
+
+def _warn_about_tile_layout(mismatch: Mapping[str, float], layout: str, source) -> None:
+    if not mismatch:
+        return
+    if layout == "grid":  # forced on rows a grid cannot hold
+        for hf_key, worst in mismatch.items():
             warnings.warn(
                 f"{source}: {hf_key} gives different values to the same tile for different aspect ratios "
-                f"(max difference {worst:.3g}); Meta's layout keeps one value per tile, so outputs will differ "
-                f"from this HF checkpoint's for some aspect ratios",
-                stacklevel=3,
+                f"(max difference {worst:.3g}); tile_embedding_layout='grid' (Meta's) keeps one value per tile, so "
+                f"outputs will differ from this HF checkpoint's for some aspect ratios",
+                stacklevel=4,
             )
+        return
+    detail = ", ".join(f"{k} (max difference {d:.3g})" for k, d in mismatch.items())
+    warnings.warn(
+        f"{source}: the per-aspect-ratio tile embeddings do not fit Meta's one-value-per-tile grid "
+        f"(rows of aspect ratios sharing a tile disagree, or empty tile slots / the absent-image row 0 are "
+        f"non-zero): {detail}; holding them with tile_embedding_layout='per_aspect_ratio' (transformers' layout: "
+        f"outputs match this checkpoint for every aspect ratio). A Meta-format save of it keeps per-ratio tables "
+        f"that only this library loads; params_overrides={{'tile_embedding_layout': 'grid'}} forces Meta's layout "
+        f"(lossy)",
+        stacklevel=4,
+    )
 
 
 def save_hf_checkpoint(

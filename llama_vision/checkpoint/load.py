@@ -1,28 +1,36 @@
 """Load a Meta or Hugging Face checkpoint dir into a model, at any tensor-parallel degree.
 
-The model is built on the meta device (shapes only, no memory; at TP > 1 fairscale's layers
-are built uninitialised on the CPU instead), then this rank's tensors are read from the
-checkpoint files, which are memory-mapped (`torch.load(mmap=True)` / safetensors).
+The model is built on the meta device (shapes only, no memory) at every TP degree
+(model_parallel builds fairscale's parallel layers there without their constructors), then
+this rank's tensors are read from the checkpoint files, which are memory-mapped
+(`torch.load(mmap=True)` / safetensors): for a Meta checkpoint only the files holding this
+rank's rows are opened and only this rank's part of them is read; an HF checkpoint's full
+tensors are sliced. Each TP-split tensor is placed on the target device as soon as it is
+sliced (`_placer`): on the CPU the mapped slice itself when it already has the model's
+dtype and is contiguous, else one cast / contiguous copy; on another device one copy
+there. So no rank ever holds a host copy of its shard (nor of the model) besides the file
+pages being read; a resharded tensor (N files -> TP=M, concatenated on the host) is freed
+before the next one is built.
 
-On the CPU the tensors are ASSIGNED (`assign_strict`): a checkpoint tensor that already has
-its parameter's dtype and is contiguous becomes the parameter itself -- the weights exist
-once, as private copy-on-write file pages read when first used -- and any other tensor is
-cast / made contiguous in one copy (a bfloat16 model from a float32 file holds only the
-bfloat16 copies). Parameters stay `nn.Parameter`s with the skeleton's `requires_grad`,
-attributes (`tp_partial_grad`) and ties, and are writable (writes copy the page, never
-reach the file). The files stay mapped while the model lives: they may be deleted or
-replaced (our savers write a temp file and rename it) but must not be rewritten in place.
+The tensors are then ASSIGNED (`assign_strict`): a tensor that already has its
+parameter's dtype, device and layout becomes the parameter itself -- on the CPU the weights
+exist once, as private copy-on-write file pages read when first used -- and any other
+(the replicated ones, left for the load hooks) is cast / moved in one copy (a bfloat16
+model from a float32 file holds only the bfloat16 copies). Parameters stay
+`nn.Parameter`s with the skeleton's `requires_grad`, attributes (`tp_partial_grad`) and
+ties, and are writable (on the CPU writes copy the page, never reach the file). The files
+stay mapped while a CPU model lives: they may be deleted or replaced (our savers write a
+temp file and rename it) but must not be rewritten in place.
 
-On other devices `to_empty` allocates uninitialised storage there and
-`load_state_dict(strict)` copies every tensor in.
-
-Either way keys and shapes are checked strictly first, with errors that name the offending
+Keys and shapes are checked strictly first, with errors that name the offending
 keys and the checkpoint. The only shape differences let through are those the modules' load
 hooks resize by value: the vision encoder's position / tile embeddings (another tile size)
 and what a module accepts in `resizes_on_load` (the video aggregator's temporal / group
 embeddings at another frames_per_group / group count). The hooks run inside
-`load_state_dict`, so both paths above go through them. (The RoPE table is in no checkpoint and needs no restoring: it is
-not a module buffer, see `TextDecoder._rope_table_on`.)
+`load_state_dict`, which `assign_strict` calls before assigning; the replicated tensors
+they resize reach them as read (checkpoint dtype, on the CPU). (The RoPE table is in no
+checkpoint and needs no restoring: it is not a module buffer, see
+`TextDecoder._rope_table_on`.)
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from torch import nn
 import model_parallel as mp
 from llama_vision.model import VisionLanguageModel
 
-from .hf_io import DEFAULT_MAX_SHARD_BYTES, is_hf_checkpoint, load_hf_as_meta, params_from_hf_dir_config, read_hf_config, save_hf_checkpoint
+from .hf_io import DEFAULT_MAX_SHARD_BYTES, hf_dir_params, is_hf_checkpoint, load_hf_as_meta, save_hf_checkpoint
 from .meta import (
     PARAMS_FILE,
     CheckpointMismatchError,
@@ -78,7 +86,7 @@ def checkpoint_params(path: str | Path) -> dict:
         params = read_params(path)
         args_from_params(params, path / PARAMS_FILE)
         return params
-    return params_from_hf_dir_config(read_hf_config(path), path / "config.json")
+    return hf_dir_params(path)  # config.json + the tile-embedding layout its weights need
 
 
 def load_model(
@@ -99,13 +107,10 @@ def load_model(
     path = Path(path)
     params = {**checkpoint_params(path), **(params_overrides or {})}
     _resolve_tp(tp)  # build_model shards for the current TP degree
-    model = build_skeleton(params, dtype)
-    state = rank_state_dict(model, path)
-    if torch.device(device).type == "cpu":
-        assign_strict(model, state, path)
-    else:
-        materialize(model, device)
-        load_strict(model, state, path)
+    device = torch.device(device)
+    model = build_skeleton(params, dtype)  # meta device, this rank's shapes
+    state = rank_state_dict(model, path, device=device)
+    assign_strict(model, state, path, device=device)
     return model.eval()
 
 
@@ -120,16 +125,57 @@ def load_into(model: nn.Module, path: str | Path, *, allow_missing_prefixes: tup
     load_strict(model, state, path, allow_missing_prefixes)
 
 
-def rank_state_dict(model: nn.Module, path: str | Path, *, allow_missing_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """This rank's tensors for `model` (built at the current TP degree) from a checkpoint dir."""
+def rank_state_dict(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    allow_missing_prefixes: tuple[str, ...] = (),
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's tensors for `model` (built at the current TP degree) from a checkpoint dir.
+    `device`: place each TP-split tensor there, in the model's dtype, as soon as it is read
+    (see `_placer`); None leaves every tensor as read (memory-mapped CPU slices / views)."""
     path = Path(path)
     rank, world = mp.tp_rank(), mp.tp_size()
-    if checkpoint_format(path) == "meta":
-        return load_meta_state_dict(path, rank, world, model, allow_missing_prefixes=allow_missing_prefixes)
-    _, full = load_hf_as_meta(path)
+    fmt = checkpoint_format(path)
+    place = None if device is None else _placer(model, torch.device(device), own_slices=fmt == "hf" and world > 1)
+    if fmt == "meta":
+        return load_meta_state_dict(path, rank, world, model, allow_missing_prefixes=allow_missing_prefixes, place=place)
+    # In the model's tile-embedding layout (checkpoint_params chose it, or params_overrides).
+    _, full = load_hf_as_meta(path, getattr(getattr(model, "args", None), "tile_embedding_layout", None))
     check_keys(full, model.state_dict(), path, allow_missing_prefixes)
     check_shapes({k: tuple(v.shape) for k, v in full.items()}, model, world, path)
-    return mp.shard_state_dict(model, full, rank, world)
+    local = mp.shard_state_dict(model, full, rank, world)  # views of the full tensors
+    full.clear()  # a full tensor the conversion materialised now lives only through its slice
+    if place is not None:
+        for key in local:
+            local[key] = place(key, local[key])
+    return local
+
+
+def _placer(model: nn.Module, device: torch.device, *, own_slices: bool = False):
+    """`place(key, tensor)` for this rank's tensors as they are read: a TP-split tensor of
+    the model's shape goes to `device` in the skeleton's dtype, contiguous (no copy when it
+    already is all that: a memory-mapped slice on the CPU stays the file's pages). Other
+    tensors are returned as they are: replicated ones may still be resized or read by the
+    modules' load hooks (vision position / tile embeddings, video tables) in the
+    checkpoint's dtype, and a wrong shape is left for the strict checks to report;
+    `assign_strict` casts / moves those afterwards. own_slices (HF at TP > 1): on the CPU
+    a slice is copied out of its full tensor, which the HF conversion may have
+    materialised (un-permuted q/k) and which would otherwise stay alive behind the view."""
+    split = mp.shard_plan(model, "runtime")
+    skeleton = model.state_dict(keep_vars=True)
+
+    def place(key: str, t: torch.Tensor) -> torch.Tensor:
+        want = skeleton.get(key)
+        if split.get(key) is None or want is None or t.shape != want.shape:
+            return t
+        copy = own_slices and device.type == "cpu" and t.untyped_storage().nbytes() > t.numel() * t.element_size()
+        # `.to(memory_format=contiguous_format)` would keep a 2-D strided view (a row-parallel
+        # slice) as it is: `.contiguous()` after the move copies it on the device.
+        return t.to(device=device, dtype=want.dtype, copy=copy).contiguous()
+
+    return place
 
 
 def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
@@ -139,11 +185,12 @@ def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
     return model
 
 
-def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source) -> nn.Module:
-    """Load `state` (CPU tensors, e.g. memory-mapped) into `model` (built on the meta device,
-    or uninitialised on the CPU) WITHOUT a second copy of the weights: each parameter /
-    buffer becomes the loaded tensor when that already has the skeleton's dtype and is
-    contiguous, else a contiguous cast of it (one copy). Keys and shapes are strict (as
+def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load `state` (tensors on the CPU, e.g. memory-mapped, or already on `device`) into
+    `model` (built on the meta device, or uninitialised on `device`) WITHOUT a second copy
+    of the weights: each parameter / buffer becomes the loaded tensor when that already has
+    the skeleton's dtype, is on `device` and contiguous, else a contiguous cast / copy of it
+    there (one copy). Keys and shapes are strict (as
     `load_strict`, whose load hooks run first). The skeleton's parameter attributes
     (`requires_grad`, `tp_partial_grad`, ...) and ties are kept; loaded tensors that
     overlap in memory are copied, so parameters share storage only where the skeleton tied
@@ -173,7 +220,7 @@ def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source) -
         got, old = table[attr], skeleton[key]
         if got is old:  # not in the checkpoint: a non-persistent buffer, if a module has one
             continue
-        ready = got.detach().to(dtype=old.dtype, memory_format=torch.contiguous_format)
+        ready = got.detach().to(device=device, dtype=old.dtype).contiguous()  # (see `_placer`)
         install(key, got if ready.data_ptr() == got.data_ptr() and ready.dtype == got.dtype else ready)
         loaded[key] = table[attr]
     # No two parameters may share memory unless tied in the skeleton (e.g. a checkpoint

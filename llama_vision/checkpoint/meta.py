@@ -62,6 +62,15 @@ def params_to_dict(params: ModelArgs | Mapping | str | Path) -> dict:
         for key in RUNTIME_ONLY_PARAMS:
             out.pop(key, None)
         out["vision_intermediate_layers"] = list(out["vision_intermediate_layers"])
+        # Keys written only when they differ from Meta's architecture, so a Meta model's
+        # params.json stays exactly Meta's: an explicit adapter schedule, and the
+        # per-aspect-ratio tile tables (a checkpoint Meta's own code cannot load).
+        if params.has_meta_fusion_schedule:
+            out.pop("fusion_schedule")
+        else:
+            out["fusion_schedule"] = list(out["fusion_schedule"])
+        if params.tile_embedding_layout == "grid":
+            out.pop("tile_embedding_layout")
         return out
     if isinstance(params, (str, Path)):
         return read_params(params)
@@ -256,18 +265,11 @@ def load_strict(
 
 
 def build_skeleton(params: Mapping, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model without weights: on the meta device (no memory). fairscale's parallel
-    layers cannot be built there at TP > 1 (their legacy `torch.Tensor(n, m)` weight ignores
-    the device context while the master weight follows it); then build uninitialised on
-    the CPU: this rank's slices plus, transiently, one full weight at a time."""
+    """The model without weights, on the meta device (no memory), at any TP degree (the
+    factories in model_parallel.layers build fairscale's parallel layers there too)."""
     from llama_vision.model import build_model
 
-    try:
-        return build_model(dict(params), device="meta", dtype=dtype, init=False)
-    except RuntimeError as e:
-        if mp.tp_size() == 1 or "meta" not in str(e):
-            raise
-        return build_model(dict(params), device="cpu", dtype=dtype, init=False)
+    return build_model(dict(params), device="meta", dtype=dtype, init=False)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -278,10 +280,12 @@ def load_meta_state_dict(
     plan_model: nn.Module | None = None,
     *,
     allow_missing_prefixes: tuple[str, ...] = (),
+    place: Callable[[str, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """This rank's state dict at TP=`tp_world`, from a checkpoint saved with any number of
     files. `plan_model` is the target model (any device, "meta" included) built at
-    TP=`tp_world`; by default one is built from params.json on the meta device."""
+    TP=`tp_world`; by default one is built from params.json on the meta device. `place`:
+    see `reshard`."""
     ckpt_dir = Path(ckpt_dir)
     if plan_model is None:
         if tp_world != mp.tp_size():
@@ -290,7 +294,7 @@ def load_meta_state_dict(
         args_from_params(params, ckpt_dir / PARAMS_FILE)  # clear error before building
         plan_model = build_skeleton(params)
     shards = ShardSet(meta_shard_paths(ckpt_dir))
-    return reshard(shards, plan_model, tp_rank, tp_world, source=ckpt_dir, allow_missing_prefixes=allow_missing_prefixes)
+    return reshard(shards, plan_model, tp_rank, tp_world, source=ckpt_dir, allow_missing_prefixes=allow_missing_prefixes, place=place)
 
 
 def reshard(
@@ -302,11 +306,14 @@ def reshard(
     source,
     allow_missing_prefixes: tuple[str, ...] = (),
     keys: Iterable[str] | None = None,
+    place: Callable[[str, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """N files -> the tensors rank `tp_rank` of `model` (built at TP=`tp_world`) holds.
     `keys`: the model keys the checkpoint must provide (default: all of the model's).
     Replicated keys are taken from one file (Meta's files repeat them identically;
-    comparing every copy would read every file)."""
+    comparing every copy would read every file). `place(key, tensor)`, when given, is
+    applied to each tensor as soon as it is sliced / concatenated (e.g. moving it to its
+    device: a resharded tensor's host copy is then freed before the next is built)."""
     n = len(shards)
     home = tp_rank * n // tp_world  # the file holding this rank's first rows
     ckpt_plan, run_plan = mp.shard_plan(model, "checkpoint"), mp.shard_plan(model, "runtime")
@@ -319,7 +326,8 @@ def reshard(
             shape[ckpt_plan[key]] *= n
         full_shapes[key] = shape
     check_shapes(full_shapes, model, tp_world, source)
-    return {key: _local_tensor(shards, key, home, ckpt_plan.get(key), run_plan.get(key), tp_rank, tp_world) for key in shards[home]}
+    place = place or (lambda key, t: t)
+    return {key: place(key, _local_tensor(shards, key, home, ckpt_plan.get(key), run_plan.get(key), tp_rank, tp_world)) for key in shards[home]}
 
 
 def _local_tensor(shards: ShardSet, key: str, home: int, c: int | None, r: int | None, rank: int, world: int) -> Tensor:

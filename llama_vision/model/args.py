@@ -34,7 +34,24 @@ class ModelArgs:
     # Vision, Meta's keys.
     vision_chunk_size: int = 560
     vision_max_num_chunks: int = 4
-    vision_num_cross_attention_layers: int | None = None  # default: n_layers // 4
+    vision_num_cross_attention_layers: int | None = None  # default: n_layers // 4 (or len(fusion_schedule))
+    # The self-attention layers (0-based, Meta's per-layer counting) that a cross-attention
+    # block runs before, ascending and unique, one per cross-attention layer. None = Meta's
+    # rule (`fusion_schedule(n_layers, n_cross)`); params.json carries the key only when a
+    # checkpoint uses another schedule (e.g. an HF Mllama config with other
+    # `cross_attention_layers`). Read back as a list.
+    fusion_schedule: tuple[int, ...] | None = None
+    # How the tile-position embeddings are held (`gated_positional_embedding`,
+    # `pre_tile_pos_embed.embedding`, `post_tile_pos_embed.embedding`):
+    #   "grid" (Meta's): one value per tile of the [T, T] grid, shared by every aspect
+    #     ratio that reaches the tile: [T, T, P, W] and [T, T, 1, W];
+    #   "per_aspect_ratio" (transformers' Mllama): one full row per aspect-ratio id,
+    #     [n_ratios + 1, T, P, W] and [n_ratios + 1, T, 1, W], row 0 for absent images,
+    #     row i for `supported_aspect_ratios(T)[i - 1]`. Chosen when loading an HF checkpoint
+    #     whose per-ratio rows no grid can hold (fine-tuned with transformers). A Meta-format
+    #     save keeps these per-ratio tables under the same key names; only this library
+    #     reads such a checkpoint back (Meta's reference code expects the grid shapes).
+    tile_embedding_layout: str = "grid"
 
     # Vision encoder sizes (ViT-H/14 as released; override for other encoders).
     vision_width: int = 1280
@@ -57,7 +74,9 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.vision_num_cross_attention_layers is None:
-            self.vision_num_cross_attention_layers = max(1, self.n_layers // 4)
+            self.vision_num_cross_attention_layers = (
+                len(self.fusion_schedule) if isinstance(self.fusion_schedule, (list, tuple)) else max(1, self.n_layers // 4)
+            )
         self.vision_intermediate_layers = tuple(int(i) for i in self.vision_intermediate_layers)
         problems = []
         if self.dim % self.n_heads:
@@ -73,6 +92,15 @@ class ModelArgs:
             problems.append(f"vision_intermediate_layers {bad} outside 0..{self.vision_layers - 1}")
         if not 0 < self.vision_num_cross_attention_layers <= self.n_layers:
             problems.append(f"vision_num_cross_attention_layers must be in 1..{self.n_layers}")
+        elif self.fusion_schedule is None:
+            self.fusion_schedule = fusion_schedule(self.n_layers, self.vision_num_cross_attention_layers)
+        else:
+            bad_schedule = _schedule_problems(self.fusion_schedule, self.n_layers, self.vision_num_cross_attention_layers)
+            problems += bad_schedule
+            if not bad_schedule:
+                self.fusion_schedule = [int(i) for i in self.fusion_schedule]
+        if self.tile_embedding_layout not in TILE_EMBEDDING_LAYOUTS:
+            problems.append(f"tile_embedding_layout must be one of {list(TILE_EMBEDDING_LAYOUTS)}, got {self.tile_embedding_layout!r}")
         if problems:
             raise ValueError("invalid model params: " + "; ".join(problems))
 
@@ -111,8 +139,10 @@ class ModelArgs:
         return self.vocab_size
 
     @property
-    def fusion_schedule(self) -> list[int]:
-        return fusion_schedule(self.n_layers, self.vision_num_cross_attention_layers)
+    def has_meta_fusion_schedule(self) -> bool:
+        """Whether the adapters sit where Meta's rule puts them (params.json then omits
+        `fusion_schedule`)."""
+        return self.fusion_schedule == fusion_schedule(self.n_layers, self.vision_num_cross_attention_layers)
 
     @classmethod
     def from_params(cls, params: dict | str | Path, **overrides) -> "ModelArgs":
@@ -192,6 +222,29 @@ def _has_type(value, annotation: str) -> bool:
         if kind == "tuple[int, ...]" and isinstance(value, (list, tuple)):
             return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
     return False
+
+
+TILE_EMBEDDING_LAYOUTS = ("grid", "per_aspect_ratio")
+
+
+def _schedule_problems(schedule, n_layers: int, n_cross: int) -> list[str]:
+    """What is wrong with an explicit `fusion_schedule` (empty: nothing)."""
+    if not isinstance(schedule, (list, tuple)) or not all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in schedule
+    ):
+        return [f"fusion_schedule must be a list of layer indices, got {schedule!r}"]
+    schedule = [int(i) for i in schedule]
+    problems = []
+    if len(schedule) != n_cross:
+        problems.append(
+            f"fusion_schedule {schedule} has {len(schedule)} entries but vision_num_cross_attention_layers is {n_cross}"
+        )
+    bad = [i for i in schedule if not 0 <= i < n_layers]
+    if bad:
+        problems.append(f"fusion_schedule {schedule}: layers {bad} outside 0..{n_layers - 1}")
+    if schedule != sorted(set(schedule)):
+        problems.append(f"fusion_schedule {schedule} must be ascending without repeats (one cross-attention block before a layer)")
+    return problems
 
 
 def fusion_schedule(n_layers: int, n_cross_attention_layers: int) -> list[int]:

@@ -4,6 +4,16 @@ the text width. Module and parameter names are Meta's, so checkpoints load key-f
 
 Shapes: images [B, N, T, 3, S, S] (N images per row, T = max tiles), aspect ratios
 [B, N, 2] = (tiles_h, tiles_w); output [B, N, T, P, D_text] with P = (S/patch)^2 + 1.
+
+Tile-position embeddings come in two layouts (`ModelArgs.tile_embedding_layout`):
+"grid" (Meta's) holds one value per tile of a [T, T] grid and gives an (h, w) image the
+row-major tiles of its [:h, :w] sub-grid (zeros in empty tile slots); "per_aspect_ratio"
+(transformers' Mllama) holds one full row of T tile slots per aspect-ratio id -- row 0 for
+absent images, row i for `supported_aspect_ratios(T)[i - 1]` -- and adds the image's row
+to every tile slot, empty ones included, exactly as `MllamaPrecomputedAspectRatioEmbedding`
+/ `MllamaPrecomputedPositionEmbedding` do. Every grid has an exact per-ratio form
+(`per_ratio_from_grid`); the converse holds only when the rows agree on shared tiles and
+are zero elsewhere.
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_vision.data.tiling import supported_aspect_ratios  # (tiles_h, tiles_w), transformers' order
 from model_parallel import column_parallel_linear, row_parallel_linear, tp_size
 
 from .args import ModelArgs
@@ -34,17 +45,37 @@ class PatchEmbedding(nn.Module):
 
 
 class TilePositionEmbedding(nn.Module):
-    """One learned vector per tile of the grid, picked by the image's aspect ratio, gated."""
+    """A learned vector per tile, picked by the image's aspect ratio, gated. `embedding` is
+    [T, T, 1, W] in the "grid" layout, [n_ratios + 1, T, 1, W] in "per_aspect_ratio"."""
 
-    def __init__(self, num_tiles: int, width: int):
+    def __init__(self, num_tiles: int, width: int, layout: str = "grid"):
         super().__init__()
         self.num_tiles = num_tiles
-        self.embedding = nn.Parameter(torch.randn(num_tiles, num_tiles, 1, width) / math.sqrt(width))
+        self.layout = layout
+        rows = tile_table_rows(num_tiles, layout)
+        self.embedding = nn.Parameter(torch.randn(rows, num_tiles, 1, width) / math.sqrt(width))
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
-        """x [n, T, P, W], ar [n, 2] -> x + tanh(gate) * embedding[:h, :w] on the first h*w tiles."""
-        return x + tile_grid_embedding(self.embedding, ar, x.shape[1]).to(x.dtype) * self.gate.tanh()
+        """x [n, T, P, W], ar [n, 2] -> x + tanh(gate) * the image's tile embeddings
+        (grid: embedding[:h, :w] on the first h*w tiles; per ratio: its row on every tile)."""
+        return x + tile_embedding(self.embedding, ar, x.shape[1], self.layout).to(x.dtype) * self.gate.tanh()
+
+
+def tile_table_rows(num_tiles: int, layout: str) -> int:
+    """First dim of a tile table: T (grid) or n_ratios + 1 (per aspect ratio)."""
+    if layout == "grid":
+        return num_tiles
+    if layout == "per_aspect_ratio":
+        return len(supported_aspect_ratios(num_tiles)) + 1
+    raise ValueError(f"unknown tile_embedding_layout {layout!r}")
+
+
+def tile_embedding(table: torch.Tensor, ar: torch.Tensor, num_tiles: int, layout: str) -> torch.Tensor:
+    """The tile embeddings of each image [n, num_tiles, P, W] from a table of either layout."""
+    if layout == "grid":
+        return tile_grid_embedding(table, ar, num_tiles)
+    return tile_ratio_embedding(table, ar, num_tiles)
 
 
 def tile_grid_embedding(table: torch.Tensor, ar: torch.Tensor, num_tiles: int) -> torch.Tensor:
@@ -54,6 +85,65 @@ def tile_grid_embedding(table: torch.Tensor, ar: torch.Tensor, num_tiles: int) -
     for i, (h, w) in enumerate(ar.tolist()):
         out[i, : h * w] = table[:h, :w].reshape(h * w, *table.shape[2:])
     return out
+
+
+def tile_ratio_embedding(table: torch.Tensor, ar: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """table [n_ratios + 1, T, P, W] -> per image [n, num_tiles, P, W]: the first num_tiles
+    slots of the image's aspect-ratio row (transformers: `embedding(aspect_ratio_ids)`
+    reshaped to [n, T, P, W] and added to every tile slot)."""
+    ids = aspect_ratio_ids(ar, table.shape[1]).to(table.device)
+    return table[ids, :num_tiles]
+
+
+def aspect_ratio_ids(ar: torch.Tensor, max_num_tiles: int) -> torch.Tensor:
+    """(tiles_h, tiles_w) [n, 2] -> transformers' aspect_ratio_ids [n] (long, on the CPU):
+    1 + the index in `supported_aspect_ratios(max_num_tiles)`, 0 for an absent image
+    (h * w == 0). Any other grid is an error."""
+    table = {r: i for i, r in enumerate(supported_aspect_ratios(max_num_tiles), 1)}
+    ids = []
+    for h, w in ar.reshape(-1, 2).tolist():
+        if h * w == 0:
+            ids.append(0)
+        elif (h, w) in table:
+            ids.append(table[(h, w)])
+        else:
+            raise ValueError(f"aspect ratio {h}x{w} is not one of the {len(table)} supported for max_num_tiles={max_num_tiles}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def per_ratio_from_grid(table: torch.Tensor) -> torch.Tensor:
+    """Grid [T, T, P, W] -> per-aspect-ratio [n_ratios + 1, T, P, W] (exact): row i holds
+    the row-major tiles of ratio i's sub-grid and zeros in its empty slots; row 0 zeros.
+    (transformers' converter precomputes its tables from Meta's this way.)"""
+    t, _, p, w = table.shape
+    ratios = supported_aspect_ratios(t)
+    out = table.new_zeros(len(ratios) + 1, t, p, w)
+    for i, (h, wt) in enumerate(ratios, 1):
+        out[i, : h * wt] = table[:h, :wt].reshape(h * wt, p, w)
+    return out
+
+
+def grid_from_per_ratio(table: torch.Tensor) -> torch.Tensor:
+    """Per-aspect-ratio [n_ratios + 1, T, P, W] -> grid [T, T, P, W], the inverse of
+    `per_ratio_from_grid` on its image. Each cell takes the LAST ratio's value (ratios that
+    share a cell may disagree in a table trained per ratio; see `grid_holds_exactly`); row
+    0 and empty slots are dropped; cells no supported ratio reaches (e.g. [3, 3] of a 4x4
+    grid) come back as zeros -- a forward never reads them."""
+    _, t, p, w = table.shape
+    grid = table.new_zeros(t, t, p, w)
+    for i, (h, wt) in enumerate(supported_aspect_ratios(t), 1):
+        grid[:h, :wt] = table[i, : h * wt].reshape(h, wt, p, w)
+    return grid
+
+
+def grid_holds_exactly(table: torch.Tensor) -> bool:
+    """Whether a per-aspect-ratio table is the per-ratio form of some grid (bitwise)."""
+    return torch.equal(per_ratio_from_grid(grid_from_per_ratio(table)), table)
+
+
+def _is_grid_table(t: torch.Tensor) -> bool:
+    """Grid tables are [T, T, ...]; per-ratio ones [n_ratios + 1, T, ...] (n_ratios >= T)."""
+    return t.dim() == 4 and t.shape[0] == t.shape[1]
 
 
 class ImageAttention(nn.Module):
@@ -136,9 +226,9 @@ class VisionEncoder(nn.Module):
         self.conv1 = PatchEmbedding(args.vision_in_channels, w, args.vision_patch_size)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, w))
-        self.gated_positional_embedding = nn.Parameter(
-            scale * torch.randn(self.max_num_tiles, self.max_num_tiles, self.grid**2 + 1, w)
-        )
+        self.tile_embedding_layout = args.tile_embedding_layout
+        rows = tile_table_rows(self.max_num_tiles, self.tile_embedding_layout)
+        self.gated_positional_embedding = nn.Parameter(scale * torch.randn(rows, self.max_num_tiles, self.grid**2 + 1, w))
         self.gated_positional_embedding_gate = nn.Parameter(torch.zeros(1))
         self.ln_pre = nn.LayerNorm(w)
         self.ln_post = nn.LayerNorm(w)
@@ -146,8 +236,8 @@ class VisionEncoder(nn.Module):
         self.global_transformer = ImageTransformer(
             w, args.vision_global_layers, args.vision_heads, args.vision_mlp_ratio, True, args.attn_backend
         )
-        self.pre_tile_pos_embed = TilePositionEmbedding(self.max_num_tiles, w)
-        self.post_tile_pos_embed = TilePositionEmbedding(self.max_num_tiles, w)
+        self.pre_tile_pos_embed = TilePositionEmbedding(self.max_num_tiles, w, self.tile_embedding_layout)
+        self.post_tile_pos_embed = TilePositionEmbedding(self.max_num_tiles, w, self.tile_embedding_layout)
         self._register_load_state_dict_pre_hook(self._resize_position_embeddings_on_load)
 
     def forward(self, images: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
@@ -183,7 +273,8 @@ class VisionEncoder(nn.Module):
         """Per-patch embedding scaled by (1 - tanh g) plus the tile-aware one scaled by tanh g."""
         gate = self.gated_positional_embedding_gate.tanh()
         x = x + self.positional_embedding.to(x.dtype) * (1 - gate)
-        return x + tile_grid_embedding(self.gated_positional_embedding, ar, x.shape[1]).to(x.dtype) * gate
+        table = tile_embedding(self.gated_positional_embedding, ar, x.shape[1], self.tile_embedding_layout)
+        return x + table.to(x.dtype) * gate
 
     @staticmethod
     def _padding_mask(ar: torch.Tensor, num_tiles: int, ntok: int, ntok_padded: int, device) -> torch.Tensor:
@@ -201,16 +292,44 @@ class VisionEncoder(nn.Module):
         if key in state_dict and state_dict[key].shape != self.positional_embedding.shape:
             state_dict[key] = resize_local_position_embedding(state_dict[key], self.grid)
         key = prefix + "gated_positional_embedding"
-        if key in state_dict and state_dict[key].shape != self.gated_positional_embedding.shape:
-            state_dict[key] = resize_global_position_embedding(state_dict[key], self.grid, self.max_num_tiles)
-        elif key not in state_dict and prefix + "positional_embedding" in state_dict:
+        if key in state_dict:
+            state_dict[key] = self._tile_table_on_load(state_dict[key], key, self.gated_positional_embedding)
+        elif prefix + "positional_embedding" in state_dict:
             # Older checkpoints had no tile-aware embedding: start it from the local one, gate 0.
-            state_dict[key] = state_dict[prefix + "positional_embedding"][None, None].repeat(self.max_num_tiles, self.max_num_tiles, 1, 1)
+            grid = state_dict[prefix + "positional_embedding"][None, None].repeat(self.max_num_tiles, self.max_num_tiles, 1, 1)
+            state_dict[key] = self._tile_table_on_load(grid, key, self.gated_positional_embedding)
             state_dict[key + "_gate"] = torch.zeros(1, dtype=state_dict[key].dtype)
-        for name in ("pre_tile_pos_embed.embedding", "post_tile_pos_embed.embedding"):
+        for name, param in (("pre_tile_pos_embed.embedding", self.pre_tile_pos_embed.embedding),
+                            ("post_tile_pos_embed.embedding", self.post_tile_pos_embed.embedding)):
             key = prefix + name
-            if key in state_dict and state_dict[key].shape[0] != self.max_num_tiles:
-                state_dict[key] = resize_tile_embedding(state_dict[key], self.max_num_tiles)
+            if key in state_dict:
+                state_dict[key] = self._tile_table_on_load(state_dict[key], key, param)
+
+    def _tile_table_on_load(self, t: torch.Tensor, key: str, param: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's tile table in this encoder's layout and size. A grid table is
+        resized to this tile size / count (Meta's hooks) and, for a per-aspect-ratio
+        encoder, expanded exactly to its per-ratio form. A per-ratio table is taken as is
+        (a per-ratio encoder of another size then fails with a size mismatch); a grid
+        encoder refuses it: the rows may not fit one value per tile."""
+        if t.shape == param.shape:
+            return t
+        if not _is_grid_table(t):
+            if self.tile_embedding_layout == "grid":
+                raise RuntimeError(
+                    f"{key}: the checkpoint holds per-aspect-ratio tile embeddings {list(t.shape)} (a model saved "
+                    f"with tile_embedding_layout='per_aspect_ratio', which Meta's own code cannot load either); this "
+                    f"model uses Meta's 'grid' layout {list(param.shape)}: build it with "
+                    f"tile_embedding_layout='per_aspect_ratio'"
+                )
+            return t
+        if t.shape[2] == 1:  # pre/post tile embedding [T0, T0, 1, W]
+            if t.shape[0] != self.max_num_tiles:
+                t = resize_tile_embedding(t, self.max_num_tiles)
+        elif t.shape[:3] != (self.max_num_tiles, self.max_num_tiles, self.grid**2 + 1):
+            t = resize_global_position_embedding(t, self.grid, self.max_num_tiles)
+        if self.tile_embedding_layout == "per_aspect_ratio":
+            t = per_ratio_from_grid(t)
+        return t
 
 
 def _interp(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
