@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import fractions
 import itertools
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 av = pytest.importorskip("av")
 pytest.importorskip("decord")
 
+from _video_clips import CLIPS, NTSC, PALETTE, frame_image, palette, write_clip  # noqa: E402, F401
 from llama_vision.data.video import (  # noqa: E402
     VideoInfo,
     VideoLoadError,
@@ -32,23 +35,7 @@ from llama_vision.data.video import (  # noqa: E402
     uniform_indices,
 )
 
-NTSC = fractions.Fraction(30000, 1001)
 TOLERANCE = 20  # max per-channel error on a flat region after lossy coding
-
-
-def palette(i: int) -> np.ndarray:
-    """Distinct RGB colour for frame i (0 <= i < 100)."""
-    return np.array([32 + 48 * (i % 5), 32 + 48 * ((i // 5) % 5), 40 + 60 * ((i // 25) % 4)], dtype=np.uint8)
-
-
-PALETTE = np.stack([palette(i) for i in range(100)]).astype(np.int32)
-
-
-def frame_image(i: int, width: int, height: int) -> np.ndarray:
-    image = np.empty((height, width, 3), np.uint8)
-    image[:] = palette(i)
-    image[: max(1, height // 4), : max(1, width // 4)] = 255  # orientation marker
-    return image
 
 
 def write_video(path, num_frames, width, height, codec="libx264", fps=25, pts=None, options=None):
@@ -432,46 +419,12 @@ import decord  # noqa: E402  (importorskip'd above)
 from types import SimpleNamespace  # noqa: E402
 
 
-def write_clip(path, num_frames, width, height, codec="libx264", pix_fmt="yuv420p", fps=25, pts=None, rotation=None):
-    """Palette clip in any container (by extension), pixel format, rate or display rotation."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if rotation is not None:
-            stream.set_display_rotation(rotation)  # counter-clockwise degrees
-        if pts is not None:
-            stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24")
-            if pts is not None:
-                frame.pts, frame.time_base = pts[i], fractions.Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
-
-
-VFR_PTS = [10 * i if i < 10 else 100 + 200 * (i - 10) for i in range(20)]  # 10 ms, then 200 ms apart
-# name -> (frames, width, height, writer kwargs, counter-clockwise display rotation)
-CLIPS = {
-    "h264_16x16.mp4": (10, 16, 16, {}, 0),  # decord 0.6: 6-channel frames
-    # yuv420p halves the chroma planes, so libx264 refuses odd sizes; yuv444p takes them.
-    "h264_17x13_yuv444p.mp4": (12, 17, 13, {"pix_fmt": "yuv444p"}, 0),
-    "one_frame.mp4": (1, 64, 48, {}, 0),
-    "vfr.mp4": (20, 64, 48, {"pts": VFR_PTS}, 0),
-    "vfr.mkv": (20, 64, 48, {"pts": VFR_PTS}, 0),
-    "vp9.webm": (20, 64, 48, {"codec": "libvpx-vp9"}, 0),
-    "h264.mkv": (37, 64, 48, {"fps": NTSC}, 0),
-    "rot180.mp4": (6, 64, 48, {"rotation": 180}, 180),
-    "rot90.mp4": (6, 64, 48, {"rotation": 90}, 90),  # decord 0.6: 4-channel frames
-}
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
+    """Every clip of CLIPS, written in a process without decord (see _video_clips.py)."""
     root = tmp_path_factory.mktemp("clips")
-    return {name: write_clip(root / name, n, w, h, **kw) for name, (n, w, h, kw, _) in CLIPS.items()}
+    subprocess.run([sys.executable, str(Path(__file__).with_name("_video_clips.py")), str(root)], check=True)
+    return {name: str(root / name) for name in CLIPS}
 
 
 def upright(frame: torch.Tensor, rotation: int) -> torch.Tensor:
