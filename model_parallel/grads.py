@@ -16,7 +16,7 @@ def all_reduce_sum(x: torch.Tensor, group: str = "dp") -> torch.Tensor:
     return x
 
 
-def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 20) -> None:
+def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 20, reduce_dtype: torch.dtype | None = None) -> None:
     """SUM gradients over the DP group (the loss is already divided by the global token
     count, so summing gives exactly the full-batch gradient), and over the TP group for
     replicated weights whose gradient is partial per rank (`tp_partial_grad`).
@@ -28,13 +28,16 @@ def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 2
     hang NCCL and mix up gloo's gradients). A parameter that NO rank touched keeps
     `grad=None` everywhere, so AdamW skips it (no moment update, no weight decay) exactly
     as one process would on the union batch.
+
+    reduce_dtype: the dtype the buckets are summed in (None: the gradients' own, float32
+    for float32 master parameters); the sums are cast back into the gradients.
     """
     if dp_size() > 1:
         _fill_missing_grads(params, dp_group())
-        _bucketed_all_reduce([p.grad for p in params if p.grad is not None], dp_group(), bucket_bytes)
+        _bucketed_all_reduce([p.grad for p in params if p.grad is not None], dp_group(), bucket_bytes, reduce_dtype)
     if tp_size() > 1:
         partial = [p.grad for p in params if p.grad is not None and getattr(p, "tp_partial_grad", False)]
-        _bucketed_all_reduce(partial, tp_group(), bucket_bytes)
+        _bucketed_all_reduce(partial, tp_group(), bucket_bytes, reduce_dtype)
 
 
 def _fill_missing_grads(params: list[torch.nn.Parameter], group) -> None:
@@ -49,7 +52,7 @@ def _fill_missing_grads(params: list[torch.nn.Parameter], group) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) -> None:
+def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int, reduce_dtype: torch.dtype | None = None) -> None:
     bucket: list[torch.Tensor] = []
     size = 0
     for g in grads + [None]:
@@ -58,6 +61,8 @@ def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) ->
             size += g.numel() * g.element_size()
         if bucket and (g is None or size >= bucket_bytes):
             flat = torch.cat([b.reshape(-1) for b in bucket])
+            if reduce_dtype is not None and flat.dtype != reduce_dtype:
+                flat = flat.to(reduce_dtype)
             dist.all_reduce(flat, group=group)
             offset = 0
             for b in bucket:

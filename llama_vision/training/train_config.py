@@ -199,7 +199,17 @@ class TrainConfig:
     it, and world / tp is the number of data-parallel ranks."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     """bf16: forward under bf16 autocast on GPU (fp32 master weights, gradients and optimizer
-    state); fp32: no autocast. CPU runs fp32 either way."""
+    state; frozen weights stored in bf16 unless `frozen_param_dtype` says otherwise); fp32:
+    no autocast. CPU runs fp32 either way."""
+    frozen_param_dtype: Optional[Literal["fp32", "bf16"]] = None
+    """Storage dtype of the FROZEN parameters (trainable ones stay float32 master copies);
+    null follows `dtype`: bf16 on GPU under `dtype: bf16`, fp32 on the CPU. bf16 halves the
+    frozen trunk's memory; frozen modules then compute in bf16 and hand float32 activations
+    on (llama_vision.training.precision). final/ keeps each tensor's stored dtype."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the data-parallel gradient all-reduce (gradients are accumulated in float32
+    either way); bf16 halves the traffic but the paper found bf16 gradients unstable through
+    the cross-attention layers."""
     max_consecutive_nonfinite: int = 5
     """A step whose loss or gradient is not finite is skipped (no optimizer/scheduler step,
     no checkpoint, counted as `skipped_nonfinite`); this many in a row stop the run."""

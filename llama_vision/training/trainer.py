@@ -31,6 +31,7 @@ from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, global_batch_
 from .objectives import build_objective
 from .optim import stage_param_groups
 from .parallelize import parallelize
+from .precision import apply_precision, resolve_precision
 from .schedule import build_lr_scheduler
 from .train_config import TrainConfig
 from .train_state import Progress, TrainState
@@ -46,7 +47,10 @@ class Trainer:
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.model = parallelize(build_training_model(cfg, self.tokenizer), cfg).to(self.device)
+        # Precision before moving: the frozen trunk reaches the device already in its
+        # storage dtype (half the bytes in bf16), and before the optimizer is built.
+        self.precision = resolve_precision(cfg, self.device)
+        self.model = apply_precision(parallelize(build_training_model(cfg, self.tokenizer), cfg), self.precision).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         plan, names = mp.shard_plan(self.model, "runtime"), {id(p): n for n, p in self.model.named_parameters()}
         self.tp_dims = {id(p): plan.get(names[id(p)]) for p in self.params}
@@ -110,7 +114,7 @@ class Trainer:
             if loss_sum.requires_grad:
                 (loss_sum / count.clamp(min=1)).backward()
             total += loss_sum.detach()
-        mp.sync_gradients(self.params)
+        mp.sync_gradients(self.params, reduce_dtype=self.precision.reduce_dtype)
         grad_norm = mp.global_grad_norm(self.params, self.tp_dims)
         loss = mp.all_reduce_sum(total, "dp") / count.clamp(min=1)
         lr = self.scheduler.get_last_lr()[0]
@@ -202,7 +206,8 @@ class Trainer:
 
     def save_final(self) -> Path:
         """The whole model in Meta format at output_dir/final (what infer_* and the next
-        stage's init_from read), tokenizer beside it."""
+        stage's init_from read), tokenizer beside it. Tensors keep their stored dtype
+        (training.precision): frozen ones frozen_param_dtype, trained ones float32."""
         from llama_vision.checkpoint import save_meta_checkpoint
 
         final = self.out / "final"
