@@ -32,9 +32,11 @@ def frame_image(i: int, width: int, height: int) -> np.ndarray:
     return image
 
 
-def write_clip(path, num_frames, width, height, codec="libx264", pix_fmt="yuv420p", fps=25, pts=None, rotation=None):
-    """Palette clip in any container (by extension), pixel format, rate or display rotation."""
-    with av.open(str(path), "w") as container:
+def write_clip(path, num_frames, width, height, codec="libx264", pix_fmt="yuv420p", fps=25, pts=None, rotation=None,
+               options=None):
+    """Palette clip in any container (by extension), pixel format, rate or display rotation;
+    ``pts`` (ms) gives variable-frame-rate timestamps, ``options`` the muxer's (faststart)."""
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if rotation is not None:

@@ -39,21 +39,8 @@ TOLERANCE = 20  # max per-channel error on a flat region after lossy coding
 
 
 def write_video(path, num_frames, width, height, codec="libx264", fps=25, pts=None, options=None):
-    """Write a palette video; ``pts`` (ms) gives variable-frame-rate timestamps."""
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if pts is not None:
-            stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24")
-            if pts is not None:
-                frame.pts, frame.time_base = pts[i], fractions.Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+    """Write a yuv420p palette video (see _video_clips.write_clip)."""
+    return write_clip(path, num_frames, width, height, codec, fps=fps, pts=pts, options=options)
 
 
 def write_audio(path, codec):
