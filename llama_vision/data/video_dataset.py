@@ -125,7 +125,7 @@ class VideoCaptionDataset(ExampleDataset):
                 "videos": clips, "video_ratios": ratios, "video_frames": frames}
 
 
-def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int) -> VideoCaptionDataset:
+def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool = True) -> VideoCaptionDataset:
     data, v = cfg.data, cfg.video
     processor = VideoProcessor(num_frames=v.num_frames, tile_size=data.tile_size or model_args.vision_chunk_size,
                                max_num_tiles=v.tiles_per_frame)
@@ -134,5 +134,5 @@ def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int) 
         source, tokenizer, processor,
         video_token_id=model_args.vocab_size + 1,
         max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
-        shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=True,
+        shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop,
     )

@@ -29,7 +29,7 @@ _KINDS = {
 }
 
 
-def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int):
+def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int, *, loop: bool = True):
     """-> ResumableDataLoader of Batch (or PreferenceBatch for DPO), looping forever
     (step-based training: data-parallel ranks never wait for each other at an epoch end)."""
     data = cfg.data
@@ -38,7 +38,7 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
     if data.kind in ("video_jsonl", "video_wds"):
         from llama_vision.data.video_dataset import build_video_dataset
 
-        dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size)
+        dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size, loop=loop)
     else:
         make_source, dataset_cls = _KINDS[data.kind]
         processor = ImageProcessor(
@@ -56,6 +56,6 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
             shuffle_buffer=data.shuffle_buffer,
             rank=dp_rank,
             world_size=dp_size,
-            loop=True,
+            loop=loop,
         )
     return build_dataloader(dataset, batch_size=cfg.micro_batch_size, num_workers=data.num_workers)

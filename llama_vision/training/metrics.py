@@ -155,7 +155,7 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, global_step=int(step))
 
     def close(self) -> None:
-        """Flush and close the sinks and write ``loss.png`` (loss, plus lr if logged)."""
+        """Flush and close the sinks and write ``loss.png`` (loss and val_loss, plus lr if logged)."""
         if self.rank != 0 or self._file is None:
             return
         self._file.close()
@@ -163,7 +163,7 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        plot_metrics(self.jsonl_path, self.png_path, keys=("loss",))
+        plot_metrics(self.jsonl_path, self.png_path, keys=("loss", "val_loss"))
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -204,7 +204,8 @@ def plot_metrics(
     ax = fig.add_subplot(1, 1, 1)
     for key in keys:
         steps, values = series(key)
-        ax.plot(steps, values, label=key, linewidth=1.2)
+        if steps:  # a key nothing logged (val_loss without validation) draws no line
+            ax.plot(steps, values, label=key, linewidth=1.2, marker="o" if len(steps) < 30 and key != "loss" else None)
     ax.set_xlabel("step")
     ax.set_ylabel(", ".join(keys))
     ax.grid(True, alpha=0.3)

@@ -40,12 +40,15 @@ class LMObjective:
     def num_targets(self, batch) -> int:
         return batch.num_targets
 
-    def loss_sum(self, batch) -> torch.Tensor:
+    def logits(self, batch) -> torch.Tensor:
+        """[B, L, V] logits of a Batch (images and any other modality's media inputs)."""
         media = batch.media_inputs() if hasattr(batch, "media_inputs") else None
         aspect_ratios = batch.aspect_ratios if batch.images is not None else None
         with self.autocast():
-            logits = self.model(batch.tokens, batch.images, aspect_ratios, media_inputs=media)
-        return lm_loss_sum(logits, batch.labels)
+            return self.model(batch.tokens, batch.images, aspect_ratios, media_inputs=media)
+
+    def loss_sum(self, batch) -> torch.Tensor:
+        return lm_loss_sum(self.logits(batch), batch.labels)
 
     def step_metrics(self, count: torch.Tensor) -> dict:
         return {}

@@ -46,6 +46,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank (0: load in the training process). Resuming needs
     the same value (and seed and world size)."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out shards / manifests of the same kind as `paths`, read in order (no shuffle)
+    for validation every `eval_every` steps; empty: no validation."""
 
 
 @dataclass
@@ -224,6 +227,13 @@ class TrainConfig:
     skipped non-finite steps are always logged."""
     tensorboard: bool = True
     """Also write the metrics to output_dir/tensorboard/ (if TensorBoard is installed)."""
+    eval_every: int = 0
+    """Validate every this many steps on data.eval_paths (0: never): val_loss and
+    val_token_accuracy (greedy argmax == target) over the labelled tokens of every rank,
+    logged in the same metrics row as that step's training metrics. Not for stage dpo."""
+    eval_max_batches: int = 0
+    """At most this many held-out micro-batches per data-parallel rank per validation
+    (0: the whole held-out set)."""
     save_final: bool = True
     """At the end, write the whole model in Meta format to output_dir/final/ (tokenizer
     beside it): what inference and the next stage's init_from read."""

@@ -35,6 +35,7 @@ from .precision import apply_precision, resolve_precision
 from .schedule import build_lr_scheduler
 from .train_config import TrainConfig
 from .train_state import Progress, TrainState
+from .validation import build_eval_loader, validate
 
 
 class Trainer:
@@ -63,6 +64,9 @@ class Trainer:
         self.optimizer = mp.zero_redundancy_adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_lr_scheduler(self.optimizer, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
+        # Checked now (a config error should not wait for the first validation); each
+        # validation reads the held-out set from its start with a fresh loader.
+        self.validating = build_eval_loader(cfg, self.tokenizer, self.model.args) is not None
         self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier)
         self.progress = Progress()
         self.train_state = TrainState(self.progress, self.model, self.optimizer, self.scheduler, self.loader, self.objective)
@@ -188,9 +192,13 @@ class Trainer:
             while self.step < cfg.max_steps:
                 last = self.train_step(it)
                 finite = last.pop("_finite")
+                validating = self.validating and self.step % cfg.eval_every == 0
+                if validating:  # in the same metrics row as this step's training metrics
+                    loader = build_eval_loader(cfg, self.tokenizer, self.model.args)
+                    last.update(validate(self.objective, loader, self.device, cfg.eval_max_batches))
                 meter.update(last["tokens"], last["images"], last["step_time_s"], last["flops_per_gpu"])
                 rates = meter.summary()
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite:
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite or validating:
                     logger.log(self.step, **{**last, **rates, **self._mfu(rates)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", skipped=last["skipped_samples"])
