@@ -96,7 +96,16 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
     runs += _resume_runs(DPO, shapes_corpus, tmp_path, "dpo", **dpo)
     runs.append({"config": SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / "mixed_dp2", 1),
                  "dump": str(tmp_path / "mixed_dp2" / "dump")})
+    validation = {"max_steps": 2, "eval_every": 2, "data.eval_paths": f'["{shapes_corpus["shards"]}"]'}
+    runs.append({"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "val_dp2", micro_batch_size=4, **validation)})
     run_torchrun(WORKER, json.dumps(runs), timeout=400)
+
+    # Validation covers every held-out token of both ranks: DP=2 == one process.
+    Trainer(load_config(TrainConfig, PRETRAIN, _overrides(shapes_corpus, tmp_path / "val_dp1", micro_batch_size=8, **validation))).fit()
+    v1, v2 = (read_metrics(tmp_path / d / "metrics.jsonl")[-1] for d in ("val_dp1", "val_dp2"))
+    assert v2["val_targets"] == v1["val_targets"] > 0
+    assert v2["val_loss"] == pytest.approx(v1["val_loss"], abs=1e-5)
+    assert v2["val_token_accuracy"] == pytest.approx(v1["val_token_accuracy"], abs=1.5 / v1["val_targets"])
 
     _assert_resume_bitwise(tmp_path, "image")
     _assert_resume_bitwise(tmp_path, "dpo")
