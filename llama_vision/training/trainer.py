@@ -35,7 +35,7 @@ from .precision import apply_precision, resolve_precision
 from .schedule import build_lr_scheduler
 from .train_config import TrainConfig
 from .train_state import Progress, TrainState
-from .validation import build_eval_loader, validate
+from .validation import build_eval_loader, eval_enabled, validate
 
 
 class Trainer:
@@ -66,7 +66,7 @@ class Trainer:
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
         # Checked now (a config error should not wait for the first validation); each
         # validation reads the held-out set from its start with a fresh loader.
-        self.validating = build_eval_loader(cfg, self.tokenizer, self.model.args) is not None
+        self.validating = eval_enabled(cfg)
         self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier)
         self.progress = Progress()
         self.train_state = TrainState(self.progress, self.model, self.optimizer, self.scheduler, self.loader, self.objective)

@@ -10,24 +10,31 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 import model_parallel as mp
 from llama_vision.data.batch import IGNORE_INDEX
 
 from .data import build_loader
+from .losses import lm_loss_sum
 
-__all__ = ["build_eval_loader", "validate"]
+__all__ = ["build_eval_loader", "eval_enabled", "validate"]
 
 
-def build_eval_loader(cfg, tokenizer, model_args):
-    """A single pass over data.eval_paths, unshuffled (None when validation is off)."""
+def eval_enabled(cfg) -> bool:
+    """Whether `cfg` validates; a validation it cannot run is a clear error."""
     if not cfg.eval_every:
-        return None
+        return False
     if cfg.stage == "dpo":
         raise ValueError("eval_every: validation measures the LM loss; stage dpo has no such target (set eval_every: 0)")
     if not cfg.data.eval_paths:
         raise ValueError("eval_every is set but data.eval_paths is empty: point it at held-out shards / manifests")
+    return True
+
+
+def build_eval_loader(cfg, tokenizer, model_args):
+    """A single pass over data.eval_paths, unshuffled (None when validation is off)."""
+    if not eval_enabled(cfg):
+        return None
     eval_cfg = replace(cfg, data=replace(cfg.data, paths=list(cfg.data.eval_paths), shuffle=False))
     return build_loader(eval_cfg, tokenizer, model_args, mp.dp_rank(), mp.dp_size(), loop=False)
 
@@ -49,7 +56,7 @@ def validate(objective, loader, device: torch.device, max_batches: int = 0) -> d
             logits = objective.logits(batch).float()
             labels = batch.labels
             mask = labels != IGNORE_INDEX
-            totals[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            totals[0] += lm_loss_sum(logits, labels)
             totals[1] += ((logits.argmax(-1) == labels) & mask).sum()
             totals[2] += mask.sum()
     finally:
