@@ -8,7 +8,7 @@ field has none.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 @dataclass
@@ -219,9 +219,22 @@ class TrainConfig:
     peak_flops_per_device: Optional[float] = None
     """Peak FLOP/s of one device for the logged MFU (e.g. 989e12); null: looked up for known
     GPUs (no MFU on the CPU unless set)."""
-    activation_checkpointing: bool = False
-    """Recompute activations in backward for the decoder and the ViT's local and global
-    layers: less memory for about one more forward of compute."""
+    data_parallel: Literal["fsdp", "zero1"] = "fsdp"
+    """How data-parallel ranks share the model (DP = world / tp > 1): fsdp = FSDP2
+    (`fully_shard`) over the DP dimension of a (dp x tp) DeviceMesh: every parameter, frozen
+    trunk included, its gradient and its AdamW state are sharded over the DP ranks (each
+    holds 1 / DP), fairscale TP inside each replica; zero1 = whole parameters and gradients
+    on every rank, gradients summed, only AdamW's state sharded (ZeRO-1). Same updates either
+    way. Ignored at DP = 1."""
+    activation_checkpointing: Union[bool, list[str]] = False
+    """Recompute activations in backward instead of keeping them: less memory for about one
+    more forward of compute. true: every kind; or a list of kinds: decoder (the Llama
+    layers), vision (the ViT's local and global layers), adapters (the gated
+    cross-attention blocks), perceiver (the video aggregator)."""
+    checkpoint_async: bool = False
+    """Write training checkpoints in the background (torch.distributed.checkpoint.async_save):
+    training continues while the previous step's state is written; the checkpoint is
+    committed (visible to resume) only once every rank's write finished."""
     log_every: int = 1
     """Log metrics (metrics.jsonl, TensorBoard) every this many steps; the last step and
     skipped non-finite steps are always logged."""
