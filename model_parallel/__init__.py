@@ -8,6 +8,7 @@ from .groups import (
     barrier,
     broadcast_object,
     destroy_model_parallel,
+    device_mesh,
     dp_group,
     dp_rank,
     dp_size,
@@ -27,19 +28,35 @@ from .layers import (
     vocab_parallel_embedding,
 )
 from .consistency import assert_same_across_tp
-from .grads import all_reduce_sum, global_grad_norm, sync_gradients, zero_redundancy_adamw
+from .dcp import checkpoint_process_group, global_rank, global_view, load_tensors, read_whole_tensors, save_tensors, saved_tensor_shapes
+from .fsdp import full_state_dict, is_fsdp, local_tensor, shard_data_parallel
+from .grads import all_gather_object, all_reduce_max, all_reduce_sum, global_grad_norm, sync_gradients, zero_redundancy_adamw
 from .sharding import merge_shards, shard_plan, shard_state_dict, split_state_dict
 
 __all__ = [
     "assert_same_across_tp",
     "broadcast_object",
+    "all_gather_object",
+    "all_reduce_max",
     "all_reduce_sum",
     "global_grad_norm",
+    "checkpoint_process_group",
+    "global_rank",
+    "global_view",
+    "load_tensors",
+    "read_whole_tensors",
+    "save_tensors",
+    "saved_tensor_shapes",
     "sync_gradients",
     "zero_redundancy_adamw",
     "barrier",
     "column_parallel_linear",
     "destroy_model_parallel",
+    "device_mesh",
+    "full_state_dict",
+    "is_fsdp",
+    "local_tensor",
+    "shard_data_parallel",
     "dp_group",
     "dp_rank",
     "dp_size",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .fsdp import local_tensor
 from .groups import dp_group, dp_size, is_model_parallel, tp_group, tp_size
 
 
@@ -16,7 +17,32 @@ def all_reduce_sum(x: torch.Tensor, group: str = "dp") -> torch.Tensor:
     return x
 
 
-def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 20, reduce_dtype: torch.dtype | None = None) -> None:
+def all_reduce_max(x: torch.Tensor, group: str = "dp") -> torch.Tensor:
+    """In-place elementwise max over the data-parallel ("dp") or tensor-parallel ("tp") group."""
+    if group == "dp" and dp_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=dp_group())
+    elif group == "tp" and tp_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=tp_group())
+    return x
+
+
+def all_gather_object(obj, group: str = "dp") -> list:
+    """[obj of each rank of the data-parallel ("dp") or tensor-parallel ("tp") group], in
+    group-rank order ([obj] without one)."""
+    size, pg = (dp_size(), dp_group()) if group == "dp" else (tp_size(), tp_group())
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj, group=pg)
+    return out
+
+
+def sync_gradients(
+    params: list[torch.nn.Parameter],
+    bucket_bytes: int = 25 << 20,
+    reduce_dtype: torch.dtype | None = None,
+    dp_sharded: bool = False,
+) -> None:
     """SUM gradients over the DP group (the loss is already divided by the global token
     count, so summing gives exactly the full-batch gradient), and over the TP group for
     replicated weights whose gradient is partial per rank (`tp_partial_grad`).
@@ -31,12 +57,15 @@ def sync_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 << 2
 
     reduce_dtype: the dtype the buckets are summed in (None: the gradients' own, float32
     for float32 master parameters); the sums are cast back into the gradients.
+    dp_sharded: the parameters are FSDP shards, whose backward already reduce-scattered
+    the DP sum into each rank's gradient shard: only the TP part is left (on the shards:
+    a replicated parameter is sharded alike on every TP rank).
     """
-    if dp_size() > 1:
+    if dp_size() > 1 and not dp_sharded:
         _fill_missing_grads(params, dp_group())
         _bucketed_all_reduce([p.grad for p in params if p.grad is not None], dp_group(), bucket_bytes, reduce_dtype)
     if tp_size() > 1:
-        partial = [p.grad for p in params if p.grad is not None and getattr(p, "tp_partial_grad", False)]
+        partial = [local_tensor(p.grad) for p in params if p.grad is not None and getattr(p, "tp_partial_grad", False)]
         _bucketed_all_reduce(partial, tp_group(), bucket_bytes, reduce_dtype)
 
 
@@ -71,20 +100,26 @@ def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int, re
             bucket, size = [], 0
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], tp_dims: dict[int, int | None]) -> torch.Tensor:
+def global_grad_norm(params: list[torch.nn.Parameter], tp_dims: dict[int, int | None], dp_sharded: bool = False) -> torch.Tensor:
     """L2 norm of the full model's gradient: squares of TP-sharded parameters are summed
-    across the TP group, replicated ones counted once. tp_dims: id(param) -> split dim."""
+    across the TP group, replicated ones counted once. tp_dims: id(param) -> split dim.
+    dp_sharded (FSDP): every gradient is split over the DP ranks, so both sums are first
+    summed over the DP group."""
     dev = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
     sharded = torch.zeros((), device=dev, dtype=torch.float32)
     replicated = torch.zeros((), device=dev, dtype=torch.float32)
     for p in params:
         if p.grad is None:
             continue
-        sq = p.grad.detach().float().pow(2).sum()
+        sq = local_tensor(p.grad).detach().float().pow(2).sum()
         if tp_dims.get(id(p)) is not None:
             sharded += sq
         else:
             replicated += sq
+    if dp_sharded and dp_size() > 1:
+        both = torch.stack([sharded, replicated])
+        dist.all_reduce(both, group=dp_group())
+        sharded, replicated = both[0], both[1]
     if tp_size() > 1 and is_model_parallel():
         dist.all_reduce(sharded, group=tp_group())
     return (sharded + replicated).sqrt()

@@ -43,6 +43,7 @@ def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int 
 
 def destroy_model_parallel() -> None:
     """Tear down the fairscale groups and the default process group (tests, notebooks)."""
+    _MESHES.clear()
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
@@ -76,6 +77,34 @@ def dp_rank() -> int:
 
 def dp_group():
     return fs_init.get_data_parallel_group() if is_model_parallel() else None
+
+
+_MESHES: dict[str, object] = {}
+
+
+def device_mesh(order: str = "dp,tp"):
+    """The 2-D DeviceMesh of the job over fairscale's layout (global rank = dp_rank * tp +
+    tp_rank), dimensions named "dp" and "tp", built once per order (creating one is a
+    collective: every rank calls it in the same order).
+
+    order "dp,tp" (FSDP's: `device_mesh()["dp"]` is this rank's DP group) or "tp,dp"
+    (the same ranks with the TP dimension first: a DTensor on it with placements
+    (Shard(d) over tp, Shard(0) over dp) describes an FSDP shard of a fairscale TP shard
+    exactly -- the TP split is the outer one -- which is what distributed checkpoints
+    need to place every rank's piece in the full tensor)."""
+    if order not in ("dp,tp", "tp,dp"):
+        raise ValueError(f"order must be 'dp,tp' or 'tp,dp', got {order!r}")
+    if order not in _MESHES:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not is_model_parallel():
+            raise RuntimeError("device_mesh() needs init_model_parallel() first")
+        ranks = torch.arange(dist.get_world_size()).view(dp_size(), tp_size())
+        if order == "tp,dp":
+            ranks = ranks.t().contiguous()
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        _MESHES[order] = DeviceMesh(device_type, ranks, mesh_dim_names=tuple(order.split(",")))
+    return _MESHES[order]
 
 
 def barrier() -> None:

@@ -42,12 +42,26 @@ class DropFirstBatch:
         return getattr(self.loader, name)
 
 
+def _whole(t):
+    """A DTensor (FSDP shard) gathered whole (collective: every rank dumps in the same
+    order); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
 def dump(trainer: Trainer, path: str, rank: int) -> None:
+    """Trainable params and AdamW state by name (FSDP shards gathered whole), and per
+    parameter the elements this rank holds (`local_numel`) next to the whole count."""
+    from model_parallel import local_tensor
+
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     optim = trainer.optimizer.optim if hasattr(trainer.optimizer, "optim") else trainer.optimizer
-    state = {names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else torch.tensor(v)) for k, v in s.items()} for p, s in optim.state.items()}
-    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    torch.save({"params": params, "optim": state, "step": trainer.step}, f"{path}.rank{rank}.pt")
+    state = {names[id(p)]: {k: (_whole(v) if torch.is_tensor(v) else torch.tensor(v)) for k, v in sorted(s.items())}
+             for p, s in sorted(optim.state.items(), key=lambda kv: names[id(kv[0])])}
+    params = {n: _whole(p) for n, p in trainer.model.named_parameters() if p.requires_grad}
+    numel = {n: (local_tensor(p).numel(), p.numel(), p.requires_grad) for n, p in trainer.model.named_parameters()}
+    torch.save({"params": params, "optim": state, "step": trainer.step, "numel": numel}, f"{path}.rank{rank}.pt")
 
 
 def run(spec: dict, rank: int) -> None:

@@ -126,13 +126,19 @@ def test_parallelize_switches_activation_checkpointing_on_from_outside():
 
 
 def test_train_state_layout(shapes_corpus, tmp_path):
-    """The rank checkpoint dict keeps its documented layout (what resume reads)."""
+    """The checkpoint keeps its documented layout (what resume reads): trainable tensors,
+    AdamW state for every trainable parameter and nothing frozen, RNG; the JSON state."""
     from _helpers import tiny_train_overrides
     from llama_vision.config import load_config
     from llama_vision.training.train_config import TrainConfig
     from llama_vision.training.trainer import Trainer
 
     cfg = load_config(TrainConfig, ROOT / "configs/train/tiny_image_pretrain.yaml", tiny_train_overrides(shapes_corpus, tmp_path / "run"))
-    state = Trainer(cfg).train_state.state_dict()
-    assert set(state) == {"step", "skipped_nonfinite", "trainable", "optimizer", "scheduler", "data", "rng"}
-    assert state["step"] == 0 and all(not n.startswith("text_model.layers.") for n in state["trainable"])
+    trainer = Trainer(cfg)
+    tensors, state = trainer.train_state.tensors(), trainer.train_state.json_state()
+    assert set(state) == {"progress", "scheduler", "data", "layout"} and state["progress"]["step"] == 0
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {k[len("model."):] for k in tensors if k.startswith("model.")} == trainable
+    assert {k for k in tensors if k.startswith("optim.")} == {f"optim.{n}.{s}" for n in trainable for s in ("step", "exp_avg", "exp_avg_sq")}
+    assert {k.split(".")[0] for k in tensors} == {"model", "optim", "rng"}
+    assert all(not n.startswith("text_model.layers.") for n in trainable)

@@ -16,6 +16,7 @@ import torch
 
 from _helpers import ROOT, run_torchrun, tiny_train_overrides
 from llama_vision.config import load_config
+from llama_vision.training.dcp_checkpoint import read_tensors
 from llama_vision.training.metrics import read_metrics
 from llama_vision.training.train_config import TrainConfig
 from llama_vision.training.trainer import Trainer, train
@@ -28,9 +29,9 @@ def _cfg(corpus, out, **extra):
     return load_config(TrainConfig, PRETRAIN, tiny_train_overrides(corpus, out, **extra))
 
 
-def _trainable(out: Path, step: int, ranks: int = 1) -> list[dict]:
-    d = out / "checkpoints" / f"step_{step}"
-    return [torch.load(d / f"rank_{r:05d}.pt", weights_only=True)["trainable"] for r in range(ranks)]
+def _trainable(out: Path, step: int) -> dict:
+    """The trainable parameters of checkpoint `step`, whole (every rank's pieces merged)."""
+    return read_tensors(out / "checkpoints" / f"step_{step}", "model.")
 
 
 COMMON = dict(max_steps=3, checkpoint_every=1, keep_last=5, save_final="false", **{"data.shuffle": "false", "optim.warmup_steps": 1})
@@ -41,11 +42,10 @@ def test_data_parallel_equals_single_process(shapes_corpus, tmp_path):
     train(_cfg(shapes_corpus, one, micro_batch_size=8, **COMMON))
     two = tmp_path / "dp2"
     run_torchrun(WORKER, PRETRAIN, json.dumps(tiny_train_overrides(shapes_corpus, two, micro_batch_size=4, **COMMON)))
-    ref = _trainable(one, 3)[0]
-    r0, r1 = _trainable(two, 3, ranks=2)
+    ref, got = _trainable(one, 3), _trainable(two, 3)
+    assert set(got) == set(ref)
     for name, t in ref.items():
-        torch.testing.assert_close(r0[name], t, atol=1e-6, rtol=0, msg=name)
-        torch.testing.assert_close(r1[name], t, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], t, atol=1e-6, rtol=0, msg=name)
     losses1 = [m["loss"] for m in read_metrics(one / "metrics.jsonl")]
     losses2 = [m["loss"] for m in read_metrics(two / "metrics.jsonl")]
     assert losses1 == pytest.approx(losses2, abs=1e-5)
@@ -54,22 +54,13 @@ def test_data_parallel_equals_single_process(shapes_corpus, tmp_path):
 def test_tensor_parallel_equals_single_process(shapes_corpus, tmp_path, shared_dir):
     """TP=2 (vocabulary, heads and FFN split over 2 processes) trains to the same weights.
     Uses the real Llama 3 tokenizer: its 128256-row vocabulary splits evenly."""
-    import yaml
-
-    import llama_vision
-    import model_parallel as mp
-
     llama_tok = {"tokenizer": str(shared_dir / "reference" / "tokenizer.model")}
     one = tmp_path / "tp1"
     train(_cfg(shapes_corpus, one, micro_batch_size=4, **COMMON, **llama_tok))
     two = tmp_path / "tp2"
     run_torchrun(WORKER, PRETRAIN, json.dumps(tiny_train_overrides(shapes_corpus, two, micro_batch_size=4, tp=2, **COMMON, **llama_tok)))
-    ref = _trainable(one, 3)[0]
-    shards = _trainable(two, 3, ranks=2)
-    params = yaml.safe_load(open(ROOT / "configs/model/tiny.yaml"))
-    params["vocab_size"] = 128256
-    plan = mp.shard_plan(llama_vision.build_model(params, device="meta"), "checkpoint")
-    merged = mp.merge_shards(shards, plan)
+    # The checkpoint holds every tensor whole (DCP places each TP rank's shard).
+    ref, merged = _trainable(one, 3), _trainable(two, 3)
     assert set(merged) == set(ref)
     for name, t in ref.items():
         torch.testing.assert_close(merged[name], t, atol=1e-5, rtol=0, msg=name)
@@ -215,8 +206,9 @@ def test_nonfinite_gradient_skips_the_step_counts_it_and_writes_no_checkpoint(sh
     assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {4}
     assert trainer.scheduler.last_epoch == 4
     assert all(torch.isfinite(p).all() for p in trainer.params)
-    state = torch.load(out / "checkpoints" / "step_4" / "rank_00000.pt", weights_only=True)
-    assert state["skipped_nonfinite"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+    step4 = out / "checkpoints" / "step_4"
+    assert json.loads((step4 / "train_state.json").read_text())["progress"]["skipped_nonfinite"] == 1
+    assert all(torch.isfinite(t).all() for t in _trainable(out, 4).values())
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(shapes_corpus, tmp_path):

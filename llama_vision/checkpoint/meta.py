@@ -366,6 +366,7 @@ def save_meta_checkpoint(
     tp_rank: int = 0,
     tp_world: int = 1,
     write: bool = True,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write `source` (a model or a full state dict) as params.json + consolidated.NN.pth.
 
@@ -381,6 +382,8 @@ def save_meta_checkpoint(
     atomically (temp + rename), stale shard files of an earlier save are removed, and
     params.json is written LAST -- a directory with params.json is always complete.
     `dtype` casts floating-point tensors (e.g. torch.bfloat16 as Meta ships).
+    state_dict: the model's tensors when `source.state_dict()` does not hold them whole
+    (an FSDP-sharded model: its gathered TP-local tensors, `model_parallel.full_state_dict`).
     """
     if out_dir is None:
         if not isinstance(params_or_out_dir, (str, Path)):
@@ -401,7 +404,7 @@ def save_meta_checkpoint(
             raise ValueError("saving under tensor parallelism needs the model (its runtime plan)")
         if num_shards not in (None, tp_world):
             raise ValueError(f"a TP={tp_world} model saves {tp_world} shards; re-shard afterwards with tools/convert_checkpoint.py")
-        shard = _checkpoint_shard_of_rank(model, tp_rank, tp_world)
+        shard = _checkpoint_shard_of_rank(model, tp_rank, tp_world, state_dict if write else {})
         if write and tp_rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / PARAMS_FILE).unlink(missing_ok=True)
@@ -417,7 +420,7 @@ def save_meta_checkpoint(
         return out
     if model is not None and mp.tp_size() > 1:
         raise ValueError(f"the model is tensor-parallel (TP={mp.tp_size()}): pass tp_rank= and tp_world= so each rank saves its shard")
-    state = dict(source.state_dict() if model is not None else source)
+    state = dict(state_dict if state_dict is not None else source.state_dict() if model is not None else source)
     if model is None:
         model = build_skeleton(params_to_dict(params))
     plan = mp.shard_plan(model, "checkpoint")
@@ -432,12 +435,13 @@ def save_meta_checkpoint(
     return out
 
 
-def _checkpoint_shard_of_rank(model: nn.Module, rank: int, world: int) -> dict[str, Tensor]:
-    """This rank's tensors in the checkpoint layout (differs from the runtime one only where
-    a weight is held whole but stored split: replicated K/V heads)."""
+def _checkpoint_shard_of_rank(model: nn.Module, rank: int, world: int, tensors: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """This rank's tensors (default: the model's state dict) in the checkpoint layout
+    (differs from the runtime one only where a weight is held whole but stored split:
+    replicated K/V heads)."""
     ckpt, run = mp.shard_plan(model, "checkpoint"), mp.shard_plan(model, "runtime")
     out = {}
-    for key, t in model.state_dict().items():
+    for key, t in (model.state_dict() if tensors is None else tensors).items():
         c, r = ckpt.get(key), run.get(key)
         if c == r:
             out[key] = t

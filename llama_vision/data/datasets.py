@@ -30,8 +30,10 @@ travel in and are not reported (in ``loop=True`` mode they arrive with the next 
 **Position.** Records reach each (rank, worker) partition in a deterministic order
 (:mod:`.sampler`); a partition's position is ``(epoch, records consumed)``, skipped records
 included. ``state_dict()``/``load_state_dict()`` save and restore every partition's position,
-so a resumed run continues with exactly the next sample, in the same batch order. Resume needs
-the same seed, world size and ``num_workers``.
+so a resumed run continues with exactly the next sample, in the same batch order. At
+another world size or ``num_workers`` (record split: the records of an epoch have one global
+order, :mod:`.sampler`), :func:`resume_position` turns every old partition's position into
+the set of records already consumed, and the new partitions share the rest of the epoch.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from llama_vision.tokenizer import ChatFormat
 from .batch import IGNORE_INDEX
 from .collate import collate_examples, collate_preferences
 from .image import ImageLoadError, load_image
-from .sampler import SplitMode, current_partition, partition_stream
+from .sampler import ConsumedRecords, SplitMode, current_partition, partition_stream
 from .sources import BAD_JSON, BAD_RECORD, BAD_SHARD, BAD_TEXT, MISSING_SHARD, Record
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ class WorkerPosition:
     epoch: int
     consumed: int = 0  # records taken from the partition's stream in `epoch`, skips included
     skipped: dict[str, int] = field(default_factory=dict)  # cumulative over the run
+    cursor: int | None = None  # record split: 1 + global-order index of the last record taken
 
 
 def shifted_labels(tokens: Sequence[int], target_mask: Sequence[bool]) -> list[int]:
@@ -248,6 +251,9 @@ class ExampleDataset(IterableDataset):
         self._positions: dict[int, WorkerPosition] = {}
         self._num_workers: int | None = None
         self._next_worker = 0
+        # Epoch -> records of its global order consumed by an earlier run of another layout
+        # (sampler.ConsumedRecords rules; see resume_position).
+        self._consumed: dict[int, list[dict]] = {}
 
     # ------------------------------------------------------------------ examples
     @abstractmethod
@@ -335,8 +341,10 @@ class ExampleDataset(IterableDataset):
                 buffer_size=self.shuffle_buffer,
                 split=self.split,
                 start=start,
+                consumed=ConsumedRecords(self._consumed.get(epoch)),
+                with_index=True,
             )
-            for consumed, record in enumerate(stream, start + 1):
+            for consumed, (index, record) in enumerate(stream, start + 1):
                 example = self._example_or_skip(record, counter)
                 if example is None:
                     continue
@@ -347,12 +355,13 @@ class ExampleDataset(IterableDataset):
                     "num_workers": partition.num_workers,
                     "epoch": epoch,
                     "consumed": consumed,
+                    "cursor": None if index is None else index + 1,
                 }
                 example["skipped"] = counter.snapshot()
                 yield example
             if not self.loop:
                 return
-            if produced == 0 and start == 0:
+            if produced == 0 and start == 0 and epoch not in self._consumed:
                 # Looping over an epoch with nothing usable would spin forever.
                 raise RuntimeError(
                     f"rank {partition.rank} worker {partition.worker}: no usable example in epoch {epoch} "
@@ -368,7 +377,7 @@ class ExampleDataset(IterableDataset):
         pos = batch.position
         if pos is None:
             return
-        self._positions[pos["worker"]] = WorkerPosition(pos["epoch"], pos["consumed"], dict(batch.skipped))
+        self._positions[pos["worker"]] = WorkerPosition(pos["epoch"], pos["consumed"], dict(batch.skipped), pos.get("cursor"))
         self._num_workers = pos["num_workers"]
         # The DataLoader asks workers round-robin; the next batch is due from the next one.
         self._next_worker = (pos["worker"] + 1) % pos["num_workers"]
@@ -415,9 +424,10 @@ class ExampleDataset(IterableDataset):
             "num_workers": self._num_workers,
             "next_worker": self._next_worker,
             "workers": [
-                {"worker": w, "epoch": p.epoch, "consumed": p.consumed, "skipped": dict(p.skipped)}
+                {"worker": w, "epoch": p.epoch, "consumed": p.consumed, "skipped": dict(p.skipped), "cursor": p.cursor}
                 for w, p in sorted(self._positions.items())
             ],
+            "consumed_by_earlier_layouts": {str(e): rules for e, rules in sorted(self._consumed.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -432,8 +442,9 @@ class ExampleDataset(IterableDataset):
         self._num_workers = state["num_workers"]
         self._next_worker = state["next_worker"]
         self._positions = {
-            w["worker"]: WorkerPosition(w["epoch"], w["consumed"], dict(w["skipped"])) for w in state["workers"]
+            w["worker"]: WorkerPosition(w["epoch"], w["consumed"], dict(w["skipped"]), w.get("cursor")) for w in state["workers"]
         }
+        self._consumed = {int(e): rules for e, rules in state.get("consumed_by_earlier_layouts", {}).items()}
 
 
 class CaptionDataset(ExampleDataset):
@@ -544,3 +555,59 @@ class DPODataset(_ChatDataset):
         # above), so both sides always keep every image.
         example["images"], example["aspect_ratios"] = self.load_images((fields.get("images") or [])[: min(kept)])
         return example
+
+
+def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, num_workers: int) -> dict[str, Any]:
+    """The data position of DP rank `rank` of `world_size` (each with `num_workers`
+    DataLoader workers) resuming a run whose DP ranks saved `states` (their
+    `ExampleDataset.state_dict()`, in rank order).
+
+    Same layout: that rank's own state (the exact continuation). Another world size or
+    worker count: every old partition read its share of each epoch's global order up to
+    its cursor, so the records consumed are one rule per old layout
+    (`sampler.ConsumedRecords`); the new partitions start at the oldest epoch any old one
+    was in and read the rest of it, then the later epochs, skipping consumed records. The
+    summed skip counts carry over on rank 0's first worker. Needs record split (a position
+    without cursors came from shard split, whose order depends on the layout)."""
+    num_workers = max(1, num_workers)  # 0 workers: the main process is the one partition
+    old_workers = [s["num_workers"] for s in states]
+    if len(states) == world_size and all(n in (None, num_workers) for n in old_workers):
+        return states[rank]
+    partitions = [(s["rank"], w) for s in states for w in s["workers"]]
+    if not partitions:  # saved before any batch was drawn: nothing consumed
+        return {**states[0], "rank": rank, "world_size": world_size, "num_workers": None, "next_worker": 0, "workers": []}
+    old_count = len(states) * (old_workers[0] or 1)
+    if any(w["cursor"] is None for _, w in partitions) or any(n is None for n in old_workers):
+        raise ValueError(
+            f"cannot resume the data position of {len(states)} DP ranks x {old_workers[0]} workers at {world_size} x "
+            f"{num_workers}: it was read with shard split (each partition reads its own files; set data.split: record "
+            "for an order that survives a layout change) or before any batch was drawn"
+        )
+    epochs = [w["epoch"] for _, w in partitions]
+    first, last = min(epochs), max(epochs)
+    consumed: dict[str, list] = {}
+    for e, rules in states[0].get("consumed_by_earlier_layouts", {}).items():
+        if int(e) >= first:
+            consumed[str(e)] = list(rules)
+    nw = old_workers[0] or 1
+    for epoch in range(first, last + 1):
+        cursors: list[int | None] = [0] * old_count
+        for r, w in partitions:
+            index = r * nw + w["worker"]
+            cursors[index] = None if w["epoch"] > epoch else w["cursor"] if w["epoch"] == epoch else 0
+        consumed.setdefault(str(epoch), []).append({"modulus": old_count, "cursors": cursors})
+    skipped: dict[str, int] = {}
+    for _, w in partitions:
+        for reason, n in w["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {
+        "seed": states[0]["seed"],
+        "rank": rank,
+        "world_size": world_size,
+        "epoch": first,
+        "num_workers": num_workers,
+        "next_worker": 0,
+        "workers": [{"worker": w, "epoch": first, "consumed": 0, "skipped": skipped if (rank, w) == (0, 0) else {},
+                     "cursor": None} for w in range(num_workers)],
+        "consumed_by_earlier_layouts": consumed,
+    }

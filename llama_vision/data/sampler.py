@@ -17,8 +17,12 @@ pure function of ``(source, seed, epoch, partition)``:
      ``"record"``.
 
    Either way, every record goes to exactly one partition per epoch.
-3. **Shuffle buffer.** The partition's records go through a buffer of ``buffer_size``
-   records (webdataset style), driven by an RNG seeded by ``(seed, epoch, p)``.
+3. **Shuffle buffer.** Records go through a buffer of ``buffer_size`` records (webdataset
+   style). Record split: ONE buffer over the whole epoch, seeded by ``(seed, epoch)``, before
+   the split -- so record ``i`` of the epoch's global order is the same whatever the
+   number of partitions, and a run resumed at another world size or worker count continues
+   that order (:class:`ConsumedRecords`). Shard split: each partition's own buffer, seeded
+   by ``(seed, epoch, p)``.
 
 Resuming therefore only needs, per partition, the epoch and the number of records already
 taken from that stream: :func:`partition_stream` with ``start=n`` regenerates the stream and
@@ -122,14 +126,33 @@ def shuffle_buffer(items: Iterable[T], buffer_size: int, rng: random.Random) -> 
     yield from buffer
 
 
-def _split_records(source: ShardedSource, order: list[int], partition: Partition, mode: str) -> Iterator:
-    shards = source.shards
-    if mode == "shard":
-        for j in order[partition.index :: partition.count]:
-            yield from source.iter_shard(shards[j])
-        return
-    stream = itertools.chain.from_iterable(source.iter_shard(shards[j]) for j in order)
-    yield from itertools.islice(stream, partition.index, None, partition.count)
+class ConsumedRecords:
+    """Records of one epoch's global order already consumed by an earlier run of another
+    layout: a list of rules ``(modulus P, cursors [P])``, one per such run, where record
+    ``i`` was consumed iff ``i < cursors[i % P]`` for some rule (that run's partition
+    ``i % P`` had read its share of the order up to its cursor; ``None`` = to the end).
+    Exact whatever the layouts: every record of the epoch is read once over all runs."""
+
+    def __init__(self, rules: list[dict] | None = None):
+        self.rules = [{"modulus": int(r["modulus"]), "cursors": list(r["cursors"])} for r in rules or []]
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def __contains__(self, i: int) -> bool:
+        for rule in self.rules:
+            cursor = rule["cursors"][i % rule["modulus"]]
+            if cursor is None or i < cursor:
+                return True
+        return False
+
+
+def global_order(source: ShardedSource, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, buffer_size: int = 1000) -> Iterator:
+    """Every record of ``epoch`` in one order that depends on no layout (record split):
+    the permuted shards concatenated, through ONE shuffle buffer seeded by (seed, epoch)."""
+    order = shard_order(len(source.shards), seed, epoch, shuffle)
+    records = itertools.chain.from_iterable(source.iter_shard(source.shards[j]) for j in order)
+    return shuffle_buffer(records, buffer_size, make_rng("buffer", seed, epoch)) if shuffle else records
 
 
 def partition_stream(
@@ -142,19 +165,37 @@ def partition_stream(
     buffer_size: int = 1000,
     split: SplitMode = "auto",
     start: int = 0,
+    consumed: ConsumedRecords | None = None,
+    with_index: bool = False,
 ) -> Iterator:
     """The records partition ``partition`` reads in ``epoch``, from position ``start`` on.
+
+    Record split: the partition takes every ``count``-th record of the layout-independent
+    :func:`global_order` (index ``i % count == index``), minus those in ``consumed``. Shard
+    split: the partition reads its own shards through its own shuffle buffer (cheapest I/O;
+    the order then depends on the number of partitions, so a run can only resume at the
+    same layout). ``with_index``: yield ``(i, record)``, ``i`` the record's index in the
+    global order (record split; None under shard split).
 
     Deterministic in all arguments; ``partition_stream(..., start=n)`` equals
     ``itertools.islice(partition_stream(..., start=0), n, None)``.
     ``shuffle=False`` keeps the shard order and disables the buffer.
     """
-    order = shard_order(len(source.shards), seed, epoch, shuffle)
     mode = resolve_split(split, len(source.shards), partition)
-    records = _split_records(source, order, partition, mode)
-    if shuffle:
-        records = shuffle_buffer(records, buffer_size, make_rng("buffer", seed, epoch, partition.index))
-    return itertools.islice(records, start, None)
+    if mode == "shard":
+        if consumed:
+            raise ValueError("records consumed by a run of another layout can only be skipped under record split")
+        order = shard_order(len(source.shards), seed, epoch, shuffle)
+        records = itertools.chain.from_iterable(source.iter_shard(source.shards[j]) for j in order[partition.index :: partition.count])
+        if shuffle:
+            records = shuffle_buffer(records, buffer_size, make_rng("buffer", seed, epoch, partition.index))
+        indexed = ((None, r) for r in records)
+    else:
+        p, count = partition.index, partition.count
+        everything = enumerate(global_order(source, seed=seed, epoch=epoch, shuffle=shuffle, buffer_size=buffer_size))
+        indexed = ((i, r) for i, r in everything if i % count == p and not (consumed and i in consumed))
+    out = itertools.islice(indexed, start, None)
+    return out if with_index else (r for _, r in out)
 
 
 def current_partition(rank: int | None = None, world_size: int | None = None, rotation: int = 0) -> Partition:

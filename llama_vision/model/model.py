@@ -10,6 +10,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .cross_attention import NO_END, MediaState, build_adapter_blocks, media_spans
+from .decoder_input import DecoderInput, clip_spans_to_segments, positions_from_segments
 from .init import init_weights
 from .modality import MediaTokens, Modality
 from .text import AdapterSchedule, KVCache, PlaceholderEmbedding, TextDecoder
@@ -188,12 +189,22 @@ class VisionLanguageModel(nn.Module):
         positions: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         logit_index: torch.Tensor | None = None,
+        decoder_input: DecoderInput | None = None,
     ) -> torch.Tensor:
         """tokens [B, S] (+ images [B, N, T, 3, S, S], aspect_ratios [B, N, 2], or other
         modalities in `media_inputs`, or precomputed `media`) -> float32 logits [B, S, V].
 
         logit_index [B]: compute logits only at that position of each row -> [B, 1, V]
-        (prefill needs one row of logits, not S x vocab)."""
+        (prefill needs one row of logits, not S x vocab).
+
+        decoder_input: the per-token layout beyond token ids (docs/decoder_input.md):
+        explicit RoPE positions, packed-sample segment ids (block-diagonal causal
+        self-attention; media spans clipped to each sample), row lengths, and input
+        embeddings replacing the token embedding (tokens may then be None, without media).
+        None -- or every field None -- is exactly the call without it. `positions` here
+        is the same field for existing callers: give one or the other."""
+        if decoder_input is not None:
+            return self._forward_layout(tokens, images, aspect_ratios, media_inputs, media, positions, caches, logit_index, decoder_input)
         self.check_tokens(tokens, positions)
         if media is None:
             inputs = dict(media_inputs or {})
@@ -204,6 +215,47 @@ class VisionLanguageModel(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         # With logit_index the last layer computes only the kept position of each row.
         h = self.text_model(self._canonical_tokens(tokens), positions, media, caches, keep=logit_index)
+        return self.text_model.logits(h)
+
+    def _forward_layout(self, tokens, images, aspect_ratios, media_inputs, media, positions, caches, logit_index,
+                        layout: DecoderInput) -> torch.Tensor:
+        """`forward` with a DecoderInput (validated here, once, for every decoder caller)."""
+        if positions is not None and layout.positions is not None:
+            raise ValueError("positions given twice: as forward(positions=) and as DecoderInput.positions")
+        ref = tokens if tokens is not None else layout.input_embeds
+        if ref is None:
+            raise ValueError("forward needs tokens or DecoderInput.input_embeds")
+        b, s = ref.shape[:2]
+        layout.validate(b, s, self.args.dim, cached=caches is not None, keep=logit_index is not None)
+        segments = layout.resolved_segments(s, cached=caches is not None)
+        positions = positions if positions is not None else layout.positions
+        if positions is None:
+            positions = (positions_from_segments(segments) if segments is not None
+                         else torch.arange(s, device=ref.device).expand(b, -1))
+        if tokens is None:
+            if media is not None or images is not None or media_inputs:
+                raise ValueError("media need tokens: their placeholders locate each item's text span")
+            if layout.embeds_mask is not None:
+                raise ValueError("DecoderInput.embeds_mask needs tokens: the positions it leaves False read the token embedding")
+            end = s if caches is None else int(positions.max()) + 1
+            if end > self.args.max_seq_len:
+                raise ValueError(f"sequence of {end} positions is longer than max_seq_len={self.args.max_seq_len}")
+            media = {}
+        else:
+            # Without caches a row is S tokens long whatever its (restarting) positions say.
+            self.check_tokens(tokens, positions if caches is not None else None)
+            if media is None:
+                inputs = dict(media_inputs or {})
+                if images is not None:
+                    inputs["image"] = (images, aspect_ratios)
+                media = self.prepare_media(tokens, inputs) if inputs else {}
+            tokens = self._canonical_tokens(tokens)
+        if segments is not None:
+            # Spans count token indices of the row: clip each to its placeholder's sample.
+            media = {name: dataclasses.replace(st, span_end=clip_spans_to_segments(st.span_start, st.span_end, segments))
+                     for name, st in media.items()}
+        h = self.text_model(tokens, positions, media, caches, keep=logit_index, segment_ids=segments,
+                            input_embeds=layout.input_embeds, embeds_mask=layout.embeds_mask)
         return self.text_model.logits(h)
 
     def _canonical_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from model_parallel import column_parallel_linear, gather_from_tp, vocab_paralle
 from .args import ModelArgs
 from .attention import attention
 from .cross_attention import MediaState
+from .decoder_input import segment_attention_mask
 from .layers import FeedForward, GQAProjections, RMSNorm
 from .rope import apply_rotary_emb, precompute_freqs_cis
 
@@ -138,6 +139,11 @@ class TextDecoder(nn.Module):
         self.adapter_schedules: dict[str, AdapterSchedule] = {}
         self._by_layer: list[list[tuple[str, nn.Module]]] | None = None
         self.checkpoint_activations = False
+        # Look the learnable table up even when no id in the batch is new (then its rows
+        # get a zero gradient instead of none). Data-parallel training under FSDP sets it
+        # for micro-batches where ANY rank has a new id: every rank must then compute the
+        # same gradients of its shards.
+        self.embed_all_tables = False
         # The RoPE table is deliberately NOT a buffer: everything that converts or moves a
         # module's buffers would reach it. `.to(bfloat16)` casts complex buffers to the real
         # dtype (dropping the imaginary part), a float32 buffer would be rounded to bf16,
@@ -237,7 +243,7 @@ class TextDecoder(nn.Module):
         is new (a host sync, which a compiled step must not have)."""
         new = tokens >= self.vocab_size
         base = self.tok_embeddings(tokens.masked_fill(new, 0))
-        if not skip_check and not new.any():
+        if not skip_check and not self.embed_all_tables and not new.any():
             return base
         extra = self.learnable_embedding((tokens - self.vocab_size).clamp(min=0)).to(base.dtype)
         out = torch.where(new[..., None], extra, base)
@@ -245,15 +251,31 @@ class TextDecoder(nn.Module):
             out = torch.where((tokens == placeholder.token_id)[..., None], placeholder.weight.to(out.dtype), out)
         return out
 
+    def _input_embeddings(self, tokens, input_embeds, embeds_mask, *, skip_check: bool) -> torch.Tensor:
+        """[B, S, D]: the token embedding; or the caller's input_embeds everywhere (no
+        embeds_mask: taken as they are, dtype included), or where embeds_mask is True (cast
+        to the token embedding's dtype)."""
+        if input_embeds is None:
+            return self.embed(tokens, skip_check=skip_check)
+        if embeds_mask is None:
+            return input_embeds
+        if tokens is None:
+            raise ValueError("embeds_mask needs tokens: the positions it leaves False read the token embedding")
+        h = self.embed(tokens, skip_check=skip_check)
+        return torch.where(embeds_mask[..., None].to(h.device), input_embeds.to(h.dtype), h)
+
     def forward(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         positions: torch.Tensor,
         media: dict[str, MediaState] | None = None,
         caches: list[KVCache] | None = None,
         *,
         static: bool = False,
         keep: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        input_embeds: torch.Tensor | None = None,
+        embeds_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, positions [B, S] -> final-norm hidden states [B, S, D].
 
@@ -266,18 +288,35 @@ class TextDecoder(nn.Module):
         static=True (with caches): attend over the WHOLE preallocated cache under a mask
         built on the device -- no host syncs and the same shapes at every step, what
         torch.compile / CUDA graphs need (the eager default slices to the used length).
+
+        The `DecoderInput` fields (llama_vision.model.decoder_input, docs/decoder_input.md;
+        validated by `VisionLanguageModel.forward`), all None by default = the paths above:
+        segment_ids [B, S] (no caches): packed rows -- `positions` are RoPE positions only
+        (restarting per sample), self-attention is block-diagonal causal over segments and
+        media masks are taken at token indices 0..S-1 (the spans' coordinates; the caller
+        clips the spans to segments). input_embeds [B, S, D] (+ embeds_mask [B, S] bool):
+        input embeddings replacing the token embedding (where embeds_mask, else
+        everywhere); tokens may then be None.
         """
-        h = self.embed(tokens, skip_check=static)
+        h = self._input_embeddings(tokens, input_embeds, embeds_mask, skip_check=static)
         freqs_cis = self.rope(positions, h.device)  # [B, S, head_dim // 2], float32 whatever h's dtype
-        if static:
+        # Token index of each query in its row: what media spans (and cache slots) count
+        # in. It is the position except in packed rows, where positions restart.
+        index = positions
+        if segment_ids is not None:
+            if caches is not None or static or keep is not None:
+                raise ValueError("segment_ids (packed rows) take a fresh forward: no KV caches, static or keep")
+            mask, cache_from, kv_len = segment_attention_mask(segment_ids.to(h.device)), None, positions.shape[1]
+            index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        elif static:
             if caches is None:
                 raise ValueError("static=True needs KV caches")
             mask, cache_from, kv_len = self._static_cache_mask(positions, caches[0].k.shape[2])
         else:
             mask, cache_from, kv_len = self._self_attention_mask(positions, caches is not None)
-        if caches is None and mask is not None:
-            raise ValueError("without KV caches, positions must be 0..S-1 in every row (one causal prefix)")
-        media_masks = {name: state.masks(positions) for name, state in (media or {}).items()}
+            if caches is None and mask is not None:
+                raise ValueError("without KV caches, positions must be 0..S-1 in every row (one causal prefix)")
+        media_masks = {name: state.masks(index) for name, state in (media or {}).items()}
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             rows = keep if i == last else None

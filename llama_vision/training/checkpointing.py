@@ -131,30 +131,37 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         json.dumps(metadata)  # fail early (on every rank) rather than after all shards are written
         state = _prepare_state(state, "state")
-        staging = self.root / f"step_{step}.tmp"
+        staging = self.staging_dir(step)
         staging.mkdir(parents=True, exist_ok=True)
         atomic_save_torch(state, staging / rank_file_name(self.rank))
 
         self.barrier()
         final = self.step_dir(step)
         if self.rank == 0:
-            self._commit(step, staging, final, metadata)
+            self.commit(step, staging, final, metadata, files=[rank_file_name(r) for r in range(self.world_size)])
         self.barrier()
         return final
 
-    def _commit(self, step: int, staging: Path, final: Path, metadata: dict[str, Any] | None) -> None:
-        """Rank 0: verify the staging dir, write meta.json, rename it into place, prune."""
-        expected = {rank_file_name(r) for r in range(self.world_size)}
-        missing = sorted(name for name in expected if not (staging / name).is_file())
+    def staging_dir(self, step: int) -> Path:
+        """Where checkpoint ``step`` is written before its commit (never seen by latest())."""
+        return self.root / f"step_{step}.tmp"
+
+    def commit(
+        self, step: int, staging: Path, final: Path, metadata: dict[str, Any] | None, files: list[str], *, drop_others: bool = True
+    ) -> None:
+        """Rank 0, after every rank wrote its part into ``staging``: verify that ``files``
+        are there, write meta.json (listing them: what ``is_complete`` checks), rename the
+        directory into place (the commit point), prune. ``drop_others``: delete every other
+        entry of the staging dir first (the name is reused across attempts: leftovers of a
+        killed earlier save -- a stale meta.json, shards of a larger world, temp files)."""
+        missing = sorted(name for name in files if not (staging / name).is_file())
         if missing:
             raise RuntimeError(
-                f"checkpoint step {step}: rank files {missing} missing in {staging} after the barrier "
+                f"checkpoint step {step}: files {missing} missing in {staging} after the barrier "
                 "(did every rank call save()? is the directory on a shared filesystem?)"
             )
-        # The staging name is reused across attempts, so drop leftovers of a killed earlier save
-        # (a stale meta.json, shards of a larger world size, orphaned temp files).
-        for entry in staging.iterdir():
-            if entry.name in expected:
+        for entry in staging.iterdir() if drop_others else ():
+            if entry.name in files:
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry)
@@ -166,7 +173,7 @@ class CheckpointManager:
             "world_size": self.world_size,
             "time": now,
             "time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
-            "files": sorted(expected),
+            "files": sorted(files),
             "metadata": metadata or {},
         }
         atomic_write_text(staging / META_FILE, json.dumps(meta, indent=2) + "\n")
@@ -205,14 +212,15 @@ class CheckpointManager:
 
     @classmethod
     def is_complete(cls, step_dir: str | Path) -> bool:
-        """True if ``step_dir`` has a valid ``meta.json`` and every rank file it promises."""
+        """True if ``step_dir`` has a valid ``meta.json`` and every file it promises (its
+        ``files``; a meta.json without that list promises every rank file of its world)."""
         step_dir = Path(step_dir)
         try:
             meta = cls.read_meta(step_dir)
-            world_size = int(meta["world_size"])
-        except (OSError, ValueError, KeyError, TypeError):
+            files = meta.get("files") or [rank_file_name(r) for r in range(int(meta["world_size"]))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        return all((step_dir / rank_file_name(r)).is_file() for r in range(world_size))
+        return all(isinstance(f, str) and (step_dir / f).is_file() for f in files)
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints as ``(step, path)``, oldest step first."""

@@ -8,14 +8,14 @@ equals one process on the whole batch.
 * `LMObjective`: token cross-entropy over the labelled tokens (pretraining, SFT, video).
 * `DPOObjective`: Direct Preference Optimisation over (chosen, rejected) pairs against a
   reference policy. The reference holds ONLY the trainable tensors (the frozen trunk is
-  shared with the policy: an 11B reference would otherwise be another ~45 GB), is applied
-  with `torch.func.functional_call`, and is optionally EMA-updated towards the policy.
+  shared with the policy: an 11B reference would otherwise be another ~45 GB), is swapped
+  into the parameters in place for its forward, and is optionally EMA-updated towards the policy.
   Chosen and rejected continuations of a pair share their prompt's media, so each model
   encodes a pair's images once and scores both continuations in one forward.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Callable
 
 import torch
@@ -41,11 +41,17 @@ class LMObjective:
         return batch.num_targets
 
     def logits(self, batch) -> torch.Tensor:
-        """[B, L, V] logits of a Batch (images and any other modality's media inputs)."""
+        """[B, L, V] logits of a Batch (images and any other modality's media inputs); a
+        packed Batch (segment_ids) passes its layout as the model's DecoderInput."""
         media = batch.media_inputs() if hasattr(batch, "media_inputs") else None
         aspect_ratios = batch.aspect_ratios if batch.images is not None else None
+        layout = {}
+        if getattr(batch, "segment_ids", None) is not None:
+            from llama_vision.model.decoder_input import DecoderInput
+
+            layout["decoder_input"] = DecoderInput(positions=batch.positions, segment_ids=batch.segment_ids, lengths=batch.lengths)
         with self.autocast():
-            return self.model(batch.tokens, batch.images, aspect_ratios, media_inputs=media)
+            return self.model(batch.tokens, batch.images, aspect_ratios, media_inputs=media, **layout)
 
     def loss_sum(self, batch) -> torch.Tensor:
         return lm_loss_sum(self.logits(batch), batch.labels)
@@ -123,15 +129,28 @@ class DPOObjective:
         return len(batch)
 
     def loss_sum(self, batch) -> torch.Tensor:
-        with torch.no_grad(), self.autocast():
-            ref_params = {f"model.{n}": t for n, t in self.reference.items()}
-            ref_chosen, ref_rejected = torch.func.functional_call(self.scorer, ref_params, (batch,))
+        with torch.no_grad(), self.autocast(), self.reference_weights():
+            ref_chosen, ref_rejected = self.scorer(batch)
         with self.autocast():
             chosen, rejected = self.scorer(batch)
         losses, margins = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         margin = margins.sum()
         self._margin_sum = margin if self._margin_sum is None else self._margin_sum + margin
         return losses.sum()
+
+    @contextmanager
+    def reference_weights(self):
+        """Within: the model's trainable parameters hold the reference's values (swapped
+        in place, one tensor at a time, and back on exit). In place because under FSDP a
+        parameter is all-gathered from its shard's own storage at every use: substituting
+        other tensors for the parameters (torch.func.functional_call) would be ignored."""
+        params = dict(self.model.named_parameters())
+        pairs = [(mp.local_tensor(params[n]), mp.local_tensor(t)) for n, t in self.reference.items()]
+        _swap(pairs)
+        try:
+            yield
+        finally:
+            _swap(pairs)
 
     def step_metrics(self, count: torch.Tensor) -> dict:
         """reward_margin: mean beta * margin over the step's pairs on ALL DP ranks."""
@@ -160,6 +179,14 @@ class DPOObjective:
         with torch.no_grad():
             for n, t in saved.items():
                 self.reference[n].copy_(t)
+
+
+@torch.no_grad()
+def _swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for a, b in pairs:
+        held = a.clone()
+        a.copy_(b)
+        b.copy_(held)
 
 
 def build_objective(cfg, model: nn.Module, autocast: AutocastFactory):

@@ -31,7 +31,7 @@ parameters:
   is bf16 -- the smallest deviation from the float32 run that stores the trunk in bf16.
   (The alternative, running whole frozen blocks in bf16, rounds the residual stream at
   every layer; hooks on leaves also survive activation checkpointing's recomputation and
-  `torch.func.functional_call` (DPO's reference), which see the same modules.)
+  DPO's reference forward (its weights swapped in place), which see the same modules.)
 * A module whose own parameters are frozen but that holds trainable submodules keeps its
   parameters in float32 (its forward may feed them to trainable code); none exist in
   today's trainability groups (each group is whole subtrees).

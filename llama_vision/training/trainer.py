@@ -25,12 +25,14 @@ from llama_vision.tokenizer import load_tokenizer
 
 from .build import build_training_model, is_gate  # noqa: F401 - is_gate: part of this module's API
 from .checkpointing import CheckpointManager
+from .dcp_checkpoint import DistributedCheckpointer
 from .data import build_loader
 from .flops import step_flops, step_shape_from_batch, trainable_from_model
 from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, global_batch_line, peak_flops_for_device
 from .objectives import build_objective
 from .optim import stage_param_groups
-from .parallelize import parallelize
+from .media_sync import embedding_tables, uniform_media
+from .parallelize import parallelize, uses_fsdp
 from .precision import apply_precision, resolve_precision
 from .schedule import build_lr_scheduler
 from .train_config import TrainConfig
@@ -51,25 +53,39 @@ class Trainer:
         # Precision before moving: the frozen trunk reaches the device already in its
         # storage dtype (half the bytes in bf16), and before the optimizer is built.
         self.precision = resolve_precision(cfg, self.device)
-        self.model = apply_precision(parallelize(build_training_model(cfg, self.tokenizer), cfg), self.precision).to(self.device)
+        model = apply_precision(build_training_model(cfg, self.tokenizer), self.precision).to(self.device)
+        # By name, before FSDP replaces the parameters with sharded ones (names are kept).
+        plan = mp.shard_plan(model, "runtime")
+        self.fsdp = uses_fsdp(cfg)
+        self.model = parallelize(model, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        plan, names = mp.shard_plan(self.model, "runtime"), {id(p): n for n, p in self.model.named_parameters()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
         self.tp_dims = {id(p): plan.get(names[id(p)]) for p in self.params}
+        self._tile_size = cfg.data.tile_size or self.model.args.vision_chunk_size
         on_gpu_bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu_bf16 else nullcontext
         self.objective = build_objective(cfg, self.model, self.autocast)
         self._flop_groups = trainable_from_model(self.model)
         o = cfg.optim
         groups = stage_param_groups(self.model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier)
-        self.optimizer = mp.zero_redundancy_adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        if self.fsdp:  # the parameters are shards already: so is AdamW's state
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        else:
+            self.optimizer = mp.zero_redundancy_adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_lr_scheduler(self.optimizer, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
         # Checked now (a config error should not wait for the first validation); each
         # validation reads the held-out set from its start with a fresh loader.
         self.validating = eval_enabled(cfg)
-        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier)
+        self.ckpt = DistributedCheckpointer(
+            CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier),
+            async_save=cfg.checkpoint_async,
+        )
         self.progress = Progress()
-        self.train_state = TrainState(self.progress, self.model, self.optimizer, self.scheduler, self.loader, self.objective)
+        layout = {"world_size": world, "tp": mp.tp_size(), "dp": mp.dp_size(), "data_parallel": cfg.data_parallel if mp.dp_size() > 1 else "none",
+                  "num_workers": cfg.data.num_workers}
+        self.train_state = TrainState(self.progress, self.model, self.optimizer, self.scheduler, self.loader, self.objective,
+                                      tp_dims={n: plan.get(n) for n in names.values()}, dp_sharded=self.fsdp, layout=layout)
         self._nonfinite_streak = 0
         if self.rank == 0:
             tqdm.write(global_batch_line(cfg, world, mp.tp_size(), mp.dp_size()))
@@ -86,11 +102,19 @@ class Trainer:
     def resume(self) -> bool:
         # Rank 0 picks the checkpoint for everybody: on a shared filesystem ranks can see
         # different "latest" directories (a commit racing a directory listing cache).
-        latest = self.ckpt.latest() if self.rank == 0 else None
-        latest = mp.broadcast_object(None if latest is None else str(latest))
+        found = None
+        if self.rank == 0:
+            try:
+                latest = self.ckpt.latest()
+                found = ("ok", None if latest is None else str(latest))
+            except ValueError as e:  # an unusable checkpoint: every rank must stop, not wait
+                found = ("error", str(e))
+        status, latest = mp.broadcast_object(found)
+        if status == "error":
+            raise ValueError(latest)
         if latest is None:
             return False
-        self.train_state.load_state_dict(self.ckpt.load(latest, rank=self.rank))
+        self.train_state.load(self.ckpt, latest)
         return True
 
     # --- one optimizer step ---------------------------------------------------------------
@@ -103,6 +127,8 @@ class Trainer:
         if mp.tp_size() > 1:
             fingerprint = torch.cat([batch_fingerprint(b) for b in micro]).to(self.device)
             mp.assert_same_across_tp(fingerprint, f"step {self.step + 1}: the batch (samples {micro[0].keys[:4]}...)")
+        # Under FSDP every rank must run the same modules (media_sync).
+        plans = uniform_media(micro, self._tile_size, self.model.args.vocab_size, self.device) if self.fsdp else [(b, False) for b in micro]
         # Normalise by the global number of targets (tokens, or pairs for DPO); the same
         # collective sums the model FLOPs of the step over the replicas.
         flops = step_flops(self.model.args, [s for b in micro for s in step_shape_from_batch(b)], self._flop_groups).total
@@ -110,16 +136,17 @@ class Trainer:
         totals = mp.all_reduce_sum(torch.tensor([targets, float(flops)], dtype=torch.float64, device=self.device), "dp")
         count = totals[0].float()
         total = torch.zeros((), device=self.device)
-        for batch in micro:
-            loss_sum = self.objective.loss_sum(batch.to(self.device, non_blocking=True))
-            # A text-only micro-batch under a frozen decoder touches nothing trainable:
-            # nothing to differentiate (sync_gradients fills in zeros where other ranks
-            # have gradients).
-            if loss_sum.requires_grad:
-                (loss_sum / count.clamp(min=1)).backward()
+        for batch, every_table in plans:
+            with embedding_tables(self.model, every_table):
+                loss_sum = self.objective.loss_sum(batch.to(self.device, non_blocking=True))
+                # A text-only micro-batch under a frozen decoder touches nothing trainable:
+                # nothing to differentiate (sync_gradients fills in zeros where other ranks
+                # have gradients).
+                if loss_sum.requires_grad:
+                    (loss_sum / count.clamp(min=1)).backward()
             total += loss_sum.detach()
-        mp.sync_gradients(self.params, reduce_dtype=self.precision.reduce_dtype)
-        grad_norm = mp.global_grad_norm(self.params, self.tp_dims)
+        mp.sync_gradients(self.params, reduce_dtype=self.precision.reduce_dtype, dp_sharded=self.fsdp)
+        grad_norm = mp.global_grad_norm(self.params, self.tp_dims, dp_sharded=self.fsdp)
         loss = mp.all_reduce_sum(total, "dp") / count.clamp(min=1)
         lr = self.scheduler.get_last_lr()[0]
         # Identical on every rank (summed loss, all-reduced gradients), so all ranks agree.
@@ -163,7 +190,7 @@ class Trainer:
             scale = (self.cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
             for p in self.params:
                 if p.grad is not None:
-                    p.grad.mul_(scale)
+                    mp.local_tensor(p.grad).mul_(scale)
         self.optimizer.step()
         self.scheduler.step()
 
@@ -195,7 +222,7 @@ class Trainer:
                 validating = self.validating and self.step % cfg.eval_every == 0
                 if validating:  # in the same metrics row as this step's training metrics
                     loader = build_eval_loader(cfg, self.tokenizer, self.model.args)
-                    last.update(validate(self.objective, loader, self.device, cfg.eval_max_batches))
+                    last.update(validate(self.objective, loader, self.device, cfg.eval_max_batches, fsdp=self.fsdp, tile_size=self._tile_size))
                 meter.update(last["tokens"], last["images"], last["step_time_s"], last["flops_per_gpu"])
                 rates = meter.summary()
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite or validating:
@@ -204,7 +231,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", skipped=last["skipped_samples"])
                 # A skipped step writes no checkpoint: the next one that trained does.
                 if finite and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps):
-                    self.ckpt.save(self.step, self.train_state.state_dict())
+                    self.train_state.save(self.ckpt, self.step)
+            self.ckpt.wait()  # an async save of the last step is committed before the run ends
         finally:
             bar.close()
             logger.close()
@@ -219,7 +247,11 @@ class Trainer:
         from llama_vision.checkpoint import save_meta_checkpoint
 
         final = self.out / "final"
-        save_meta_checkpoint(self.model, final, tp_rank=mp.tp_rank(), tp_world=mp.tp_size(), write=mp.dp_rank() == 0)
+        # FSDP: each tensor gathered over the DP ranks in turn (rank 0 of each TP group keeps them).
+        tensors = mp.full_state_dict(self.model, keep=mp.dp_rank() == 0) if self.fsdp else None
+        save_meta_checkpoint(
+            self.model, final, tp_rank=mp.tp_rank(), tp_world=mp.tp_size(), write=mp.dp_rank() == 0, state_dict=tensors
+        )
         if self.rank == 0 and Path(self.cfg.tokenizer).is_file():
             shutil.copyfile(self.cfg.tokenizer, final / "tokenizer.model.tmp")
             os.replace(final / "tokenizer.model.tmp", final / "tokenizer.model")

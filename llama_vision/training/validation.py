@@ -7,6 +7,7 @@ the end, so ranks with different numbers of held-out batches stay in step).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import torch
@@ -16,6 +17,7 @@ from llama_vision.data.batch import IGNORE_INDEX
 
 from .data import build_loader
 from .losses import lm_loss_sum
+from .media_sync import blank_batch, embedding_tables, uniform_media
 
 __all__ = ["build_eval_loader", "eval_enabled", "validate"]
 
@@ -40,20 +42,21 @@ def build_eval_loader(cfg, tokenizer, model_args):
 
 
 @torch.no_grad()
-def validate(objective, loader, device: torch.device, max_batches: int = 0) -> dict:
+def validate(objective, loader, device: torch.device, max_batches: int = 0, *, fsdp: bool = False, tile_size: int = 0) -> dict:
     """-> {"val_loss", "val_token_accuracy", "val_targets"} over the held-out set.
 
     `objective` is the stage's LMObjective (its `logits(batch)`); the model is put in eval
-    mode for the pass and back in train mode after it."""
+    mode for the pass and back in train mode after it. fsdp: the DP ranks run the same
+    modules batch by batch (media_sync), a rank whose share ran out running target-free
+    blank batches until every rank's has."""
     model = objective.model
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, targets
     try:
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
+        for batch, every_table in _held_out(loader, max_batches, device, fsdp, tile_size, model.args.vocab_size):
             batch = batch.to(device)
-            logits = objective.logits(batch).float()
+            with embedding_tables(model, every_table):
+                logits = objective.logits(batch).float()
             labels = batch.labels
             mask = labels != IGNORE_INDEX
             totals[0] += lm_loss_sum(logits, labels)
@@ -64,3 +67,21 @@ def validate(objective, loader, device: torch.device, max_batches: int = 0) -> d
     nll, correct, targets = mp.all_reduce_sum(totals, "dp").tolist()
     n = max(targets, 1.0)
     return {"val_loss": nll / n, "val_token_accuracy": correct / n, "val_targets": int(targets)}
+
+
+def _held_out(loader, max_batches: int, device, fsdp: bool, tile_size: int, vocab_size: int):
+    """(batch, read every embedding table) pairs of this rank's share; under FSDP in step
+    with the other DP ranks (one small all-reduce per batch)."""
+    it, last = iter(loader), None
+    for i in itertools.count():
+        batch = None if max_batches and i >= max_batches else next(it, None)
+        if not fsdp:
+            if batch is None:
+                return
+            yield batch, False
+            continue
+        if not mp.all_reduce_max(torch.tensor([batch is not None], dtype=torch.uint8, device=device), "dp").item():
+            return
+        batch = blank_batch(last) if batch is None else batch
+        last = batch
+        yield uniform_media([batch], tile_size, vocab_size, device)[0]
