@@ -7,7 +7,9 @@ argv[1]: JSON list of runs, each
      "hide_checkpoints_on_rank": int | null,   # this rank's CheckpointManager sees none
      "drop_first_batch_on_rank": int | null,   # this rank's loader skips its first batch
      "expect_error": str | null,     # the run must raise an error containing this text
-     "dump": path | null}            # write <dump>.rank<R>.pt: trainable params + AdamW state by name
+     "dump": path | null}            # write <dump>.rank<R>.pt: trainable params + AdamW state by name,
+                                     # per-parameter local/whole element counts, and (resumed runs)
+                                     # the bytes this rank loaded vs the checkpoint's whole bytes
 """
 import json
 import os
@@ -50,7 +52,7 @@ def _whole(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def dump(trainer: Trainer, path: str, rank: int) -> None:
+def dump(trainer: Trainer, path: str, rank: int, loaded: dict | None = None) -> None:
     """Trainable params and AdamW state by name (FSDP shards gathered whole), and per
     parameter the elements this rank holds (`local_numel`) next to the whole count."""
     from model_parallel import local_tensor
@@ -61,7 +63,7 @@ def dump(trainer: Trainer, path: str, rank: int) -> None:
              for p, s in sorted(optim.state.items(), key=lambda kv: names[id(kv[0])])}
     params = {n: _whole(p) for n, p in trainer.model.named_parameters() if p.requires_grad}
     numel = {n: (local_tensor(p).numel(), p.numel(), p.requires_grad) for n, p in trainer.model.named_parameters()}
-    torch.save({"params": params, "optim": state, "step": trainer.step, "numel": numel}, f"{path}.rank{rank}.pt")
+    torch.save({"params": params, "optim": state, "step": trainer.step, "numel": numel, "loaded": loaded or {}}, f"{path}.rank{rank}.pt")
 
 
 def run(spec: dict, rank: int) -> None:
@@ -71,6 +73,17 @@ def run(spec: dict, rank: int) -> None:
         trainer.ckpt.latest = lambda: None
     if spec.get("drop_first_batch_on_rank") == rank:
         trainer.loader = DropFirstBatch(trainer.loader)
+    loaded = {}
+    load_tensors = trainer.ckpt.load_tensors
+
+    def measured_load(step_dir, tensors):  # what this rank asks DCP for: its own pieces
+        from model_parallel import local_tensor
+
+        loaded["local"] = sum(local_tensor(t).numel() * t.element_size() for t in tensors.values())
+        loaded["whole"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        return load_tensors(step_dir, tensors)
+
+    trainer.ckpt.load_tensors = measured_load
     stop_after = spec.get("stop_after")
     if stop_after is not None:
         save = trainer.ckpt.save
@@ -94,7 +107,7 @@ def run(spec: dict, rank: int) -> None:
     if spec.get("expect_error"):
         raise AssertionError(f"run {spec['overrides']} should have failed with {spec['expect_error']!r}")
     if spec.get("dump"):
-        dump(trainer, spec["dump"], rank)
+        dump(trainer, spec["dump"], rank, loaded)
 
 
 if __name__ == "__main__":

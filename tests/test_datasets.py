@@ -411,7 +411,12 @@ def test_record_split_rule_and_epoch_shuffle():
     order = [r.key for shard in source.shards for r in source.iter_shard(shard)]
     part = Partition(rank=1, world_size=2, worker=0, num_workers=2)  # global partition 2 of 4
     keys = [r.key for r in partition_stream(source, part, shuffle=False, split="record")]
-    assert keys == [k for i, k in enumerate(order) if i % 4 == 2]
+    # Record m goes to rank m % 2, and within it to worker (m // 2) % 2: rank 1's
+    # first, third, ... records (1, 5, 9) are its worker 0's, the DataLoader's first ask.
+    assert keys == [order[1], order[5], order[9]]
+    # Blocks of 2 (the micro-batch): rank 1 worker 0 holds blocks 1 and 5 = records 2, 3.
+    keys = [r.key for r in partition_stream(source, part, shuffle=False, split="record", block=2)]
+    assert keys == [order[2], order[3]]
     one = Partition()
     epoch0 = [r.key for r in partition_stream(source, one, seed=1, epoch=0, buffer_size=4)]
     epoch1 = [r.key for r in partition_stream(source, one, seed=1, epoch=1, buffer_size=4)]
@@ -528,3 +533,42 @@ def test_dataloader_workers_report_skip_counts(tmp_path, image_dir, tok):
     restored = CaptionDataset(JsonlCaptionSource(manifest), tok, PROC, shuffle=False)
     restored.load_state_dict(ds.state_dict())
     assert restored.skipped() == expected
+
+
+def test_resume_at_another_layout_reads_every_record_once(tmp_path, tok):
+    """2 DP ranks (no workers, micro-batch 2) stop after 3 batches; 1 rank with 2 workers
+    (micro-batch 4, the same global batch) resumes: it reads exactly the records nobody
+    read, starting with the next global batch of the one order, and a resume at that
+    second layout again continues exactly."""
+    from llama_vision.data.datasets import resume_position
+
+    pattern = _text_manifest(tmp_path, n_files=2, per_file=11)
+    everything = [f"part-{f}.jsonl:{i + 1}" for f in range(2) for i in range(11)]
+
+    def dataset(rank, world, block, **kw):
+        return CaptionDataset(JsonlCaptionSource(pattern), tok, PROC, rank=rank, world_size=world, seed=5, shuffle=False,
+                              split="record", block_size=block, **kw)  # fmt: skip
+
+    first, states = [], []
+    for rank in range(2):
+        loader = build_dataloader(dataset(rank, 2, 2), batch_size=2)
+        first += [k for b in itertools.islice(loader, 3) for k in b.keys]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert sorted(first, key=everything.index) == everything[:12]  # 3 global batches of 4
+    resumed = build_dataloader(dataset(0, 1, 4), batch_size=4, num_workers=2)
+    resumed.load_state_dict(resume_position(states, 0, 1, 2, block_size=4))
+    batches = [b.keys for b in resumed]
+    assert set(batches[0]) == set(everything[12:16])  # the next global batch
+    rest = [k for b in batches for k in b]
+    assert sorted(first + rest) == sorted(everything) and len(first + rest) == len(everything)
+    # The positions of the resumed layout translate again (to 3 ranks, 1 worker each).
+    again = build_dataloader(dataset(0, 1, 4), batch_size=4, num_workers=2)
+    again.load_state_dict(resume_position(states, 0, 1, 2, block_size=4))
+    head = [k for b in itertools.islice(again, 1) for k in b.keys]
+    second = [again.state_dict()]
+    tail = []
+    for rank in range(3):
+        loader = build_dataloader(dataset(rank, 3, 1), batch_size=1)
+        loader.load_state_dict(resume_position(second, rank, 3, 1))
+        tail += [k for b in loader for k in b.keys]
+    assert sorted(first + head + tail) == sorted(everything) and len(first + head + tail) == len(everything)

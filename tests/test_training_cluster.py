@@ -89,13 +89,16 @@ def _mixed_overrides(corpus, chat, out, micro_batch_size):
 
 
 def test_data_parallel_family(shapes_corpus, chat, tmp_path):
-    """DP=2: image-stage and DPO resumes bitwise; mixed text-only / image micro-batches equal
-    one process on the union batch, parameters and optimizer state."""
+    """DP=2 (FSDP, the default, and ZeRO-1): image-stage and DPO resumes bitwise; mixed
+    text-only / image micro-batches equal one process on the union batch, parameters and
+    optimizer state."""
     dpo = {"data.paths": f'["{chat["dpo"]}"]', "micro_batch_size": 2}
     runs = _resume_runs(PRETRAIN, shapes_corpus, tmp_path, "image", micro_batch_size=4)
+    runs += _resume_runs(PRETRAIN, shapes_corpus, tmp_path, "image_zero1", micro_batch_size=4, data_parallel="zero1")
     runs += _resume_runs(DPO, shapes_corpus, tmp_path, "dpo", **dpo)
-    runs.append({"config": SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / "mixed_dp2", 1),
-                 "dump": str(tmp_path / "mixed_dp2" / "dump")})
+    for mode in ("fsdp", "zero1"):
+        runs.append({"config": SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / f"mixed_{mode}", 1) + [f"data_parallel={mode}"],
+                     "dump": str(tmp_path / f"mixed_{mode}" / "dump")})
     validation = {"max_steps": 2, "eval_every": 2, "data.eval_paths": f'["{shapes_corpus["shards"]}"]'}
     runs.append({"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "val_dp2", micro_batch_size=4, **validation)})
     run_torchrun(WORKER, json.dumps(runs), timeout=400)
@@ -108,6 +111,7 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
     assert v2["val_token_accuracy"] == pytest.approx(v1["val_token_accuracy"], abs=1.5 / v1["val_targets"])
 
     _assert_resume_bitwise(tmp_path, "image")
+    _assert_resume_bitwise(tmp_path, "image_zero1")
     _assert_resume_bitwise(tmp_path, "dpo")
     # reward_margin is the mean over ALL ranks' pairs: one process on the union batch
     # (micro-batch 4 = both ranks' 2) logs the same values.
@@ -125,20 +129,25 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
     names = {id(p): n for n, p in one.model.named_parameters()}
     want_state = {names[id(p)]: s for p, s in one.optimizer.state.items()}
     want_params = {n: p.detach() for n, p in one.model.named_parameters() if p.requires_grad}
-    ranks = _load_dump(tmp_path / "mixed_dp2" / "dump")
     # Step 3 is text-only everywhere: the vision encoder has no gradient then, so its AdamW
     # step count is 3 after 4 steps, not 4 (it must not have been moved or decayed at step 3).
     steps = {int(s["step"]) for n, s in want_state.items() if n.startswith("vision_model.vision_encoder.")}
     assert steps == {3}, steps
-    for r in ranks:
-        for n, t in want_params.items():
-            torch.testing.assert_close(r["params"][n], t, atol=1e-6, rtol=0, msg=n)
-    got_state = {**ranks[0]["optim"], **ranks[1]["optim"]}  # ZeRO-1: each rank owns a shard
-    assert got_state.keys() == want_state.keys()
-    for n, s in want_state.items():
-        assert int(got_state[n]["step"]) == int(s["step"]), n
-        for k in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got_state[n][k], s[k], atol=1e-6, rtol=0, msg=f"{n}.{k}")
+    for mode in ("fsdp", "zero1"):
+        ranks = _load_dump(tmp_path / f"mixed_{mode}" / "dump")
+        for r in ranks:
+            for n, t in want_params.items():
+                torch.testing.assert_close(r["params"][n], t, atol=1e-6, rtol=0, msg=f"{mode}: {n}")
+        got_state = {**ranks[0]["optim"], **ranks[1]["optim"]}  # ZeRO-1: each rank owns a shard
+        assert got_state.keys() == want_state.keys()
+        for n, s in want_state.items():
+            assert int(got_state[n]["step"]) == int(s["step"]), n
+            for k in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(got_state[n][k], s[k], atol=1e-6, rtol=0, msg=f"{mode}: {n}.{k}")
+        if mode == "fsdp":  # FSDP: each rank holds half of every tensor, the frozen trunk included
+            for r in ranks:
+                frozen = [(local, whole) for local, whole, trains in r["numel"].values() if not trains]
+                assert sum(local for local, _ in frozen) <= 0.51 * sum(whole for _, whole in frozen)
 
 
 def test_tensor_parallel_family(shapes_corpus, chat, tmp_path, shared_dir):

@@ -53,7 +53,7 @@ from llama_vision.tokenizer import ChatFormat
 from .batch import IGNORE_INDEX
 from .collate import collate_examples, collate_preferences
 from .image import ImageLoadError, load_image
-from .sampler import ConsumedRecords, SplitMode, current_partition, partition_stream
+from .sampler import ConsumedRecords, SplitMode, current_partition, partition_stream, record_owner
 from .sources import BAD_JSON, BAD_RECORD, BAD_SHARD, BAD_TEXT, MISSING_SHARD, Record
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,9 @@ class ExampleDataset(IterableDataset):
             step-based training, and required with DDP: ranks would otherwise finish epochs
             at different steps). ``False``: one epoch per pass (``set_epoch`` to change it).
         epoch: first epoch.
+        block_size: record split hands records to partitions in blocks of this many (the
+            micro-batch size: :func:`.sampler.record_owner`), so batches do not depend on
+            the number of DataLoader workers.
     """
 
     def __init__(
@@ -228,6 +231,7 @@ class ExampleDataset(IterableDataset):
         world_size: int | None = None,
         loop: bool = False,
         epoch: int = 0,
+        block_size: int = 1,
     ):
         super().__init__()
         if max_seq_len < 2:
@@ -244,6 +248,7 @@ class ExampleDataset(IterableDataset):
         self.world_size = world_size
         self.loop = loop
         self.epoch = epoch
+        self.block_size = block_size
         self.image_token_id: int = tokenizer.image_token_id
         # Live counter of the process iterating (the worker's own copy of the dataset).
         self.skip_counter = SkipCounter()
@@ -343,6 +348,7 @@ class ExampleDataset(IterableDataset):
                 start=start,
                 consumed=ConsumedRecords(self._consumed.get(epoch)),
                 with_index=True,
+                block=self.block_size,
             )
             for consumed, (index, record) in enumerate(stream, start + 1):
                 example = self._example_or_skip(record, counter)
@@ -427,6 +433,7 @@ class ExampleDataset(IterableDataset):
                 {"worker": w, "epoch": p.epoch, "consumed": p.consumed, "skipped": dict(p.skipped), "cursor": p.cursor}
                 for w, p in sorted(self._positions.items())
             ],
+            "block_size": self.block_size,
             "consumed_by_earlier_layouts": {str(e): rules for e, rules in sorted(self._consumed.items())},
         }
 
@@ -557,7 +564,7 @@ class DPODataset(_ChatDataset):
         return example
 
 
-def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, num_workers: int) -> dict[str, Any]:
+def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, num_workers: int, block_size: int = 1) -> dict[str, Any]:
     """The data position of DP rank `rank` of `world_size` (each with `num_workers`
     DataLoader workers) resuming a run whose DP ranks saved `states` (their
     `ExampleDataset.state_dict()`, in rank order).
@@ -567,8 +574,10 @@ def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, nu
     its cursor, so the records consumed are one rule per old layout
     (`sampler.ConsumedRecords`); the new partitions start at the oldest epoch any old one
     was in and read the rest of it, then the later epochs, skipping consumed records. The
-    summed skip counts carry over on rank 0's first worker. Needs record split (a position
-    without cursors came from shard split, whose order depends on the layout)."""
+    worker holding this rank's first unread block (of `block_size` records, the new run's)
+    speaks first, so a run that keeps the global batch continues with exactly the next
+    one. The summed skip counts carry over on rank 0's first worker. Needs record split (a
+    position without cursors came from shard split, whose order depends on the layout)."""
     num_workers = max(1, num_workers)  # 0 workers: the main process is the one partition
     old_workers = [s["num_workers"] for s in states]
     if len(states) == world_size and all(n in (None, num_workers) for n in old_workers):
@@ -576,7 +585,8 @@ def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, nu
     partitions = [(s["rank"], w) for s in states for w in s["workers"]]
     if not partitions:  # saved before any batch was drawn: nothing consumed
         return {**states[0], "rank": rank, "world_size": world_size, "num_workers": None, "next_worker": 0, "workers": []}
-    old_count = len(states) * (old_workers[0] or 1)
+    # A worker that has read nothing (yet, or since the last layout change) has no cursor.
+    partitions = [(r, {**w, "cursor": 0}) if w["cursor"] is None and not w["consumed"] else (r, w) for r, w in partitions]
     if any(w["cursor"] is None for _, w in partitions) or any(n is None for n in old_workers):
         raise ValueError(
             f"cannot resume the data position of {len(states)} DP ranks x {old_workers[0]} workers at {world_size} x "
@@ -591,11 +601,16 @@ def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, nu
             consumed[str(e)] = list(rules)
     nw = old_workers[0] or 1
     for epoch in range(first, last + 1):
-        cursors: list[int | None] = [0] * old_count
+        cursors: list[int | None] = [0] * (len(states) * nw)
         for r, w in partitions:
-            index = r * nw + w["worker"]
-            cursors[index] = None if w["epoch"] > epoch else w["cursor"] if w["epoch"] == epoch else 0
-        consumed.setdefault(str(epoch), []).append({"modulus": old_count, "cursors": cursors})
+            cursors[r * nw + w["worker"]] = None if w["epoch"] > epoch else w["cursor"] if w["epoch"] == epoch else 0
+        rule = {"block": states[0].get("block_size", 1), "world_size": len(states), "num_workers": nw, "cursors": cursors}
+        consumed.setdefault(str(epoch), []).append(rule)
+    # The first record of `first` that nobody read and this rank owns: its worker is due.
+    done, limit = ConsumedRecords(consumed[str(first)]), max(w["cursor"] for _, w in partitions)
+    limit += world_size * num_workers * block_size
+    mine = (i for i in range(limit + 1) if i not in done and record_owner(i, block_size, world_size, num_workers) // num_workers == rank)
+    next_worker = record_owner(next(mine, 0), block_size, world_size, num_workers) % num_workers
     skipped: dict[str, int] = {}
     for _, w in partitions:
         for reason, n in w["skipped"].items():
@@ -606,7 +621,7 @@ def resume_position(states: list[dict[str, Any]], rank: int, world_size: int, nu
         "world_size": world_size,
         "epoch": first,
         "num_workers": num_workers,
-        "next_worker": 0,
+        "next_worker": next_worker,
         "workers": [{"worker": w, "epoch": first, "consumed": 0, "skipped": skipped if (rank, w) == (0, 0) else {},
                      "cursor": None} for w in range(num_workers)],
         "consumed_by_earlier_layouts": consumed,

@@ -96,9 +96,11 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) ->
 
 
 def resolve_split(split: SplitMode, num_shards: int, partition: Partition) -> Literal["shard", "record"]:
-    """The effective split mode (``"auto"`` -> shard-level when every partition gets a shard)."""
+    """The effective split mode (``"auto"`` -> shard-level when there are several
+    partitions and every one gets a shard; one partition reads every shard either way,
+    in the record split's layout-independent order)."""
     if split == "auto":
-        return "shard" if num_shards >= partition.count else "record"
+        return "shard" if 1 < partition.count <= num_shards else "record"
     if split not in ("shard", "record"):
         raise ValueError(f"split must be 'auto', 'shard' or 'record', got {split!r}")
     return split
@@ -126,22 +128,34 @@ def shuffle_buffer(items: Iterable[T], buffer_size: int, rng: random.Random) -> 
     yield from buffer
 
 
+def record_owner(i: int, block: int, world_size: int, num_workers: int) -> int:
+    """Record split: the partition index (rank * num_workers + worker) that reads record
+    ``i`` of the global order. Records go in blocks of ``block`` (the micro-batch size):
+    block m goes to rank ``m % world_size`` and, within it, to worker
+    ``(m // world_size) % num_workers`` -- the worker the DataLoader asks for that rank's
+    (m // world_size)-th batch. So a rank's k-th micro-batch holds the records of block
+    ``k * world_size + rank`` whatever its number of workers, and a step's global batch
+    (world_size x block records) is the same at every data-parallel degree that keeps it."""
+    q = (i // block) % (world_size * num_workers)
+    return (q % world_size) * num_workers + q // world_size
+
+
 class ConsumedRecords:
     """Records of one epoch's global order already consumed by an earlier run of another
-    layout: a list of rules ``(modulus P, cursors [P])``, one per such run, where record
-    ``i`` was consumed iff ``i < cursors[i % P]`` for some rule (that run's partition
-    ``i % P`` had read its share of the order up to its cursor; ``None`` = to the end).
+    layout: one rule per such run, ``{block, world_size, num_workers, cursors}``, where
+    record ``i`` was consumed iff ``i < cursors[record_owner(i, ...)]`` (that run's owner
+    partition had read its share up to its cursor; ``None`` = to the end of the epoch).
     Exact whatever the layouts: every record of the epoch is read once over all runs."""
 
     def __init__(self, rules: list[dict] | None = None):
-        self.rules = [{"modulus": int(r["modulus"]), "cursors": list(r["cursors"])} for r in rules or []]
+        self.rules = list(rules or [])
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def __contains__(self, i: int) -> bool:
         for rule in self.rules:
-            cursor = rule["cursors"][i % rule["modulus"]]
+            cursor = rule["cursors"][record_owner(i, rule["block"], rule["world_size"], rule["num_workers"])]
             if cursor is None or i < cursor:
                 return True
         return False
@@ -167,11 +181,13 @@ def partition_stream(
     start: int = 0,
     consumed: ConsumedRecords | None = None,
     with_index: bool = False,
+    block: int = 1,
 ) -> Iterator:
     """The records partition ``partition`` reads in ``epoch``, from position ``start`` on.
 
-    Record split: the partition takes every ``count``-th record of the layout-independent
-    :func:`global_order` (index ``i % count == index``), minus those in ``consumed``. Shard
+    Record split: the partition takes its blocks of ``block`` records (see
+    :func:`record_owner`) of the layout-independent :func:`global_order`, minus those in
+    ``consumed``. Shard
     split: the partition reads its own shards through its own shuffle buffer (cheapest I/O;
     the order then depends on the number of partitions, so a run can only resume at the
     same layout). ``with_index``: yield ``(i, record)``, ``i`` the record's index in the
@@ -191,9 +207,9 @@ def partition_stream(
             records = shuffle_buffer(records, buffer_size, make_rng("buffer", seed, epoch, partition.index))
         indexed = ((None, r) for r in records)
     else:
-        p, count = partition.index, partition.count
+        p, w, nw = partition.index, partition.world_size, partition.num_workers
         everything = enumerate(global_order(source, seed=seed, epoch=epoch, shuffle=shuffle, buffer_size=buffer_size))
-        indexed = ((i, r) for i, r in everything if i % count == p and not (consumed and i in consumed))
+        indexed = ((i, r) for i, r in everything if record_owner(i, block, w, nw) == p and not (consumed and i in consumed))
     out = itertools.islice(indexed, start, None)
     return out if with_index else (r for _, r in out)
 

@@ -134,5 +134,6 @@ def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int, 
         source, tokenizer, processor,
         video_token_id=model_args.vocab_size + 1,
         max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
-        shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop,
+        shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop, block_size=cfg.micro_batch_size,
+        split=data.split,
     )

@@ -111,6 +111,16 @@ class DistributedCheckpointer:
         return path
 
     @staticmethod
+    def checked(step_dir: str | Path) -> Path:
+        """`step_dir` if it is a complete checkpoint of this layout, else a clear error."""
+        path = Path(step_dir)
+        if not CheckpointManager.is_complete(path):
+            raise ValueError(f"resume_from: {path} is not a complete checkpoint (no meta.json, or files it lists are missing)")
+        if TENSORS_FILE not in CheckpointManager.read_meta(path).get("files", []):
+            raise ValueError(f"resume_from: {path} is a checkpoint of the older per-rank layout, which this version cannot resume")
+        return path
+
+    @staticmethod
     def read_state(step_dir: str | Path) -> dict:
         return json.loads((Path(step_dir) / STATE_FILE).read_text(encoding="utf-8"))
 

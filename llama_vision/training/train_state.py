@@ -152,4 +152,5 @@ class TrainState:
         self.progress.load_state_dict(state["progress"])
         from llama_vision.data.datasets import resume_position
 
-        self.loader.load_state_dict(resume_position(state["data"], mp.dp_rank(), mp.dp_size(), self.layout["num_workers"]))
+        block = getattr(getattr(self.loader, "dataset", None), "block_size", 1)
+        self.loader.load_state_dict(resume_position(state["data"], mp.dp_rank(), mp.dp_size(), self.layout["num_workers"], block))

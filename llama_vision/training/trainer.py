@@ -105,7 +105,8 @@ class Trainer:
         found = None
         if self.rank == 0:
             try:
-                latest = self.ckpt.latest()
+                # output_dir's own progress first (a resumed run preempted again), then resume_from.
+                latest = self.ckpt.latest() or (self.ckpt.checked(self.cfg.resume_from) if self.cfg.resume_from else None)
                 found = ("ok", None if latest is None else str(latest))
             except ValueError as e:  # an unusable checkpoint: every rank must stop, not wait
                 found = ("error", str(e))
@@ -208,7 +209,7 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        resumed = resume and self.resume()
+        resumed = (resume or bool(cfg.resume_from)) and self.resume()
         logger = MetricsLogger(self.out, rank=self.rank, tensorboard=cfg.tensorboard, resume_step=self.step if resumed else None)
         meter = ThroughputMeter()
         self.model.train()
