@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 
 from _helpers import ROOT, tiny_params
@@ -117,10 +118,40 @@ def test_parallelize_switches_activation_checkpointing_on_from_outside():
 
     plain, checkpointed = tiny_model(), tiny_model()
     names = [n for n, _ in checkpointed.named_parameters()]
-    assert apply_activation_checkpointing(checkpointed) == 3
+    assert apply_activation_checkpointing(checkpointed) == 4  # decoder, ViT local + global, adapters
     assert [n for n, _ in checkpointed.named_parameters()] == names
     want, got = grads(plain), grads(checkpointed)
     assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+    only_adapters = tiny_model()
+    assert apply_activation_checkpointing(only_adapters, ["adapters"]) == 1
+    assert only_adapters.text_model.checkpoint_adapters and not only_adapters.text_model.checkpoint_activations
+    got = grads(only_adapters)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+    with pytest.raises(ValueError, match=r"unknown module kinds \['decodr'\]"):
+        apply_activation_checkpointing(tiny_model(), ["decodr"])
+
+
+def test_perceiver_activation_checkpointing_keeps_gradients():
+    """The video aggregator's layers recompute in backward (kind "perceiver")."""
+    from _helpers import tiny_model
+    from llama_vision.model.video import VideoConfig, add_video_adapters
+    from llama_vision.training.parallelize import apply_activation_checkpointing
+
+    def grads(model):
+        agg = model.video_aggregator.train()
+        frames = torch.randn(1, 1, 4, 5, model.args.dim, generator=torch.Generator().manual_seed(0))
+        agg(frames)[0].pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in agg.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = tiny_model(), tiny_model()
+    for m in (plain, checkpointed):
+        add_video_adapters(m, VideoConfig(num_frames=4, frames_per_group=2, n_latents=3, depth=2, heads=2))
+    assert apply_activation_checkpointing(checkpointed, ["perceiver"]) == 1
+    want, got = grads(plain), grads(checkpointed)
+    assert want.keys() == got.keys() and want
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
 

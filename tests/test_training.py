@@ -295,3 +295,14 @@ def test_unset_model_key_is_a_clear_error(tmp_path):
         load_model_params(TrainConfig().model)
     with pytest.raises(FileNotFoundError, match="model params not found"):
         load_model_params(str(tmp_path / "nope.yaml"))
+
+
+def test_profile_flag_writes_a_trace_and_metrics_carry_peak_memory(shapes_corpus, tmp_path):
+    out = tmp_path / "prof"
+    subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--config", PRETRAIN, "--profile", "1",
+                    *tiny_train_overrides(shapes_corpus, out, max_steps=3, checkpoint_every=100, save_final="false")],
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trace = json.loads((out / "profile" / "rank_0.json").read_text())
+    assert trace["traceEvents"] and (out / "profile" / "rank_0.txt").read_text().strip()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["peak_memory_gib"] == r["peak_memory_gib/rank_0"] > 0.05 for r in rows)

@@ -138,7 +138,8 @@ class TextDecoder(nn.Module):
         self.output = column_parallel_linear(args.dim, args.vocab_size)
         self.adapter_schedules: dict[str, AdapterSchedule] = {}
         self._by_layer: list[list[tuple[str, nn.Module]]] | None = None
-        self.checkpoint_activations = False
+        self.checkpoint_activations = False  # recompute each decoder layer in backward (training)
+        self.checkpoint_adapters = False  # ... and each adapter block
         # Look the learnable table up even when no id in the batch is new (then its rows
         # get a zero gradient instead of none). Data-parallel training under FSDP sets it
         # for micro-batches where ANY rank has a new id: every rank must then compute the
@@ -323,7 +324,10 @@ class TextDecoder(nn.Module):
             for modality, block in self._adapters_by_layer()[i]:
                 if modality in media_masks:
                     state = media[modality]
-                    h = block(h, state.kv_for(block), *media_masks[modality])
+                    if self.checkpoint_adapters and self.training:
+                        h = torch.utils.checkpoint.checkpoint(block, h, state.kv_for(block), *media_masks[modality], use_reentrant=False)
+                    else:
+                        h = block(h, state.kv_for(block), *media_masks[modality])
             cache = caches[i] if caches is not None else None
             if self.checkpoint_activations and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, positions, mask, cache, cache_from, kv_len, rows, use_reentrant=False)

@@ -182,6 +182,7 @@ class TemporalAggregator(nn.Module):
         self.temporal_embedding = nn.Parameter(torch.empty(frames_per_group, dim))
         self.group_embedding = nn.Parameter(torch.empty(max_groups, dim))
         self.layers = nn.ModuleList(PerceiverBlock(dim, heads, ffn_hidden_dim, eps, backend) for _ in range(depth))
+        self.checkpoint_activations = False  # recompute each perceiver layer in backward (training)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.reset_parameters(seed)
         self._register_load_state_dict_pre_hook(self._resize_tables_on_load)
@@ -262,7 +263,10 @@ class TemporalAggregator(nn.Module):
         keys = torch.cat([key_valid, key_valid.new_ones(n, q_len)], dim=1)  # latents always valid
         mask = keys[:, None, None, :].expand(n, 1, q_len, keys.shape[1])
         for layer in self.layers:
-            lat = layer(lat, x, mask)
+            if self.checkpoint_activations and self.training:
+                lat = torch.utils.checkpoint.checkpoint(layer, lat, x, mask, use_reentrant=False)
+            else:
+                lat = layer(lat, x, mask)
         return self.norm(lat).view(b, v, g, q_len, d), key_valid.view(b, v, g, -1).any(-1)
 
 

@@ -46,9 +46,27 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank (0: load in the training process). Resuming needs
     the same value (and seed and world size)."""
+    split: Literal["auto", "shard", "record"] = "auto"
+    """How records reach the DP ranks x DataLoader workers: record = every partition reads
+    its blocks of one global record order (the same at every layout: a checkpoint resumes
+    at another DP degree or worker count, and DP=N equals one process), shard = each reads
+    its own files (cheapest I/O; resume only at the same layout), auto = shard when there
+    are at least as many files as partitions (and more than one partition)."""
     eval_paths: list[str] = field(default_factory=list)
     """Held-out shards / manifests of the same kind as `paths`, read in order (no shuffle)
     for validation every `eval_every` steps; empty: no validation."""
+    packing: bool = False
+    """Pack several samples into each row, up to `max_seq_len` tokens (greedy, in stream
+    order), instead of padding one sample per row: `micro_batch_size` then counts packed
+    rows. Self-attention stays inside each sample, positions restart per sample and an
+    image is seen by its own sample only (docs/decoder_input.md); the loss per target token
+    is unchanged. Kinds caption_wds, caption_jsonl and conversations."""
+    max_tokens_per_batch: int = 0
+    """Token-budget micro-batches (0: off, a fixed `micro_batch_size`): take samples in
+    stream order while rows x longest row (the padded tokens) stays within this budget, at
+    least one sample, so short samples make larger micro-batches. With `packing`, a
+    micro-batch is max_tokens_per_batch // max_seq_len packed rows (must be >= max_seq_len).
+    Not for kind dpo."""
 
 
 @dataclass
@@ -231,6 +249,11 @@ class TrainConfig:
     more forward of compute. true: every kind; or a list of kinds: decoder (the Llama
     layers), vision (the ViT's local and global layers), adapters (the gated
     cross-attention blocks), perceiver (the video aggregator)."""
+    resume_from: Optional[str] = None
+    """A checkpoint directory (`checkpoints/step_N` of this or another run, written at any
+    TP / DP degree, data-parallel mode or worker count) to resume from while output_dir
+    has no checkpoint of its own (once it has, the newest of those: a resumed run that is
+    interrupted again continues from its own progress). New checkpoints go to output_dir."""
     checkpoint_async: bool = False
     """Write training checkpoints in the background (torch.distributed.checkpoint.async_save):
     training continues while the previous step's state is written; the checkpoint is
@@ -240,6 +263,10 @@ class TrainConfig:
     skipped non-finite steps are always logged."""
     tensorboard: bool = True
     """Also write the metrics to output_dir/tensorboard/ (if TensorBoard is installed)."""
+    profile_steps: int = 0
+    """Profile this many optimizer steps with torch.profiler, after one warm-up step (0: off):
+    a Chrome trace per rank in output_dir/profile/rank_{r}.json and its top ops by self time
+    in rank_{r}.txt. `tools/train.py --profile N` sets it."""
     eval_every: int = 0
     """Validate every this many steps on data.eval_paths (0: never): val_loss and
     val_token_accuracy (greedy argmax == target) over the labelled tokens of every rank,

@@ -34,6 +34,7 @@ from .optim import stage_param_groups
 from .media_sync import embedding_tables, uniform_media
 from .parallelize import parallelize, uses_fsdp
 from .precision import apply_precision, resolve_precision
+from .profiling import StepProfiler, peak_memory_bytes, reset_peak_memory
 from .schedule import build_lr_scheduler
 from .train_config import TrainConfig
 from .train_state import Progress, TrainState
@@ -202,6 +203,12 @@ class Trainer:
         value = estimate_mfu(rates["flops_per_s"], 1.0, peak) if peak else None
         return {} if value is None else {"mfu": value}
 
+    def _peak_memory(self) -> dict:
+        """Peak memory of every rank since the run started (GiB; CUDA: allocated, CPU: the
+        process's peak RSS), in global rank order, and their maximum. Collective."""
+        peaks = [b for row in mp.all_gather_object(mp.all_gather_object(peak_memory_bytes(self.device), "tp"), "dp") for b in row]
+        return {"peak_memory_gib": max(peaks) / 2**30, **{f"peak_memory_gib/rank_{r}": b / 2**30 for r, b in enumerate(peaks)}}
+
     def _skipped_total(self) -> int:
         skipped = torch.tensor(float(sum(self.loader.skipped.values())), device=self.device)
         return int(mp.all_reduce_sum(skipped, "dp"))
@@ -216,9 +223,12 @@ class Trainer:
         it = iter(self.loader)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train[{cfg.stage}]", disable=self.rank != 0, dynamic_ncols=True)
         last = {}
+        profiler = StepProfiler(self.out, cfg.profile_steps, rank=self.rank)
+        reset_peak_memory(self.device)
         try:
             while self.step < cfg.max_steps:
                 last = self.train_step(it)
+                profiler.step()
                 finite = last.pop("_finite")
                 validating = self.validating and self.step % cfg.eval_every == 0
                 if validating:  # in the same metrics row as this step's training metrics
@@ -227,7 +237,7 @@ class Trainer:
                 meter.update(last["tokens"], last["images"], last["step_time_s"], last["flops_per_gpu"])
                 rates = meter.summary()
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite or validating:
-                    logger.log(self.step, **{**last, **rates, **self._mfu(rates)})
+                    logger.log(self.step, **{**last, **rates, **self._mfu(rates), **self._peak_memory()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", skipped=last["skipped_samples"])
                 # A skipped step writes no checkpoint: the next one that trained does.
@@ -235,6 +245,7 @@ class Trainer:
                     self.train_state.save(self.ckpt, self.step)
             self.ckpt.wait()  # an async save of the last step is committed before the run ends
         finally:
+            profiler.close()
             bar.close()
             logger.close()
         if cfg.save_final:

@@ -1,0 +1,377 @@
+"""The memory planner (llama_vision.training.memory_plan, tools/plan_memory.py), its
+activation estimate, the step profiler and peak-memory helpers (training.profiling).
+
+Exact where the planner claims exactness: weights, gradients and AdamW state equal a real
+model's tensor storage after a real optimizer step; the DP / TP division rules equal
+hand-computed numbers. Estimates are checked against the real thing: the saved-tensor
+bytes of real forwards, and the RSS increase of a real training run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from _helpers import ROOT, tiny_params
+from llama_vision.config import load_config
+from llama_vision.training.memory_plan import (
+    ParamSpec,
+    build_meta_model,
+    format_plan,
+    param_specs,
+    per_rank_state,
+    plan_memory,
+    simulated_tp,
+    zero1_partition,
+)
+from llama_vision.training.train_config import TrainConfig
+
+PRETRAIN = ROOT / "configs/train/tiny_image_pretrain.yaml"
+# Peak RSS is reset through /proc/self/clear_refs and read from /proc/self/status: Linux.
+linux_only = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+TINY = [f"model={ROOT / 'configs/model/tiny.yaml'}", "model_overrides={vocab_size: 512}"]
+
+
+def _tiny_cfg(*extra: str) -> TrainConfig:
+    return load_config(TrainConfig, PRETRAIN, [*TINY, *extra])
+
+
+def _storage(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------- exact state
+
+
+@pytest.mark.parametrize("frozen_dtype", ["fp32", "bf16"])
+def test_weights_grads_and_adam_equal_a_real_models_storage(frozen_dtype):
+    """DP = 1 on the CPU: the planner's bytes are those of the trainer's model (build,
+    precision policy, AdamW param groups) after one real forward / backward / step."""
+    from _helpers import tiny_inputs
+    from llama_vision.training.build import build_training_model
+    from llama_vision.training.losses import lm_loss_sum
+    from llama_vision.training.optim import stage_param_groups
+    from llama_vision.training.precision import apply_precision, resolve_precision
+
+    cfg = _tiny_cfg(f"frozen_param_dtype={frozen_dtype}")
+    model = apply_precision(build_training_model(cfg, SimpleNamespace(n_words=512)), resolve_precision(cfg, "cpu"))
+    model.train()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(stage_param_groups(model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier), lr=o.lr)
+    tokens, images, ratios = tiny_inputs()
+    lm_loss_sum(model(tokens, images, ratios), torch.randint(0, 512, tokens.shape)).backward()
+    optimizer.step()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert all(p.grad is not None for p in trainable)
+    if frozen_dtype == "bf16":
+        assert {p.dtype for p in frozen} == {torch.bfloat16}
+    state = [t for s in optimizer.state.values() for t in s.values()]
+    assert len(state) == 3 * len(trainable)  # exp_avg, exp_avg_sq, step
+
+    plan = plan_memory(cfg, gpus=1, device="cpu")
+    assert plan.frozen_weights == _storage(frozen)
+    assert plan.trainable_weights == _storage(trainable)
+    assert plan.grads == _storage(p.grad for p in trainable)
+    assert plan.optimizer == _storage(state)
+    assert plan.fsdp_transient == 0 and plan.dp == 1 and plan.data_parallel == "none"
+
+
+# --------------------------------------------------------------------------- division rules
+
+
+TOY = [
+    ParamSpec("a", (10, 3), 4, True, "u1", True),  # fp32, trains
+    ParamSpec("b", (7,), 2, False, "u2"),  # bf16, frozen
+    ParamSpec("c", (2, 5), 4, True, ""),  # fp32, trains, the root's; dim 0 < DP
+    ParamSpec("d", (16, 2), 2, False, "outer"),  # bf16, frozen, an enclosing unit's
+]
+
+
+def test_fsdp_shards_dim0_padded_to_a_multiple_of_dp():
+    s = per_rank_state(TOY, 4, "fsdp", step_bytes=4, enclosing_units=frozenset({"outer"}))
+    # rows per rank ceil(dim0 / 4): a 3 x 3, b 2, c 1 x 5 (ranks 2, 3 hold padding), d 4 x 2
+    assert s.trainable_weights == (9 + 5) * 4
+    assert s.frozen_weights == (2 + 8) * 2
+    assert s.grads == (9 + 5) * 4
+    assert s.optimizer == (9 + 5) * 8 + 2 * 4  # exp_avg + exp_avg_sq, one step per parameter
+    # gathered: root (c: 40 B) + enclosing (d: 64 B) + the two largest other units (a: 120,
+    # b: 14) + the largest unit's gradients (a: 120)
+    assert s.fsdp_transient == 40 + 64 + 120 + 14 + 120
+
+
+def test_zero1_keeps_weights_and_grads_whole_and_spreads_adam_greedily():
+    s = per_rank_state(TOY, 4, "zero1", step_bytes=4)
+    assert (s.trainable_weights, s.frozen_weights, s.grads) == ((30 + 10) * 4, (7 + 32) * 2, (30 + 10) * 4)
+    assert s.fsdp_transient == 0
+    assert s.optimizer == 30 * 8 + 4 and s.optimizer_rank == 0  # a alone on rank 0, c on rank 1
+    # torch's rule: per group, largest first, onto the rank with the fewest elements (lowest
+    # on ties); the sizes carry over from group to group.
+    assert zero1_partition([[5, 30, 10, 10]], 2) == [[(0, 1)], [(0, 2), (0, 3), (0, 0)]]
+    assert zero1_partition([[8, 8], [3, 9]], 2) == [[(0, 0), (1, 1)], [(0, 1), (1, 0)]]
+
+
+def test_data_parallel_of_one_shards_nothing():
+    for mode in ("fsdp", "zero1"):
+        s = per_rank_state(TOY, 1, mode, step_bytes=0)
+        assert (s.trainable_weights, s.frozen_weights, s.grads, s.optimizer, s.fsdp_transient) == (160, 78, 160, 320, 0)
+
+
+def test_tensor_parallel_shards_follow_the_layer_factories():
+    """Built as TP rank 0 of 2 and of 4 (tiny: dim 64, 4 heads of 16, 2 KV heads, vocab
+    512): column-parallel weights split on dim 0, row-parallel on dim 1, K/V replicated
+    once TP exceeds the KV heads; the groups are restored afterwards."""
+    import model_parallel as mp
+
+    cfg = _tiny_cfg()
+    shapes = {tp: {p.name: p.shape for p in param_specs(build_meta_model(cfg, tp, "cpu"))} for tp in (1, 2, 4)}
+    assert mp.tp_size() == 1 and not mp.is_model_parallel()
+    layer = "text_model.layers.0."
+    assert [shapes[tp][layer + "attention.wq.weight"] for tp in (1, 2, 4)] == [(64, 64), (32, 64), (16, 64)]
+    assert [shapes[tp][layer + "attention.wk.weight"] for tp in (1, 2, 4)] == [(32, 64), (16, 64), (32, 64)]
+    assert [shapes[tp][layer + "attention.wo.weight"] for tp in (1, 2, 4)] == [(64, 64), (64, 32), (64, 16)]
+    assert [shapes[tp]["text_model.tok_embeddings.weight"] for tp in (1, 2, 4)] == [(512, 64), (256, 64), (128, 64)]
+    assert shapes[4][layer + "attention_norm.weight"] == (64,)  # replicated
+    plans = {tp: plan_memory(load_config(TrainConfig, PRETRAIN, [*TINY, f"tp={tp}"]), gpus=tp, device="cpu") for tp in (1, 2)}
+    assert plans[1].params == plans[2].params  # the whole model, whatever the TP degree
+    assert plans[2].frozen_weights < 0.6 * plans[1].frozen_weights
+    with pytest.raises(ValueError, match=r"tp=2 does not divide the number of GPUs \(3\)"):
+        plan_memory(load_config(TrainConfig, PRETRAIN, [*TINY, "tp=2"]), gpus=3, device="cpu")
+
+
+def test_90b_plans_in_seconds_and_fsdp_divides_by_dp():
+    import time
+
+    cfg = load_config(TrainConfig, ROOT / "configs/train/image_sft.yaml",
+                      [f"model={ROOT / 'configs/model/llama3_2_90b_vision.yaml'}", "tp=8"])
+    t0 = time.perf_counter()
+    model = build_meta_model(cfg, 8, "cuda")
+    zero1 = plan_memory(load_config(TrainConfig, ROOT / "configs/train/image_sft.yaml",
+                                    [f"model={ROOT / 'configs/model/llama3_2_90b_vision.yaml'}", "tp=8", "data_parallel=zero1"]),
+                        gpus=16, device="cuda", model=model)
+    fsdp = plan_memory(cfg, gpus=16, device="cuda", model=model)
+    assert time.perf_counter() - t0 < 30
+    assert 88e9 < fsdp.params < 89e9 and 17e9 < fsdp.trainable_params < 19e9
+    # ~88.5B parameters / TP 8, frozen ones bf16 (2 B), trainable fp32 (4 B)
+    whole = 2 * (fsdp.params - fsdp.trainable_params) + 4 * fsdp.trainable_params
+    assert zero1.weights == pytest.approx(whole / 8, rel=0.01)
+    assert fsdp.weights == pytest.approx(zero1.weights / 2, rel=0.001)  # DP = 2, padding aside
+    assert fsdp.grads == pytest.approx(zero1.grads / 2, rel=0.001)
+    assert zero1.optimizer >= 2 * zero1.grads / 2 and fsdp.optimizer == pytest.approx(2 * fsdp.grads, rel=1e-6)
+    assert fsdp.fsdp_transient > 0 and zero1.fsdp_transient == 0
+    assert fsdp.fits is None and "fit" not in format_plan(fsdp)  # no card given: no verdict
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _saved_bytes(model, fn) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves while `fn` runs."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("trainable,images_per_row,over", [
+    ({"vision", "adapters"}, 1, {}),
+    ({"adapters"}, 1, {}),
+    ({"vision"}, 1, {}),
+    ({"decoder", "vision", "adapters"}, 1, {}),
+    ({"decoder"}, 0, {}),  # text only
+    ({"vision", "adapters"}, 2, {}),
+    ({"vision", "adapters"}, 1, {"dim": 128, "n_heads": 8, "n_kv_heads": 2, "vision_width": 64, "vision_chunk_size": 56}),
+])
+def test_activation_estimate_matches_the_tensors_autograd_saves(trainable, images_per_row, over):
+    """float32 on the CPU, no checkpointing: the estimate of what the forward keeps for
+    backward (and the loss keeps: log-softmax) is within 3% of the real saved tensors."""
+    import llama_vision
+    from llama_vision.model import set_trainable
+    from llama_vision.training.activation_memory import BatchShape, estimate_activations
+    from llama_vision.training.losses import lm_loss_sum
+
+    torch.manual_seed(0)
+    model = llama_vision.build_model(tiny_params(**over))
+    model.train()
+    set_trainable(model, **{g: g in trainable for g in ("decoder", "vision", "adapters")})
+    rows, seq, tiles, n = 2, 40, 4, images_per_row
+    size = model.args.vision_chunk_size
+    tokens, labels = torch.randint(0, 500, (rows, seq)), torch.randint(0, 500, (rows, seq))
+    if n == 0:
+        shape = BatchShape(rows, seq)
+        got = _saved_bytes(model, lambda: lm_loss_sum(model(tokens), labels))
+    else:
+        tokens[:, [0, 20][:n]] = model.args.image_token_id
+        images, ratios = torch.randn(rows, n, tiles, 3, size, size), torch.tensor([[[2, 2]] * n] * rows)
+        shape = BatchShape(rows, seq, images=rows * n, images_per_row=n, tiles=tiles)
+        got = _saved_bytes(model, lambda: lm_loss_sum(model(tokens, images, ratios), labels))
+    est = estimate_activations(model.args, shape, trainable=frozenset(trainable), device_type="cpu")
+    assert est.saved == pytest.approx(got, rel=0.03)
+
+
+def test_activation_checkpointing_and_tp_shrink_the_estimate():
+    from llama_vision.training.activation_memory import KINDS, BatchShape, estimate_activations
+    from llama_vision.training.parallelize import CHECKPOINT_KINDS
+
+    assert set(KINDS) == set(CHECKPOINT_KINDS)  # the planner knows the trainer's kinds
+    cfg = _tiny_cfg()
+    args = build_meta_model(cfg, 1, "cpu").args
+    shape = BatchShape(4, 64, images=4, images_per_row=1, tiles=4)
+    est = lambda **kw: estimate_activations(args, shape, **kw).parts  # noqa: E731
+    plain, ckpt = est(), est(checkpointed=frozenset({"decoder", "vision"}))
+    assert ckpt["decoder"] < plain["decoder"] / 2 and ckpt["vision"] < plain["vision"] / 2
+    assert ckpt["adapters"] == plain["adapters"]
+    assert est(tp=2)["adapters"] < plain["adapters"]
+    with pytest.raises(ValueError, match="unknown activation-checkpointing kind"):
+        estimate_activations(args, shape, checkpointed=frozenset({"mlp"}))
+
+
+MEDIUM = {  # ~52M parameters, 13M trainable (ViT + adapters): ~0.5 GB planned in float32
+    "dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 16384, "multiple_of": 128,
+    "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": False, "max_seq_len": 256,
+    "vision_chunk_size": 112, "vision_max_num_chunks": 4, "vision_num_cross_attention_layers": 2,
+    "vision_width": 256, "vision_layers": 6, "vision_heads": 4, "vision_global_layers": 2,
+    "vision_patch_size": 14, "vision_intermediate_layers": [1, 3, 5],
+}
+
+
+@linux_only
+def test_planned_total_matches_the_rss_of_a_real_training_run(tmp_path):
+    """A fresh process builds the medium model and trains 2 steps of 2 micro-batches
+    (tests/plan_memory_rss_worker.py); its peak-RSS increase is within 20% of the CPU plan.
+    glibc's mmap threshold is pinned so that freed large tensors leave the resident set (its
+    adaptive default keeps them in the heap, which RSS counts though no tensor uses them)."""
+    (tmp_path / "medium.yaml").write_text(yaml.safe_dump(MEDIUM))
+    overrides = [f"model={tmp_path / 'medium.yaml'}", "micro_batch_size=2", "grad_accum_steps=2",
+                 "data.max_seq_len=128", "data.max_num_tiles=2"]
+    plan = plan_memory(load_config(TrainConfig, PRETRAIN, overrides), gpus=1, device="cpu")
+    assert 0.25 < plan.activations / plan.total < 0.45  # the estimate carries real weight here
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/plan_memory_rss_worker.py"), str(PRETRAIN), json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["delta"]
+    assert plan.total == pytest.approx(measured, rel=0.2), (plan.total, measured, format_plan(plan))
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_prints_a_plan_and_names_bad_values(capsys):
+    spec = importlib.util.spec_from_file_location("plan_memory_cli", ROOT / "tools/plan_memory.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(PRETRAIN), *TINY, "--gpus", "2", "--gpu-memory-gib", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "TP 1 x DP 2, FSDP" in out and "activations (est.)" in out and "fits a 4.0 GiB card (with 2.0 GiB reserved)" in out
+    assert cli.main(["--config", str(PRETRAIN), *TINY, "tp=3", "--gpus", "8"]) == 2
+    assert "tp=3 does not divide the number of GPUs (8)" in capsys.readouterr().err
+    assert cli.main(["--config", str(PRETRAIN), "tpp=2"]) == 2
+    assert "unknown config key 'tpp'; did you mean 'tp'?" in capsys.readouterr().err
+    assert cli.main(["--config", str(PRETRAIN), *TINY, "--json", "--device", "cpu", "--gpus", "1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total"] == sum(plan[k] for k in ("frozen_weights", "trainable_weights", "grads", "optimizer",
+                                                  "fsdp_transient", "dpo_reference", "activations"))
+
+
+def test_train_cli_profile_flag_sets_profile_steps(monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "tools/train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    seen = []
+    monkeypatch.setattr(cli, "train", lambda cfg, resume: seen.append((cfg.profile_steps, cfg.max_steps, resume)))
+    cli.main(["--config", str(PRETRAIN), "--profile", "3", "max_steps=7", "--resume"])
+    cli.main(["--config", str(PRETRAIN), "--profile=2"])
+    cli.main(["--config", str(PRETRAIN)])
+    assert seen == [(3, 7, True), (2, 30, False), (0, 30, False)]
+    with pytest.raises(ValueError, match="--profile needs a number of steps"):
+        cli.main(["--config", str(PRETRAIN), "--profile"])
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def _toy_loop(profiler, steps: int) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        model(torch.randn(16, 32)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        profiler.step()
+
+
+def test_step_profiler_writes_a_chrome_trace_and_a_summary(tmp_path):
+    from llama_vision.training.profiling import StepProfiler
+
+    with StepProfiler(tmp_path, steps=2, rank=3) as prof:
+        _toy_loop(prof, 5)
+    trace = tmp_path / "profile" / "rank_3.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert prof.written and "aten::addmm" in names and any(str(n).startswith("ProfilerStep#") for n in names)
+    # The warm-up step (#0) is discarded, the next two are recorded.
+    assert {n for n in names if str(n).startswith("ProfilerStep#")} == {"ProfilerStep#1", "ProfilerStep#2"}
+    summary = (tmp_path / "profile" / "rank_3.txt").read_text()
+    assert "2 step(s) recorded" in summary and "aten::addmm" in summary
+    assert not [p for p in (tmp_path / "profile").iterdir() if ".tmp-" in p.name]
+
+    # A run that ends before the recording does still writes what was recorded.
+    with StepProfiler(tmp_path / "short", steps=10) as short:
+        _toy_loop(short, 3)
+    assert json.loads((tmp_path / "short" / "profile" / "rank_0.json").read_text())["traceEvents"]
+
+    off = StepProfiler(tmp_path / "off", steps=0)
+    _toy_loop(off, 2)
+    off.close()
+    assert not off.enabled and not (tmp_path / "off").exists()
+
+
+@linux_only
+def test_cpu_peak_memory_is_the_peak_rss_in_bytes():
+    from llama_vision.training.profiling import peak_memory_bytes, reset_peak_memory
+
+    def hwm() -> int:  # the kernel's peak RSS, /proc/self/status VmHWM (kB)
+        line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+        return int(line.split()[1]) * 1024
+
+    assert reset_peak_memory("cpu")
+    before = peak_memory_bytes("cpu")
+    assert abs(before - hwm()) < 16 << 20
+    big = torch.ones(256 << 20, dtype=torch.uint8)  # 256 MiB, touched
+    assert peak_memory_bytes("cpu") >= before + (240 << 20)
+    del big
+    assert reset_peak_memory("cpu")
+    assert peak_memory_bytes("cpu") < before + (128 << 20)
+    with pytest.raises(ValueError, match="cuda and cpu"):
+        peak_memory_bytes("meta")
+
+
+
+def test_readme_table_is_the_planners():
+    """README.md's "Memory per GPU" table is what `tools/plan_memory.py --table` prints
+    (regenerate it with that command when the model or the planner changes)."""
+    from llama_vision.training.memory_plan import readme_table
+
+    assert readme_table(ROOT) in (ROOT / "README.md").read_text()
