@@ -267,7 +267,10 @@ def test_planned_total_matches_the_rss_of_a_real_training_run(tmp_path):
                  "data.max_seq_len=128", "data.max_num_tiles=2"]
     plan = plan_memory(load_config(TrainConfig, PRETRAIN, overrides), gpus=1, device="cpu")
     assert 0.25 < plan.activations / plan.total < 0.45  # the estimate carries real weight here
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
+    # A clean environment: variables earlier tests left in this process (process-group
+    # ranks, thread settings) must not reach the measured one.
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+    env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "tests/plan_memory_rss_worker.py"), str(PRETRAIN), json.dumps(overrides)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]

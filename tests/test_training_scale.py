@@ -5,9 +5,10 @@ checkpoints that resume at another layout.
   rank holds a quarter of the TP-split frozen weights, and of their AdamW state none.
 * The 2 x 2 run stopped at step 3 resumes on ONE process (TP=1, DP=1) to step 6 equal to
   an uninterrupted one-process run: TP shards and FSDP shards both re-cut by DCP.
-* DP=2 FSDP stopped at step 3 resumes on one process, and at DP=2 with 2 DataLoader
-  workers per rank, both equal to the uninterrupted runs; a rank loading the DP=2
-  checkpoint at DP=2 asks DCP for its half only.
+* DP=2 FSDP (also with activation checkpointing) equals one process; stopped at step 3 it
+  resumes on one process, and at DP=2 with 2 DataLoader workers per rank, both equal to
+  the uninterrupted runs; a rank loading the DP=2 checkpoint at DP=2 asks DCP for its
+  half only; final/ of a bf16-frozen FSDP run equals one process's.
 * async checkpoints hold the state of their step although training went on while they
   were written; a checkpoint killed mid-write is never picked.
 
@@ -124,12 +125,19 @@ def test_dcp_resume_at_another_data_parallel_degree_and_worker_count(shapes_corp
         {"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "dp2_workers", micro_batch_size=4,
                                                       resume_from=str(dp2 / "checkpoints" / "step_3"), **{"data.num_workers": 2}),
          "dump": str(tmp_path / "dp2_workers" / "dump")},
+        # FSDP units recomputed in backward (activation checkpointing of every kind).
+        {"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "dp2_ac", micro_batch_size=4, activation_checkpointing="true"),
+         "dump": str(tmp_path / "dp2_ac" / "dump")},
+        # FSDP with the frozen trunk stored in bf16, to the final Meta-format checkpoint.
+        {"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "dp2_bf16", micro_batch_size=4, max_steps=2,
+                                                      save_final="true", frozen_param_dtype="bf16")},
     ]
     run_torchrun(WORKER, json.dumps(runs), timeout=600)
 
     one = _fit(shapes_corpus, tmp_path / "one", micro_batch_size=GLOBAL_BATCH)
     want = _state(one)
     _assert_same(_dumped(dp2 / "dump"), want, atol=1e-6)
+    _assert_same(_dumped(tmp_path / "dp2_ac" / "dump"), want, atol=1e-6)
     # The worker-count change at DP=2: the same global batches, so the same run.
     _assert_same(_dumped(tmp_path / "dp2_workers" / "dump"), want, atol=1e-6)
     for rank in range(2):  # what a rank asked DCP for while loading: its half, not the whole
@@ -143,6 +151,17 @@ def test_dcp_resume_at_another_data_parallel_degree_and_worker_count(shapes_corp
                    resume_from=str(tmp_path / "one" / "checkpoints" / "step_3"))
     _assert_same(_state(workers), want, atol=1e-6)
     assert [r["loss"] for r in read_metrics(tmp_path / "dp1_workers" / "metrics.jsonl")] == pytest.approx(_losses(tmp_path / "one")[3:], abs=1e-6)
+
+    # final/ of the FSDP run: every tensor gathered whole, frozen ones as stored (bf16),
+    # equal to one process's final/ of the same bf16-frozen run.
+    _fit(shapes_corpus, tmp_path / "dp1_bf16", micro_batch_size=GLOBAL_BATCH, max_steps=2, save_final="true", frozen_param_dtype="bf16")
+    got, want = (torch.load(tmp_path / d / "final" / "consolidated.00.pth", weights_only=True) for d in ("dp2_bf16", "dp1_bf16"))
+    assert got.keys() == want.keys()
+    assert got["text_model.layers.0.attention.wq.weight"].dtype == torch.bfloat16
+    assert got["vision_model.vision_encoder.class_embedding"].dtype == torch.float32
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype, k
+        torch.testing.assert_close(got[k], t, atol=1e-6, rtol=0, msg=k)
 
 
 def test_async_checkpoint_holds_its_step_and_torn_saves_are_never_picked(shapes_corpus, tmp_path):

@@ -17,6 +17,17 @@ Shapes (``B`` rows, ``L`` = longest row, ``N`` = most images in a row (at least 
 * ``keys``: the sample keys (for logs); ``skipped``: cumulative skip counts per reason of the
   DataLoader worker that built the batch (see ``datasets.SkipCounter``); ``position``: that
   worker's resume position after this batch (see ``datasets.ExampleDataset.observe``).
+
+Packed batches (``data.packing``, :mod:`.packing`) hold several samples per row, and three
+more tensors (all ``None`` in an unpacked batch); see docs/decoder_input.md:
+
+* ``positions`` int64 ``[B, L]``: RoPE position of each token, restarting at 0 for every
+  packed sample (and for the row's padding).
+* ``segment_ids`` int64 ``[B, L]``: which sample of the row (0, 1, ...) each token belongs
+  to, ``-1`` for padding. ``lengths`` is still the real tokens per row (all its samples).
+* ``image_segments`` int64 ``[B, N]``: the sample of each image slot, ``-1`` for absent
+  slots. Images are the concatenation of the row's samples' images, in token order, so
+  ``N`` = most images in a packed row. ``keys`` lists every sample, row by row.
 """
 
 from __future__ import annotations
@@ -45,26 +56,52 @@ class Batch:
     keys: list[str]
     skipped: dict[str, int] = field(default_factory=dict)
     position: dict[str, Any] | None = None
+    positions: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+    image_segments: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
 
     @property
     def num_targets(self) -> int:
         """Number of labelled (loss-bearing) tokens in the batch."""
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @property
+    def real_tokens(self) -> int:
+        """Non-padding tokens (every packed sample's tokens; image placeholders included)."""
+        return int(self.lengths.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        """Token slots the decoder runs: rows x padded length (``B * L``)."""
+        return self.tokens.numel()
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the decoder's token slots that are padding: ``1 - real / padded``."""
+        return 1.0 - self.real_tokens / max(self.padded_tokens, 1)
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor | None = None) -> "Batch":
         """A copy with ``fn`` applied to every tensor (``images`` given: use it as is)."""
+        optional = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(
             self,
             tokens=fn(self.tokens),
             labels=fn(self.labels),
             lengths=fn(self.lengths),
-            images=images if images is not None else (None if self.images is None else fn(self.images)),
+            images=images if images is not None else optional(self.images),
             aspect_ratios=fn(self.aspect_ratios),
             num_tiles=fn(self.num_tiles),
             num_images=fn(self.num_images),
+            positions=optional(self.positions),
+            segment_ids=optional(self.segment_ids),
+            image_segments=optional(self.image_segments),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
@@ -123,7 +160,9 @@ def batch_fingerprint(batch: Any) -> torch.Tensor:
     """A cheap content summary of any batch dataclass (`Batch`, `VideoBatch`,
     `PreferenceBatch`) -> float64 [k], on the batch's device: the CRC of its sample keys,
     and per tensor field its element count, its sum and (integer fields) a
-    position-weighted sum. Equal on ranks that hold the same batch; different, in
+    position-weighted sum. Optional tensor fields count when present (a packed batch's
+    positions, segment_ids and image_segments: the same tokens packed differently give
+    another fingerprint). Equal on ranks that hold the same batch; different, in
     practice, when one rank read other samples or other bytes (a transient read error
     that skipped or corrupted a sample)."""
     values: list[torch.Tensor] = []

@@ -159,9 +159,14 @@ class ResumableDataLoader(DataLoader):
         return self.dataset.skipped()
 
 
+def _whole_batch(batch: Any) -> Any:
+    """The collate function of a dataset that yields whole batches (``batch_size=None``)."""
+    return batch
+
+
 def build_dataloader(
     dataset: torch.utils.data.IterableDataset,
-    batch_size: int,
+    batch_size: int | None,
     num_workers: int = 0,
     collate: Callable[[list[Example]], Any] | None = None,
     *,
@@ -176,10 +181,17 @@ def build_dataloader(
     and batch type for the dataset). Batches are built inside the workers (each batch comes
     from one worker, so it carries that worker's position and skip counts).
 
+    ``batch_size=None``: the dataset yields whole batches itself
+    (:class:`~.batching.MicroBatchDataset`: packing, token budgets), handed on as they are.
+
     Workers are deliberately not persistent: a persistent worker keeps its own copy of the
     dataset, so ``set_epoch``/``load_state_dict`` in the main process would not reach it.
     """
-    if collate is None:
+    if batch_size is None:
+        if collate is not None:
+            raise ValueError("batch_size=None: the dataset yields whole batches, so no collate function applies")
+        collate = _whole_batch
+    elif collate is None:
         collate = dataset.collate_fn()
     kwargs: dict[str, Any] = {}
     if num_workers > 0:

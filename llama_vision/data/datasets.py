@@ -437,6 +437,11 @@ class ExampleDataset(IterableDataset):
             "consumed_by_earlier_layouts": {str(e): rules for e, rules in sorted(self._consumed.items())},
         }
 
+    def resume_state(self, states: list[dict[str, Any]], rank: int, world_size: int, num_workers: int) -> dict[str, Any]:
+        """This dataset's position as DP rank `rank` of `world_size` with `num_workers`
+        workers, from the states every DP rank of a run saved (:func:`resume_position`)."""
+        return resume_position(states, rank, world_size, num_workers, self.block_size)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (before creating the DataLoader iterator)."""
         rank, world_size = self._resolved_rank()

@@ -16,7 +16,7 @@ to the segment of their placeholder; RoPE positions restart at 0 per segment. Th
 are different numbers in a packed row: spans never read `positions`.
 
 Everything None = today's input (a causal prefix from position 0, or the caller's
-`positions` with KV caches), bitwise: the model takes its old code path.
+`positions` with KV caches): the same computation, bitwise-identical logits.
 """
 from __future__ import annotations
 

@@ -124,9 +124,17 @@ class VisionLanguageModel(nn.Module):
         return MediaTokens(feats.reshape(b, n, t * p, d), valid)
 
     # --- forward ------------------------------------------------------------------------
-    def prepare_media(self, tokens: torch.Tensor, media_inputs: dict[str, Any]) -> dict[str, MediaState]:
+    def prepare_media(self, tokens: torch.Tensor, media_inputs: dict[str, Any], *, present_only: bool = False) -> dict[str, MediaState]:
         """Encode each modality once and precompute every adapter's K/V (the per-prompt
-        work; decode steps only read it). tokens [B, S] locate the placeholders."""
+        work; decode steps only read it). tokens [B, S] locate the placeholders.
+
+        present_only: run the encoder on the media slots that rows use only (slot n of
+        row b is used iff the row has more than n placeholders), the others left at
+        zero (masked out either way). Packed rows pad their image slots to the row with
+        the most images, so that is the encoder work packing would otherwise add. Needs
+        inputs that are tensors [B, N, ...] (else everything is encoded); encoding a
+        subset changes the encoder's batch, so float rounding may differ from a full
+        encode (the default, bitwise as before)."""
         rows = tokens.tolist()
         states = {}
         for name, inputs in media_inputs.items():
@@ -136,7 +144,7 @@ class VisionLanguageModel(nn.Module):
                 raise KeyError(f"no modality {name!r} registered; known: {sorted(self.modalities)}")
             mod = self.modalities[name]
             counts = [sum(t in mod.placeholder_ids for t in row) for row in rows]
-            enc = mod.encode(inputs)
+            enc = self._encode_used_slots(mod, inputs, counts) if present_only else mod.encode(inputs)
             b, n = enc.tokens.shape[:2]
             if b != len(rows):
                 raise ValueError(f"{name}: inputs have batch {b}, tokens have {len(rows)} rows")
@@ -156,6 +164,26 @@ class VisionLanguageModel(nn.Module):
                 span_end=end.to(flat.device),
             )
         return states
+
+    @staticmethod
+    def _encode_used_slots(mod: Modality, inputs: Any, counts: list[int]) -> MediaTokens:
+        """mod.encode over the used slots only (see prepare_media), scattered back into
+        zero-filled [B, N, ...] MediaTokens."""
+        parts = inputs if isinstance(inputs, tuple) else (inputs,)
+        if not parts or not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in parts):
+            return mod.encode(inputs)
+        b, n = parts[0].shape[:2]
+        if any(tuple(t.shape[:2]) != (b, n) for t in parts) or len(counts) != b:
+            return mod.encode(inputs)
+        used = torch.arange(n)[None, :] < torch.tensor(counts)[:, None].clamp(max=n)  # [B, N]
+        if bool(used.all()) or not bool(used.any()):
+            return mod.encode(inputs)
+        idx = tuple(i.to(parts[0].device) for i in used.nonzero(as_tuple=True))
+        sub = tuple(t[idx][None] for t in parts)  # [1, M, ...]: the used slots as one row
+        enc = mod.encode(sub if isinstance(inputs, tuple) else sub[0])
+        tokens = enc.tokens.new_zeros(b, n, *enc.tokens.shape[2:]).index_put(idx, enc.tokens[0])
+        valid = enc.valid.new_zeros(b, n, *enc.valid.shape[2:]).index_put(idx, enc.valid[0])
+        return MediaTokens(tokens, valid)
 
     def media_for_rows(self, media: dict[str, MediaState], rows: torch.Tensor, tokens: torch.Tensor) -> dict[str, MediaState]:
         """Reuse encoded media under new token rows, without re-encoding anything.
@@ -229,6 +257,9 @@ class VisionLanguageModel(nn.Module):
         layout.validate(b, s, self.args.dim, cached=caches is not None, keep=logit_index is not None)
         segments = layout.resolved_segments(s, cached=caches is not None)
         positions = positions if positions is not None else layout.positions
+        if positions is not None and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.args.max_seq_len):
+            raise ValueError(f"DecoderInput.positions must be in [0, max_seq_len={self.args.max_seq_len}), got "
+                             f"{int(positions.min())}..{int(positions.max())}")
         if positions is None:
             positions = (positions_from_segments(segments) if segments is not None
                          else torch.arange(s, device=ref.device).expand(b, -1))
@@ -248,7 +279,8 @@ class VisionLanguageModel(nn.Module):
                 inputs = dict(media_inputs or {})
                 if images is not None:
                     inputs["image"] = (images, aspect_ratios)
-                media = self.prepare_media(tokens, inputs) if inputs else {}
+                # Packed rows: no encoder work for the image slots padding each row to the most.
+                media = self.prepare_media(tokens, inputs, present_only=segments is not None) if inputs else {}
             tokens = self._canonical_tokens(tokens)
         if segments is not None:
             # Spans count token indices of the row: clip each to its placeholder's sample.

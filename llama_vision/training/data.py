@@ -1,9 +1,14 @@
 """Build a stage's dataset + resumable loader from its DataConfig."""
 from __future__ import annotations
 
+from functools import partial
+
+from llama_vision.data.batching import MicroBatchDataset, TokenBudgetBatcher, UnpackedRows
 from llama_vision.data.collate import build_dataloader
 from llama_vision.data.datasets import CaptionDataset, ConversationDataset, DPODataset
 from llama_vision.data.image import ImageProcessor
+from llama_vision.data.mixture import MixtureDataset
+from llama_vision.data.packing import NextFitPacker, collate_packed
 from llama_vision.data.sources import ConversationSource, DPOSource, JsonlCaptionSource, Record, WebDatasetSource
 
 from .train_config import TrainConfig
@@ -31,31 +36,113 @@ _KINDS = {
 
 def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int, *, loop: bool = True):
     """-> ResumableDataLoader of Batch (or PreferenceBatch for DPO), looping forever
-    (step-based training: data-parallel ranks never wait for each other at an epoch end)."""
+    (step-based training: data-parallel ranks never wait for each other at an epoch end).
+    data.packing / data.max_tokens_per_batch: micro-batches of a varying number of
+    samples (see `micro_batches`)."""
     data = cfg.data
-    if not data.paths:
+    if data.sources and data.paths:
+        raise ValueError("data.sources and data.paths are both set: a mixture lists its paths per source (clear data.paths)")
+    if not data.paths and not data.sources:
         raise ValueError("data.paths is empty: point it at the training shards / manifests")
-    if data.kind in ("video_jsonl", "video_wds"):
+    check_batching(cfg)
+    if data.sources:
+        dataset = _mixture(cfg, tokenizer, model_args, dp_rank, dp_size, loop)
+    elif data.kind in ("video_jsonl", "video_wds"):
         from llama_vision.data.video_dataset import build_video_dataset
 
         dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size, loop=loop)
     else:
-        make_source, dataset_cls = _KINDS[data.kind]
-        processor = ImageProcessor(
-            tile_size=data.tile_size or model_args.vision_chunk_size,
-            max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
-        )
-        source = make_source(data)
-        dataset = dataset_cls(
-            WithoutImages(source) if data.text_only else source,
-            tokenizer,
-            processor,
-            max_seq_len=min(data.max_seq_len, model_args.max_seq_len),
-            seed=cfg.seed,
-            shuffle=data.shuffle,
-            shuffle_buffer=data.shuffle_buffer,
-            rank=dp_rank,
-            world_size=dp_size,
-            loop=loop,
-        )
+        dataset = _example_dataset(cfg, data.kind, data, tokenizer, model_args, dp_rank, dp_size, loop=loop, seed=cfg.seed)
+    if data.packing or data.max_tokens_per_batch:
+        return build_dataloader(micro_batches(cfg, dataset), batch_size=None, num_workers=data.num_workers)
     return build_dataloader(dataset, batch_size=cfg.micro_batch_size, num_workers=data.num_workers)
+
+
+def _example_dataset(cfg: TrainConfig, kind: str, files, tokenizer, model_args, dp_rank: int, dp_size: int, *, loop: bool, seed: int):
+    """The example dataset of `kind` over `files` (anything with `paths` and `image_root`:
+    the DataConfig, or one of its sources)."""
+    data = cfg.data
+    make_source, dataset_cls = _KINDS[kind]
+    processor = ImageProcessor(
+        tile_size=data.tile_size or model_args.vision_chunk_size,
+        max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
+    )
+    source = make_source(files)
+    return dataset_cls(
+        WithoutImages(source) if data.text_only else source,
+        tokenizer,
+        processor,
+        max_seq_len=min(data.max_seq_len, model_args.max_seq_len),
+        seed=seed,
+        shuffle=data.shuffle,
+        shuffle_buffer=data.shuffle_buffer,
+        rank=dp_rank,
+        world_size=dp_size,
+        loop=loop,
+        block_size=record_block(cfg),
+        split=data.split,
+    )
+
+
+def _mixture(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool) -> MixtureDataset:
+    """data.sources -> a MixtureDataset of one looping example dataset per source (each
+    shuffled with its own seed)."""
+    data = cfg.data
+    if not loop:
+        raise ValueError("data.sources: a mixture is drawn from forever; validation (data.eval_paths) reads plain paths")
+    if cfg.stage == "dpo" or cfg.stage.startswith("video"):
+        raise ValueError(f"data.sources: mixtures are of LM sources (caption / conversation kinds), not for stage {cfg.stage}")
+    empty = [i for i, src in enumerate(data.sources) if not src.paths]
+    if empty:
+        raise ValueError(f"data.sources{empty}: paths is empty")
+    parts = [_example_dataset(cfg, src.kind, src, tokenizer, model_args, dp_rank, dp_size, loop=True, seed=cfg.seed + 1000 * i)
+             for i, src in enumerate(data.sources)]
+    names = [f"{src.kind}:{','.join(src.paths)}" for src in data.sources]
+    return MixtureDataset(parts, [src.weight for src in data.sources], names=names, seed=cfg.seed, rank=dp_rank, world_size=dp_size)
+
+
+def record_block(cfg: TrainConfig) -> int:
+    """Records handed to a DataLoader worker at a time (record split): one micro-batch's
+    worth, so a rank's micro-batches do not depend on data.num_workers (sampler.record_owner).
+    Packing and token budgets draw a varying number of records per micro-batch: 1."""
+    return 1 if cfg.data.packing or cfg.data.max_tokens_per_batch else cfg.micro_batch_size
+
+
+PACKABLE_KINDS = ("caption_wds", "caption_jsonl", "conversations")
+
+
+def check_batching(cfg: TrainConfig) -> None:
+    """data.packing / data.max_tokens_per_batch against the kind and the sizes: a clear
+    ValueError naming the key when the combination cannot work."""
+    data = cfg.data
+    if data.max_tokens_per_batch < 0:
+        raise ValueError(f"data.max_tokens_per_batch must be >= 0 (0: off), got {data.max_tokens_per_batch}")
+    if data.packing and data.kind not in PACKABLE_KINDS:
+        raise ValueError(f"data.packing: true is not supported for data.kind={data.kind!r} (packing supports "
+                         f"{', '.join(PACKABLE_KINDS)}); set data.packing: false")
+    if data.max_tokens_per_batch and data.kind == "dpo":
+        raise ValueError("data.max_tokens_per_batch is not supported for data.kind='dpo' (preference pairs are "
+                         "batched by micro_batch_size); set data.max_tokens_per_batch: 0")
+    if data.packing and not data.max_tokens_per_batch and cfg.micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size (packed rows per micro-batch) must be >= 1, got {cfg.micro_batch_size}")
+
+
+def micro_batches(cfg: TrainConfig, dataset) -> MicroBatchDataset:
+    """`dataset` (an ExampleDataset) batched by data.packing / data.max_tokens_per_batch
+    (llama_vision.data.batching): micro-batches of whole examples, exact resume."""
+    check_batching(cfg)
+    data = cfg.data
+    capacity = dataset.max_seq_len  # min(data.max_seq_len, the model's)
+    if data.packing:
+        rows = cfg.micro_batch_size
+        if data.max_tokens_per_batch:
+            # A packed row may fill up to `capacity` tokens: this many rows keep the padded
+            # micro-batch within the budget.
+            rows = data.max_tokens_per_batch // capacity
+            if rows < 1:
+                raise ValueError(f"data.max_tokens_per_batch={data.max_tokens_per_batch} is less than one packed row "
+                                 f"of data.max_seq_len={capacity} tokens; raise it to at least {capacity}")
+        collate = partial(collate_packed, pad_id=dataset.tokenizer.pad_id,
+                          max_num_tiles=dataset.image_processor.max_num_tiles, image_token_id=dataset.image_token_id)
+        return MicroBatchDataset(dataset, partial(NextFitPacker, capacity, rows), collate)
+    return MicroBatchDataset(dataset, partial(TokenBudgetBatcher, data.max_tokens_per_batch), UnpackedRows(dataset.collate_fn()))

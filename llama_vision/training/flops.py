@@ -433,6 +433,12 @@ def step_shape_from_batch(batch, *, include_padding: bool = False, reference: bo
     rejected rows read the chosen rows' encoded media (each pair's images encoded once),
     with backward for the policy and, if `reference`, the same pass forward-only for the
     reference model (it shares the policy's architecture).
+
+    A packed Batch (``segment_ids``, ``data.packing``) with include_padding=False counts
+    each packed sample as a row of its own (its tokens, its images): self-attention is
+    causal within the sample and cross-attention reads only its own images, so the count
+    is the useful work and equals the same samples unpacked. include_padding=True counts
+    the packed rows as the hardware runs them (every row at the padded length, every slot).
     """
     from llama_vision.data.batch import PreferenceBatch
 
@@ -446,7 +452,27 @@ def step_shape_from_batch(batch, *, include_padding: bool = False, reference: bo
             lengths = chosen.text_lengths + rejected.text_lengths
         pair = StepShape(lengths, chosen.image_tiles * 2 if chosen.image_tiles else (), media_source=tuple(range(n)) * 2)
         return [pair] + ([replace(pair, backward=False)] if reference else [])
+    if getattr(batch, "segment_ids", None) is not None and not include_padding:
+        return [_packed_shape(batch, True)]
     return [_lm_shape(batch, include_padding, True)]
+
+
+def _packed_shape(batch, backward: bool) -> StepShape:
+    """Each packed sample as its own row: its length and its images' tile slots."""
+    # No image_segments (e.g. a blank stand-in image no token attends to): no images.
+    image_rows = batch.image_segments.tolist() if batch.images is not None and batch.image_segments is not None else None
+    tiles = batch.images.shape[2] if image_rows is not None else 0
+    lengths, images = [], []
+    for b, row in enumerate(batch.segment_ids.tolist()):
+        counts: dict[int, int] = defaultdict(int)
+        for s in row:
+            if s >= 0:
+                counts[s] += 1
+        for s in sorted(counts):
+            lengths.append(counts[s])
+            if image_rows is not None:
+                images.append((tiles,) * sum(1 for owner in image_rows[b] if owner == s))
+    return StepShape(tuple(lengths), tuple(images), (), backward)
 
 
 def _lm_shape(batch, include_padding: bool, backward: bool) -> StepShape:

@@ -331,8 +331,16 @@ def estimate_mfu(flops_per_step: float, step_time_s: float, peak_flops: float | 
 def global_batch_line(cfg, world: int, tp: int, dp: int) -> str:
     """What one optimizer step of `cfg` (a TrainConfig) consumes on `world` ranks at TP
     `tp` (DP = world / tp): samples (pairs for DPO) and at most how many tokens."""
+    data = cfg.data
+    if getattr(data, "max_tokens_per_batch", 0):
+        rows = "packed rows" if data.packing else "samples"
+        return (
+            f"global batch: micro-batches of <= {data.max_tokens_per_batch:,} padded tokens ({rows} x longest row) x "
+            f"{cfg.grad_accum_steps} accumulation x {dp} data-parallel (world {world} / TP {tp}) = up to "
+            f"{data.max_tokens_per_batch * cfg.grad_accum_steps * dp:,} tokens (max_seq_len {data.max_seq_len})"
+        )
     samples = cfg.micro_batch_size * cfg.grad_accum_steps * dp
-    unit = "preference pairs" if cfg.stage == "dpo" else "samples"
+    unit = "preference pairs" if cfg.stage == "dpo" else ("packed rows" if getattr(data, "packing", False) else "samples")
     return (
         f"global batch: {cfg.micro_batch_size} micro-batch x {cfg.grad_accum_steps} accumulation x {dp} data-parallel "
         f"(world {world} / TP {tp}) = {samples:,} {unit}, up to {samples * cfg.data.max_seq_len:,} tokens "

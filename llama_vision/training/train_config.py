@@ -12,6 +12,23 @@ from typing import Any, Literal, Optional, Union
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (`data.sources`)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Shards / manifests of this source (brace patterns and globs as in `data.paths`)."""
+    kind: Literal["caption_wds", "caption_jsonl", "conversations"] = "caption_wds"
+    """Record format of `paths` (as `data.kind`); the sources of one mixture may differ."""
+    weight: float = 1.0
+    """Share of the mixture's samples drawn from this source: weight / sum of weights. A
+    small source with a large weight is read again and again (the paper's resampling of
+    low-frequency data)."""
+    image_root: Optional[str] = None
+    """Folder that media paths of this source's manifests are relative to (null: each
+    manifest's own folder)."""
+
+
+@dataclass
 class DataConfig:
     """What the stage reads: format, files, sequence length, tiling, shuffling."""
 
@@ -52,6 +69,10 @@ class DataConfig:
     at another DP degree or worker count, and DP=N equals one process), shard = each reads
     its own files (cheapest I/O; resume only at the same layout), auto = shard when there
     are at least as many files as partitions (and more than one partition)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of `paths` / `kind`: [{paths, kind, weight, image_root}, ...]
+    (LM kinds). Each sample's source is drawn by weight, deterministically per DP rank and
+    worker; a resumed run continues the draws and every source's own position."""
     eval_paths: list[str] = field(default_factory=list)
     """Held-out shards / manifests of the same kind as `paths`, read in order (no shuffle)
     for validation every `eval_every` steps; empty: no validation."""

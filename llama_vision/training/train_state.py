@@ -150,7 +150,8 @@ class TrainState:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
         self.progress.load_state_dict(state["progress"])
-        from llama_vision.data.datasets import resume_position
-
-        block = getattr(getattr(self.loader, "dataset", None), "block_size", 1)
-        self.loader.load_state_dict(resume_position(state["data"], mp.dp_rank(), mp.dp_size(), self.layout["num_workers"], block))
+        # The dataset that keeps the position (micro-batch builders wrap it) translates it.
+        keeper = self.loader.dataset
+        while not hasattr(keeper, "resume_state"):
+            keeper = keeper.dataset
+        self.loader.load_state_dict(keeper.resume_state(state["data"], mp.dp_rank(), mp.dp_size(), self.layout["num_workers"]))

@@ -179,6 +179,10 @@ class Trainer:
             "skipped_nonfinite": self.progress.skipped_nonfinite,
             "step_time_s": time.perf_counter() - t0,
             "tokens": sum(int(b.lengths.sum()) for b in lm_batches),
+            # Packing / token budgets: the padded share of the micro-batches, and the samples
+            # (a packed row holds several).
+            "padding_fraction": 1.0 - sum(b.real_tokens for b in lm_batches) / max(1, sum(b.padded_tokens for b in lm_batches)),
+            "samples": sum(len(b.keys) for b in lm_batches),
             "images": sum(int(b.num_images.sum()) for b in lm_batches),
             **self.objective.step_metrics(count),
             # One GPU's share of the mean replica's work (a replica is TP GPUs).

@@ -37,7 +37,8 @@ def build_eval_loader(cfg, tokenizer, model_args):
     """A single pass over data.eval_paths, unshuffled (None when validation is off)."""
     if not eval_enabled(cfg):
         return None
-    eval_cfg = replace(cfg, data=replace(cfg.data, paths=list(cfg.data.eval_paths), shuffle=False))
+    # Held-out data is of kind data.kind, also when training reads a mixture (data.sources).
+    eval_cfg = replace(cfg, data=replace(cfg.data, paths=list(cfg.data.eval_paths), shuffle=False, sources=[]))
     return build_loader(eval_cfg, tokenizer, model_args, mp.dp_rank(), mp.dp_size(), loop=False)
 
 
