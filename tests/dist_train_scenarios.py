@@ -63,7 +63,10 @@ def dump(trainer: Trainer, path: str, rank: int, loaded: dict | None = None) -> 
              for p, s in sorted(optim.state.items(), key=lambda kv: names[id(kv[0])])}
     params = {n: _whole(p) for n, p in trainer.model.named_parameters() if p.requires_grad}
     numel = {n: (local_tensor(p).numel(), p.numel(), p.requires_grad) for n, p in trainer.model.named_parameters()}
-    torch.save({"params": params, "optim": state, "step": trainer.step, "numel": numel, "loaded": loaded or {}}, f"{path}.rank{rank}.pt")
+    moments = [v for s in optim.state.values() for k, v in s.items() if k != "step"]
+    optim_numel = (sum(local_tensor(v).numel() for v in moments), sum(v.numel() for v in moments))  # held, whole
+    torch.save({"params": params, "optim": state, "step": trainer.step, "numel": numel, "optim_numel": optim_numel,
+                "loaded": loaded or {}}, f"{path}.rank{rank}.pt")
 
 
 def run(spec: dict, rank: int) -> None:

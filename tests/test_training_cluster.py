@@ -144,8 +144,13 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
             assert int(got_state[n]["step"]) == int(s["step"]), n
             for k in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(got_state[n][k], s[k], atol=1e-6, rtol=0, msg=f"{mode}: {n}.{k}")
-        if mode == "fsdp":  # FSDP: each rank holds half of every tensor, the frozen trunk included
-            for r in ranks:
+        # FSDP: each rank holds half of every tensor, the frozen trunk included, and half
+        # of AdamW's moments (ZeRO-1: each rank the moments of the parameters it owns).
+        for r in ranks:
+            held, whole = r["optim_numel"]
+            assert 0 < held <= (0.55 if mode == "fsdp" else 0.75) * sum(2 * t.numel() for t in want_params.values())
+            if mode == "fsdp":
+                assert held <= 0.55 * whole
                 frozen = [(local, whole) for local, whole, trains in r["numel"].values() if not trains]
                 assert sum(local for local, _ in frozen) <= 0.51 * sum(whole for _, whole in frozen)
 

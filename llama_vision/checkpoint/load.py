@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -185,7 +185,9 @@ def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
     return model
 
 
-def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source, *, device: str | torch.device = "cpu") -> nn.Module:
+def assign_strict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source, *, device: str | torch.device = "cpu", allow_missing: Iterable[str] = ()
+) -> nn.Module:
     """Load `state` (tensors on the CPU, e.g. memory-mapped, or already on `device`) into
     `model` (built on the meta device, or uninitialised on `device`) WITHOUT a second copy
     of the weights: each parameter / buffer becomes the loaded tensor when that already has
@@ -194,7 +196,7 @@ def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source, *
     `load_strict`, whose load hooks run first). The skeleton's parameter attributes
     (`requires_grad`, `tp_partial_grad`, ...) and ties are kept; loaded tensors that
     overlap in memory are copied, so parameters share storage only where the skeleton tied
-    them."""
+    them. allow_missing: keys the state need not hold (tensors that already have values)."""
     slots: dict[int, list[tuple[dict, str]]] = {}  # id(skeleton tensor) -> where it is held
     skeleton: dict[int, torch.Tensor] = {}
     for kind, named in (("_parameters", model.named_parameters), ("_buffers", model.named_buffers)):
@@ -202,7 +204,7 @@ def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source, *
             owner, _, attr = name.rpartition(".")
             slots.setdefault(id(t), []).append((getattr(model.get_submodule(owner), kind), attr))
             skeleton[id(t)] = t
-    load_strict(model, state, source, assign=True)
+    load_strict(model, state, source, tuple(allow_missing), assign=True)
 
     def install(key: int, t: torch.Tensor) -> None:
         old = skeleton[key]

@@ -67,6 +67,17 @@ def load_text_trunk_into(model: nn.Module, path: str | Path) -> None:
     """Overwrite `model.text_model`'s trunk with a text checkpoint's (this rank's slices);
     adapters, learnable rows and the vision tower are left as they are."""
     path = Path(path)
+    state = text_trunk_state(model, path)
+    text = model.text_model
+    non_trunk = tuple(k for k in text.state_dict() if k not in state)
+    load_strict(text, state, path, allow_missing_prefixes=non_trunk)
+
+
+def text_trunk_state(model: nn.Module, path: str | Path) -> dict[str, Tensor]:
+    """This rank's tensors of `model.text_model`'s trunk (keys relative to text_model:
+    tok_embeddings, layers, norm, output) from a text checkpoint of either format (Meta's
+    are memory-mapped slices). `model` may be on the meta device."""
+    path = Path(path)
     params = text_params(path)
     _check_compatible(params, model.args, path)
     text = model.text_model
@@ -83,8 +94,7 @@ def load_text_trunk_into(model: nn.Module, path: str | Path) -> None:
         check_keys(full, trunk, path)
         check_shapes({k: tuple(v.shape) for k, v in full.items()}, text, world, path)
         state = mp.shard_state_dict(text, full, rank, world)
-    non_trunk = tuple(k for k in text.state_dict() if k not in trunk)
-    load_strict(text, state, path, allow_missing_prefixes=non_trunk)
+    return state
 
 
 def _select_trunk(key: str) -> str | None:

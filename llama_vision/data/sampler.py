@@ -166,7 +166,8 @@ def global_order(source: ShardedSource, *, seed: int = 0, epoch: int = 0, shuffl
     the permuted shards concatenated, through ONE shuffle buffer seeded by (seed, epoch)."""
     order = shard_order(len(source.shards), seed, epoch, shuffle)
     records = itertools.chain.from_iterable(source.iter_shard(source.shards[j]) for j in order)
-    return shuffle_buffer(records, buffer_size, make_rng("buffer", seed, epoch)) if shuffle else records
+    # Seeded as a single partition's buffer always was: one process reads what it read before.
+    return shuffle_buffer(records, buffer_size, make_rng("buffer", seed, epoch, 0)) if shuffle else records
 
 
 def partition_stream(

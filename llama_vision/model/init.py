@@ -8,6 +8,20 @@ import torch
 from torch import nn
 
 
+def initial_value(full_name: str, shape: list[int] | tuple[int, ...], seed: int = 0, std: float | None = None) -> torch.Tensor:
+    """The random start value (float32, CPU) of a weight by its state-dict name in the full
+    model and its FULL (TP=1) shape: N(0, std), std = the full fan-in^-1/2 unless given,
+    from a generator seeded by (seed, name)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full_name.encode()))
+    # LeCun-style fan-in scaling (std = in_features^-1/2; 0.0156 at width 4096, about
+    # the usual 0.02) keeps every projection's output at unit scale at any width, so
+    # small models' adapters start from informative, not vanishing, signals.
+    scale = shape[-1] ** -0.5 if std is None else std  # the FULL fan-in, not this rank's slice
+    # On the generator's device (the CPU) whatever the ambient default device is: the
+    # draws are the same everywhere, then copied to the parameter's device.
+    return torch.randn(list(shape), generator=g, device="cpu") * scale
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, prefix: str = "") -> None:
     """Deterministic, tensor-parallel-invariant initialisation.
@@ -18,12 +32,15 @@ def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, pref
     fan-in; class/position embeddings get CLIP's width^-1/2); norms at 1; biases and tanh
     gates at 0.
     `prefix` names a submodule's place in the full model (its parameters' seeds).
+    Parameters on the meta device (to be loaded from a checkpoint instead) are skipped.
     """
     from model_parallel import shard_plan, tp_rank, tp_size
 
     plan = shard_plan(model, "runtime")
     world, rank = tp_size(), tp_rank()
     for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias" or leaf.startswith("gate") or leaf.endswith("_gate"):
             p.zero_()
@@ -35,14 +52,7 @@ def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, pref
         shape = list(p.shape)
         if dim is not None:
             shape[dim] *= world
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((prefix + name).encode()))
-        # LeCun-style fan-in scaling (std = in_features^-1/2; 0.0156 at width 4096, about
-        # the usual 0.02) keeps every projection's output at unit scale at any width, so
-        # small models' adapters start from informative, not vanishing, signals.
-        scale = shape[-1] ** -0.5 if std is None else std  # the FULL fan-in, not this rank's slice
-        # On the generator's device (the CPU) whatever the ambient default device is: the
-        # draws are the same everywhere, then copied to the parameter's device.
-        full = torch.randn(shape, generator=g, device="cpu") * scale
+        full = initial_value(prefix + name, shape, seed, std)
         if dim is not None:
             full = full.chunk(world, dim=dim)[rank]
         p.copy_(full.to(p.dtype))

@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from llama_vision.checkpoint import load_into, load_text_trunk_into
+from llama_vision.checkpoint import load_into, load_text_trunk_into, rank_state_dict
+from llama_vision.checkpoint.load import assign_strict
+from llama_vision.checkpoint.text_only import text_trunk_state
 from llama_vision.model import build_model, set_trainable, trainable_groups
+from llama_vision.model.init import init_weights, initial_value
 from llama_vision.model.video import VideoConfig, add_video_adapters
 
 from .optim import is_gate
@@ -32,8 +35,18 @@ def load_model_params(path: str) -> dict:
     return json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
 
 
-def build_training_model(cfg: TrainConfig, tokenizer):
-    """Params + tokenizer -> model with initial weights, new modalities and trainability."""
+def build_training_model(cfg: TrainConfig, tokenizer, *, lazy: bool = False, precision=None):
+    """Params + tokenizer -> model with initial weights, new modalities and trainability.
+
+    lazy: never hold the whole model -- it is built on the meta device, the tensors that
+    `init_from` / `init_text_from` provide become this rank's memory-mapped checkpoint
+    slices (no copy: only the pages a later shard copy reads are ever resident), and only
+    the rest is allocated and initialised. Bitwise the same model as the default path,
+    which initialises everything and then overwrites it with the checkpoints (every random
+    value is seeded by its parameter's name, so skipping some changes no other).
+    precision (lazy): the training.precision policy, applied to the skeleton before the
+    checkpoints are assigned, so a frozen tensor stored in the checkpoint's dtype (Meta
+    ships bf16) is used as it is instead of being copied into float32 first."""
     params = {**load_model_params(cfg.model), **cfg.model_overrides}
     if params.get("vocab_size") in (None, "auto"):
         params["vocab_size"] = tokenizer.n_words
@@ -45,25 +58,91 @@ def build_training_model(cfg: TrainConfig, tokenizer):
         # another frames_per_group / group count is resized when init_from is loaded.
         params.pop("video", None)
     torch.manual_seed(cfg.seed)
-    model = build_model(params, seed=cfg.seed)  # the same weights at every TP degree
+    if lazy:
+        with torch.device("meta"):
+            model = build_model(params, seed=cfg.seed)
+            _add_stage_modalities(model, cfg)
+        _set_stage_trainable(model, cfg)
+        if precision is not None:
+            from .precision import apply_precision
+
+            apply_precision(model, precision)
+        _load_lazily(model, cfg)
+    else:
+        model = build_model(params, seed=cfg.seed)  # the same weights at every TP degree
+        _add_stage_modalities(model, cfg)
+        if cfg.init_from:
+            load_into(model, cfg.init_from, allow_missing_prefixes=_missing_ok(model, cfg))
+        if cfg.init_text_from:
+            load_text_trunk_into(model, cfg.init_text_from)
+        _set_stage_trainable(model, cfg)
+    apply_init(model, cfg.init)
+    torch.manual_seed(cfg.seed)  # the same generator state after either path
+    return model
+
+
+def _set_stage_trainable(model, cfg: TrainConfig) -> None:
+    groups = trainable_groups(model)
+    # A modality group the model does not have (video in an image stage) must stay off.
+    set_trainable(model, **{g: on for g, on in vars(cfg.trainable).items() if on or g in groups})
+
+
+def _add_stage_modalities(model, cfg: TrainConfig) -> None:
+    """The video modality of video_* stages (initialised with its own seed: see init.py)."""
     if cfg.stage.startswith("video") and "video" not in model.modalities:
         v = cfg.video
         add_video_adapters(model, VideoConfig(
             num_frames=v.num_frames, frames_per_group=v.frames_per_group, tiles_per_frame=v.tiles_per_frame,
             n_latents=v.n_latents, depth=v.depth, heads=v.heads, every_k_image_layers=v.every_k_image_layers,
         ))
+
+
+def _missing_ok(model, cfg: TrainConfig) -> tuple[str, ...]:
+    """What init_from may lack: the modules added since an image stage. Video SFT continues
+    a video pretraining: a checkpoint without the video weights would silently start it
+    from a fresh aggregator, so only earlier stages may lack them."""
+    return () if cfg.stage == "video_sft" else new_module_prefixes(model)
+
+
+@torch.no_grad()
+def _load_lazily(model, cfg: TrainConfig) -> None:
+    """A meta-device `model` -> checkpoint slices where init_from / init_text_from provide
+    them (init_text_from's trunk over init_from's, as the eager path loads them), fresh
+    initialised tensors elsewhere, exactly as `build_model` + `add_video_adapters`
+    initialise them."""
+    state: dict[str, torch.Tensor] = {}
     if cfg.init_from:
-        # Video SFT continues a video pretraining: a checkpoint without the video weights
-        # would silently start it from a fresh aggregator, so only earlier stages may lack them.
-        missing_ok = () if cfg.stage == "video_sft" else new_module_prefixes(model)
-        load_into(model, cfg.init_from, allow_missing_prefixes=missing_ok)
+        state.update(rank_state_dict(model, cfg.init_from, allow_missing_prefixes=_missing_ok(model, cfg)))
     if cfg.init_text_from:
-        load_text_trunk_into(model, cfg.init_text_from)
-    groups = trainable_groups(model)
-    # A modality group the model does not have (video in an image stage) must stay off.
-    set_trainable(model, **{g: on for g, on in vars(cfg.trainable).items() if on or g in groups})
-    apply_init(model, cfg.init)
-    return model
+        state.update({f"text_model.{k}": t for k, t in text_trunk_state(model, cfg.init_text_from).items()})
+    fresh = [n for n, _ in model.named_parameters() if n not in state]
+    for name in fresh:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old = module._parameters[attr]
+        new = torch.nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="cpu"), requires_grad=old.requires_grad)
+        new.__dict__.update(old.__dict__)
+        module._parameters[attr] = new
+    # The eager path's initialisations, on the fresh tensors only (meta ones are skipped):
+    # the image model with the run's seed (build_model), the video modules with theirs.
+    video = model.modalities.get("video")
+    video_modules = [model.get_submodule(p) for p in (video.trainable_modules if video else [])]
+    video_params = {id(p) for m in video_modules for p in m.parameters()}
+    if any(id(p) not in video_params and not p.is_meta for p in model.parameters()):
+        init_weights(model, seed=cfg.seed)  # (the video modules too: redone below with their seed)
+    for m in video_modules:
+        name = next(n for n, mod in model.named_modules() if mod is m)
+        init_weights(m, seed=0, prefix=name + ".")
+    placeholder = model.text_model.placeholder_embeddings["video"] if video else None
+    if placeholder is not None and not placeholder.weight.is_meta:
+        # add_modality starts it as the freshly initialised learnable table's row.
+        table = model.text_model.learnable_embedding
+        full = list(table.weight.shape)
+        full[0] = model.args.n_learnable_embeddings
+        row = initial_value("text_model.learnable_embedding.weight", full, cfg.seed)[placeholder.token_id - model.args.vocab_size]
+        placeholder.weight.copy_(row.to(placeholder.weight.dtype))
+    source = " + ".join(str(p) for p in (cfg.init_from, cfg.init_text_from) if p) or "initialisation"
+    assign_strict(model, state, source, allow_missing=fresh)
 
 
 @torch.no_grad()

@@ -54,11 +54,15 @@ class Trainer:
         # Precision before moving: the frozen trunk reaches the device already in its
         # storage dtype (half the bytes in bf16), and before the optimizer is built.
         self.precision = resolve_precision(cfg, self.device)
-        model = apply_precision(build_training_model(cfg, self.tokenizer), self.precision).to(self.device)
+        self.fsdp = uses_fsdp(cfg)
+        # FSDP: no rank ever holds the whole model -- built on the meta device, checkpoint
+        # tensors memory-mapped until each unit is sharded, moved to the device as shards.
+        model = apply_precision(build_training_model(cfg, self.tokenizer, lazy=self.fsdp, precision=self.precision), self.precision)
         # By name, before FSDP replaces the parameters with sharded ones (names are kept).
         plan = mp.shard_plan(model, "runtime")
-        self.fsdp = uses_fsdp(cfg)
-        self.model = parallelize(model, cfg)
+        # FSDP moves each unit to the mesh device itself, as it shards it (one unit whole at a
+        # time); the other modes move the whole model.
+        self.model = parallelize(model if self.fsdp else model.to(self.device), cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         names = {id(p): n for n, p in self.model.named_parameters()}
         self.tp_dims = {id(p): plan.get(names[id(p)]) for p in self.params}
