@@ -41,6 +41,14 @@ def add_common_args(p) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU, else cpu)")
 
 
+def teardown() -> None:
+    """Leave the TP group cleanly (every rank, after its last collective): a process that
+    exits with the process group's threads alive can abort in their destructors."""
+    if mp.is_model_parallel():
+        mp.barrier()
+        mp.destroy_model_parallel()
+
+
 def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16") -> Generator:
     """Join the TP group when launched by torchrun, load model + tokenizer, -> Generator."""
     from .checkpoint import load_model

@@ -43,4 +43,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        inf.teardown()
+    sys.exit(code)

@@ -16,7 +16,8 @@ file. ``steps == 0`` makes every method a no-op (no profiler is created).
 `peak_memory_bytes(device)`: the process's peak memory since the last
 `reset_peak_memory(device)`: on CUDA the caching allocator's peak of allocated tensor
 bytes (`torch.cuda.max_memory_allocated`), on the CPU the peak resident set size
-(`getrusage`'s ru_maxrss: KiB on Linux, bytes on macOS).
+(Linux: VmHWM of /proc/self/status, which the reset restarts; elsewhere `getrusage`'s
+ru_maxrss, bytes on macOS).
 """
 from __future__ import annotations
 
@@ -104,6 +105,16 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     if device.type == "cpu":
+        # Linux: the high-water mark of this process's memory map, which clear_refs resets.
+        # (getrusage's ru_maxrss also keeps the peak a thread saw when it exited, so a
+        # thread ending after a reset would bring an older peak back.)
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024  # kB
+        except OSError:
+            pass
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
     raise ValueError(f"peak memory is known for cuda and cpu devices, not {device.type!r}")
