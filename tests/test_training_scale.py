@@ -82,6 +82,9 @@ def test_fsdp_inside_tensor_parallel_and_resume_on_one_process(shapes_corpus, tm
     runs = [
         {"config": PRETRAIN, "overrides": _overrides(shapes_corpus, grid, tp=2, micro_batch_size=4, **llama), "dump": str(grid / "dump")},
         {"config": PRETRAIN, "overrides": _overrides(shapes_corpus, cut, tp=2, micro_batch_size=4, **llama), "stop_after": 3},
+        # The GPU settings at this shape: frozen trunk stored in bf16, gradients reduced in bf16.
+        {"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "bf16", tp=2, micro_batch_size=4, max_steps=3,
+                                                      frozen_param_dtype="bf16", reduce_dtype="bf16", save_final="true", **llama)},
     ]
     run_torchrun(WORKER, json.dumps(runs), nproc=4, timeout=600)
 
@@ -106,6 +109,13 @@ def test_fsdp_inside_tensor_parallel_and_resume_on_one_process(shapes_corpus, tm
         assert frozen_held <= 0.3 * full_frozen, (rank, frozen_held, full_frozen)
     no_state = {n for n, (_, _, trains) in numel.items() if not trains}
     assert not {n for n in torch.load(f"{grid / 'dump'}.rank0.pt", weights_only=True)["optim"]} & no_state
+
+    # bf16 storage and reduction track the float32 run (same batches, 3 steps) and final/
+    # holds the trunk as stored: bf16 (a file per TP rank).
+    bf16 = _losses(tmp_path / "bf16")
+    assert len(bf16) == 3 and bf16 == pytest.approx(_losses(grid)[:3], abs=2e-2)
+    final = torch.load(tmp_path / "bf16" / "final" / "consolidated.00.pth", weights_only=True)
+    assert final["text_model.layers.0.attention.wq.weight"].dtype == torch.bfloat16
 
     # 2 x 2 -> 1 x 1: DCP re-cuts the TP shards and the FSDP shards.
     resumed = _fit(shapes_corpus, tmp_path / "resumed", micro_batch_size=GLOBAL_BATCH,

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["build_adamw", "clip_grad_norm_", "count_parameters", "is_gate", "split_decay_params", "stage_param_groups"]
+__all__ = ["build_adamw", "build_stage_optimizer", "clip_grad_norm_", "count_parameters", "is_gate", "split_decay_params", "stage_param_groups"]
 
 
 def split_decay_params(
@@ -64,6 +64,18 @@ def stage_param_groups(
         {"params": [p for n, p in no_decay if is_gate(n)], "weight_decay": 0.0, "lr": lr * gate_lr_multiplier},
     ]
     return [g for g in groups if g["params"]]
+
+
+def build_stage_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], optim, shards: bool = False) -> torch.optim.Optimizer:
+    """A training stage's AdamW (`optim`: the config's OptimConfig) over its trainable
+    parameters, in `stage_param_groups`. shards: the parameters are FSDP shards already,
+    so a plain AdamW keeps state for the shards only; otherwise the state is sharded over
+    the data-parallel ranks (ZeRO-1; plain AdamW at DP = 1)."""
+    import model_parallel as mp
+
+    groups = stage_param_groups(named_params, optim.lr, optim.weight_decay, optim.gate_lr_multiplier)
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    return torch.optim.AdamW(groups, **kwargs) if shards else mp.zero_redundancy_adamw(groups, **kwargs)
 
 
 def build_adamw(

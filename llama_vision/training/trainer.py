@@ -30,7 +30,7 @@ from .data import build_loader
 from .flops import step_flops, step_shape_from_batch, trainable_from_model
 from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, global_batch_line, peak_flops_for_device
 from .objectives import build_objective
-from .optim import stage_param_groups
+from .optim import build_stage_optimizer
 from .media_sync import embedding_tables, uniform_media
 from .parallelize import parallelize, uses_fsdp
 from .precision import apply_precision, resolve_precision
@@ -72,11 +72,7 @@ class Trainer:
         self.objective = build_objective(cfg, self.model, self.autocast)
         self._flop_groups = trainable_from_model(self.model)
         o = cfg.optim
-        groups = stage_param_groups(self.model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier)
-        if self.fsdp:  # the parameters are shards already: so is AdamW's state
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        else:
-            self.optimizer = mp.zero_redundancy_adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = build_stage_optimizer(self.model.named_parameters(), o, shards=self.fsdp)
         self.scheduler = build_lr_scheduler(self.optimizer, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
         # Checked now (a config error should not wait for the first validation); each
