@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from model_parallel import is_linear
+from model_parallel import is_linear, tp_broadcast_object, tp_size
 
 from .inputs import pad_rows, prepare_image_batch
 from .utils.pages import copy_releasing
@@ -133,6 +133,10 @@ class Generator:
         if total > model.args.max_seq_len:
             raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.args.max_seq_len}")
         stops = torch.tensor(self.default_stop_tokens() if stop_tokens is None else list(stop_tokens), dtype=torch.long, device=self.device)
+        if seed is None and temperature > 0 and tp_size() > 1:
+            # Each rank's own RNG could pick another token and the ranks' next forwards would
+            # no longer match (a hang): draw the seed once, on TP rank 0.
+            seed = tp_broadcast_object(int(torch.randint(0, 2**62, ()).item()))
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         media = model.prepare_media(prompt, media_inputs) if media_inputs else {}
         caches = self._caches(b, total)

@@ -13,22 +13,29 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 
-def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int = 1800) -> None:
+def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int = 1800, device: torch.device | str | None = None) -> None:
     """Initialise torch.distributed (from torchrun's env vars) and the TP x DP groups.
 
     Args:
         tp: tensor-parallel degree; the world size must be a multiple of it.
-        backend: "nccl" on GPU, "gloo" on CPU (default: chosen from CUDA availability).
+        backend: "nccl" on GPU, "gloo" on CPU (default: from `device`, else from CUDA
+            availability).
+        device: this process's device (default: cuda:LOCAL_RANK when CUDA is available);
+            a CUDA device is made current BEFORE the process group exists (and given to it
+            as `device_id`), so NCCL's communicators bind to it and not to GPU 0.
     """
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # single process: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        device = process_device(device)
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {}
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     world = dist.get_world_size()
     if tp < 1 or world % tp:
         raise ValueError(f"tensor-parallel degree {tp} must divide the world size {world}")
@@ -39,6 +46,17 @@ def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int 
             )
         return
     fs_init.initialize_model_parallel(tp)
+
+
+def process_device(device: torch.device | str | None = None) -> torch.device:
+    """This process's device: `device` ("cpu", "cuda" = cuda:LOCAL_RANK, "cuda:N"), or by
+    default cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def destroy_model_parallel() -> None:
@@ -127,4 +145,14 @@ def broadcast_object(obj=None, src: int = 0):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def tp_broadcast_object(obj=None):
+    """`obj` of tensor-parallel rank 0, on every rank of this TP group (identity at TP=1):
+    e.g. a sampling seed, so TP peers draw the same tokens."""
+    if tp_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(tp_group(), 0), group=tp_group())
     return box[0]

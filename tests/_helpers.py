@@ -94,6 +94,8 @@ def tiny_train_overrides(corpus: dict, out: Path, **extra) -> list[str]:
         "output_dir": str(out),
         "data.paths": f'["{corpus["shards"]}"]',
         "tensorboard": "false",
+        # Multi-process CPU tests stay on the CPU (gloo) on a machine with a GPU, too.
+        "device": "cpu",
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]

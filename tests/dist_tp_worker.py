@@ -62,7 +62,14 @@ def main(out_path: str, overrides: dict) -> None:
     grad_diff = {n: float((p.grad - local_want[n]).abs().max()) / scale
                  for n, p in model.named_parameters() if p.grad is not None}
     worst = max(grad_diff.items(), key=lambda kv: kv[1])
+    # Sampling without a seed: each rank's own generator state differs, yet TP peers must
+    # draw the same tokens (they run one model together).
+    from llama_vision.generation import Generator
+
+    torch.manual_seed(100 + rank)
+    sampled = Generator(model).generate([[1, 2, 3], [4, 5]], max_new_tokens=6, temperature=1.0, stop_tokens=[])
     result = {
+        "sampled": sampled,
         "grad_worst": worst,
         "rank": rank,
         "max_diff": float((got - want).abs().max()),

@@ -21,3 +21,5 @@ def test_tp2_logits_equal_tp1(tmp_path, overrides):
         assert r["max_diff_text"] < 1e-5, r
         assert r["n_sharded"] > 20 and r["all_halves"], r
         assert r["grad_worst"][1] < 1e-5, r  # gradients (after TP sync) equal TP=1's
+    sampled = [json.loads(Path(f"{out}.{rank}").read_text())["sampled"] for rank in (0, 1)]
+    assert sampled[0] == sampled[1] and len(sampled[0][0]) == 6  # seed=None sampling agrees across TP

@@ -239,6 +239,11 @@ class TrainConfig:
     tp: int = 1
     """Tensor-parallel degree (GPUs per model replica); the world size must be a multiple of
     it, and world / tp is the number of data-parallel ranks."""
+    device: Optional[str] = None
+    """Where this process trains: cpu, cuda (its local GPU, cuda:LOCAL_RANK) or cuda:N; null:
+    the local GPU when CUDA is available, else the CPU. Sets the process-group backend too
+    (nccl on GPU, gloo on the CPU), so `device: cpu` runs multi-process CPU training on a
+    machine that has a GPU."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     """bf16: forward under bf16 autocast on GPU (fp32 master weights, gradients and optimizer
     state; frozen weights stored in bf16 unless `frozen_param_dtype` says otherwise); fp32:

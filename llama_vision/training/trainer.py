@@ -45,10 +45,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = mp.process_device(cfg.device)
         if world > 1 or cfg.tp > 1:
-            mp.init_model_parallel(cfg.tp)
+            mp.init_model_parallel(cfg.tp, device=self.device)
         self.rank = int(os.environ.get("RANK", "0"))
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         # Precision before moving: the frozen trunk reaches the device already in its
