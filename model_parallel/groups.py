@@ -10,7 +10,55 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fs_init
+
+
+class _DataParallelOnly:
+    """The groups of a TP=1 job without fairscale (fairscale's `initialize` functions, as
+    this module calls them): the data-parallel group is the whole world. fairscale is only
+    imported where TP > 1 needs its layers and groups (a GPU machine may lack it)."""
+
+    def __init__(self):
+        self.initialized = False
+
+    def model_parallel_is_initialized(self) -> bool:
+        return self.initialized
+
+    def initialize_model_parallel(self, tp: int) -> None:
+        assert tp == 1
+        self.initialized = True
+
+    def destroy_model_parallel(self) -> None:
+        self.initialized = False
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_group(self):
+        return None  # nothing is reduced over a TP group of one
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank()
+
+    def get_data_parallel_group(self):
+        return dist.group.WORLD
+
+
+# fairscale's `initialize` module while TP > 1 groups exist, the TP=1 stand-in otherwise.
+fs_init = _DataParallelOnly()
+
+
+def _fairscale_initialize():
+    try:
+        from fairscale.nn.model_parallel import initialize
+    except ImportError as e:
+        raise ImportError("tensor parallelism (tp > 1) needs fairscale: pip install fairscale") from e
+    return initialize
 
 
 def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int = 1800, device: torch.device | str | None = None) -> None:
@@ -39,12 +87,14 @@ def init_model_parallel(tp: int = 1, backend: str | None = None, timeout_s: int 
     world = dist.get_world_size()
     if tp < 1 or world % tp:
         raise ValueError(f"tensor-parallel degree {tp} must divide the world size {world}")
+    global fs_init
     if fs_init.model_parallel_is_initialized():
         if fs_init.get_model_parallel_world_size() != tp:
             raise RuntimeError(
                 f"model parallel already initialised with TP={fs_init.get_model_parallel_world_size()}, asked for {tp}"
             )
         return
+    fs_init = _fairscale_initialize() if tp > 1 else _DataParallelOnly()
     fs_init.initialize_model_parallel(tp)
 
 
@@ -61,15 +111,17 @@ def process_device(device: torch.device | str | None = None) -> torch.device:
 
 def destroy_model_parallel() -> None:
     """Tear down the fairscale groups and the default process group (tests, notebooks)."""
+    global fs_init
     _MESHES.clear()
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
+    fs_init = _DataParallelOnly()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def is_model_parallel() -> bool:
-    """True when fairscale's groups exist (even at TP=1 inside a data-parallel job)."""
+    """True when the TP x DP groups exist (also at TP=1 inside a data-parallel job)."""
     return dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
 
 

@@ -18,20 +18,33 @@ tests/dist_tp_memory_worker.py checks the attributes against fairscale's constru
 """
 from __future__ import annotations
 
+import sys
+from types import SimpleNamespace
+
 import torch
 from torch import nn
-from fairscale.nn.model_parallel import layers as fs_layers
-from fairscale.nn.model_parallel import mappings as fs_map
-from fairscale.nn.model_parallel import utils as fs_utils
 
 from .groups import tp_rank, tp_size
+
+
+def _fairscale() -> SimpleNamespace:
+    """fairscale's model-parallel layers, mappings and utils, imported on first use: only
+    TP > 1 needs them (a machine without fairscale runs everything else)."""
+    try:
+        from fairscale.nn.model_parallel import layers, mappings, utils
+    except ImportError as e:
+        raise ImportError("tensor parallelism (tp > 1) needs fairscale: pip install fairscale") from e
+    return SimpleNamespace(layers=layers, mappings=mappings, utils=utils)
 
 
 def is_linear(module: nn.Module) -> bool:
     """A weight-matrix projection a factory here may return: `nn.Linear` at TP=1,
     fairscale's Column/RowParallelLinear at TP>1 (model code asks this instead of naming
     fairscale's classes)."""
-    return isinstance(module, (nn.Linear, fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear))
+    if isinstance(module, nn.Linear):
+        return True
+    fs_layers = sys.modules.get("fairscale.nn.model_parallel.layers")  # only a TP > 1 model has them
+    return fs_layers is not None and isinstance(module, (fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear))
 
 
 def _fairscale_module(cls: type, attrs: dict, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> nn.Module:
@@ -53,25 +66,28 @@ def _fairscale_module(cls: type, attrs: dict, weight_shape: tuple[int, ...], bia
 
 
 def _fs_column_parallel(in_features: int, out_features: int, bias: bool, gather_output: bool) -> nn.Module:
-    local = fs_utils.divide_and_check_no_remainder(out_features, tp_size())
+    fs = _fairscale()
+    local = fs.utils.divide_and_check_no_remainder(out_features, tp_size())
     attrs = dict(in_features=in_features, out_features=out_features, gather_output=gather_output,
                  output_size_per_partition=local, master_weight=None)
-    return _fairscale_module(fs_layers.ColumnParallelLinear, attrs, (local, in_features), (local,) if bias else None)
+    return _fairscale_module(fs.layers.ColumnParallelLinear, attrs, (local, in_features), (local,) if bias else None)
 
 
 def _fs_row_parallel(in_features: int, out_features: int, bias: bool) -> nn.Module:
-    local = fs_utils.divide_and_check_no_remainder(in_features, tp_size())
+    fs = _fairscale()
+    local = fs.utils.divide_and_check_no_remainder(in_features, tp_size())
     attrs = dict(in_features=in_features, out_features=out_features, input_is_parallel=True,
                  input_size_per_partition=local, master_weight=None)
-    return _fairscale_module(fs_layers.RowParallelLinear, attrs, (out_features, local), (out_features,) if bias else None)
+    return _fairscale_module(fs.layers.RowParallelLinear, attrs, (out_features, local), (out_features,) if bias else None)
 
 
 def _fs_vocab_parallel_embedding(num_embeddings: int, dim: int) -> nn.Module:
-    start, end = fs_utils.VocabUtility.vocab_range_from_global_vocab_size(num_embeddings, tp_rank(), tp_size())
+    fs = _fairscale()
+    start, end = fs.utils.VocabUtility.vocab_range_from_global_vocab_size(num_embeddings, tp_rank(), tp_size())
     attrs = dict(num_embeddings=num_embeddings, embedding_dim=dim, padding_idx=None, max_norm=None, norm_type=2.0,
                  scale_grad_by_freq=False, sparse=False, _weight=None, vocab_start_index=start, vocab_end_index=end,
                  num_embeddings_per_partition=end - start)
-    return _fairscale_module(fs_layers.VocabParallelEmbedding, attrs, (end - start, dim), None)
+    return _fairscale_module(fs.layers.VocabParallelEmbedding, attrs, (end - start, dim), None)
 
 
 def _tag(module: nn.Module, weight_dim: int | None, bias_dim: int | None, checkpoint_dims: dict | None = None) -> nn.Module:
@@ -118,12 +134,12 @@ def vocab_parallel_embedding(num_embeddings: int, dim: int) -> nn.Module:
 
 def gather_from_tp(x: torch.Tensor) -> torch.Tensor:
     """All-gather the last dim across the TP group (identity at TP=1)."""
-    return x if tp_size() == 1 else fs_map.gather_from_model_parallel_region(x)
+    return x if tp_size() == 1 else _fairscale().mappings.gather_from_model_parallel_region(x)
 
 
 def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) across the TP group (identity at TP=1)."""
-    return x if tp_size() == 1 else fs_map.reduce_from_model_parallel_region(x)
+    return x if tp_size() == 1 else _fairscale().mappings.reduce_from_model_parallel_region(x)
 
 
 class ReplicatedKVHeads(nn.Module):
@@ -148,7 +164,7 @@ class ReplicatedKVHeads(nn.Module):
         # Each rank's query heads read this K/V through their own path: the gradient w.r.t.
         # the (replicated) input is a partial sum, all-reduced in backward like a column-
         # parallel layer's input.
-        return torch.nn.functional.linear(fs_map.copy_to_model_parallel_region(x), self.weight[self.rows])
+        return torch.nn.functional.linear(_fairscale().mappings.copy_to_model_parallel_region(x), self.weight[self.rows])
 
 
 def kv_parallel_linear(dim: int, n_kv_heads: int, head_dim: int) -> nn.Module:
