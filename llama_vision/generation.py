@@ -144,6 +144,7 @@ class Generator:
         logits = model(prompt, media=media, caches=caches, logit_index=pos - 1)[:, -1]
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        uniform = len(set(lengths)) == 1  # every row at the same position: no mask needed
         for step in range(max_new_tokens):
             nxt = self._pick(logits, temperature, top_p, generator)
             done = torch.isin(nxt, stops) | done
@@ -156,7 +157,9 @@ class Generator:
                         on_token(i, ids[i])
             if all(finished) or step == max_new_tokens - 1:
                 break
-            logits = self._decode(nxt[:, None], pos[:, None], media, caches)
+            # Host-known layout of this step (positions lengths + step): it asks the device nothing.
+            layout = (max(lengths) + step + 1, lengths[0] + step if uniform else None)
+            logits = self._decode(nxt[:, None], pos[:, None], media, caches, layout)
             pos = pos + 1
         return out
 
@@ -176,10 +179,15 @@ class Generator:
             self._static_caches[key] = caches
         return self._static_caches[key]
 
-    def _decode(self, tokens, positions, media, caches) -> torch.Tensor:
-        """One decode step: tokens, positions [B, 1] -> float32 logits [B, V]."""
+    def _decode(self, tokens, positions, media, caches, layout: tuple[int, int | None]) -> torch.Tensor:
+        """One decode step: tokens, positions [B, 1] -> float32 logits [B, V]. layout: the
+        decoder's `decode_layout` (kv_len, start or None), known on the host. The tokens are
+        the model's own picks and the positions the prompt's continuation (both checked at
+        prefill), so the step goes to the decoder directly, without host syncs."""
         if not self.compile:
-            return self.model(tokens, media=media, caches=caches, positions=positions)[:, -1]
+            text = self.model.text_model
+            h = text(self.model._canonical_tokens(tokens), positions, media, caches, decode_layout=layout)
+            return text.logits(h)[:, -1]
         if self._compiled_step is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._compiled_step = torch.compile(self._static_step, mode=mode, dynamic=False)

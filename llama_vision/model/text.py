@@ -100,6 +100,13 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _causal_from(start: int, s: int, kv_len: int, device) -> torch.Tensor:
+    """[1, 1, s, kv_len] bool: query i (at position start + i) sees keys 0..start + i."""
+    keys = torch.arange(kv_len, device=device)
+    queries = start + torch.arange(s, device=device)
+    return (keys[None, :] <= queries[:, None])[None, None]
+
+
 class PlaceholderEmbedding(nn.Module):
     """The input embedding [dim] of one added modality's placeholder token, owned (and
     trained) by that modality -- unlike the shared learnable table, whose rows all belong
@@ -277,8 +284,15 @@ class TextDecoder(nn.Module):
         segment_ids: torch.Tensor | None = None,
         input_embeds: torch.Tensor | None = None,
         embeds_mask: torch.Tensor | None = None,
+        decode_layout: tuple[int, int | None] | None = None,
     ) -> torch.Tensor:
         """tokens, positions [B, S] -> final-norm hidden states [B, S, D].
+
+        decode_layout (with caches): what the caller knows on the host about `positions`,
+        (kv_len, start): keys 0..kv_len-1 are in use, and every row writes at start..start+S-1
+        (start None: rows at different positions, `positions` say where). The step then
+        asks the device nothing (no host syncs): a decode loop passes it for every step
+        after validating the prompt once.
 
         keep [B] (optional): only position keep[b] of each row is wanted -> [B, 1, D]; the
         last layer then runs its query, attention output and FFN for that position alone
@@ -299,7 +313,7 @@ class TextDecoder(nn.Module):
         input embeddings replacing the token embedding (where embeds_mask, else
         everywhere); tokens may then be None.
         """
-        h = self._input_embeddings(tokens, input_embeds, embeds_mask, skip_check=static)
+        h = self._input_embeddings(tokens, input_embeds, embeds_mask, skip_check=static or decode_layout is not None)
         freqs_cis = self.rope(positions, h.device)  # [B, S, head_dim // 2], float32 whatever h's dtype
         # Token index of each query in its row: what media spans (and cache slots) count
         # in. It is the position except in packed rows, where positions restart.
@@ -313,6 +327,10 @@ class TextDecoder(nn.Module):
             if caches is None:
                 raise ValueError("static=True needs KV caches")
             mask, cache_from, kv_len = self._static_cache_mask(positions, caches[0].k.shape[2])
+        elif decode_layout is not None:
+            if caches is None:
+                raise ValueError("decode_layout needs KV caches")
+            mask, cache_from, kv_len = self._known_cache_mask(positions, *decode_layout)
         else:
             mask, cache_from, kv_len = self._self_attention_mask(positions, caches is not None)
             if caches is None and mask is not None:
@@ -350,6 +368,17 @@ class TextDecoder(nn.Module):
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, L]
         return mask, (start if contiguous and cached else None), kv_len
+
+    @staticmethod
+    def _known_cache_mask(positions: torch.Tensor, kv_len: int, start: int | None):
+        """`_self_attention_mask` from host-known facts instead of device reads: rows all
+        writing at `start` (one decode position each: every cached key visible, no mask),
+        or ragged rows masked past their own positions."""
+        s = positions.shape[1]
+        if start is not None:
+            return (None if s == 1 else _causal_from(start, s, kv_len, positions.device)), start, kv_len
+        keys = torch.arange(kv_len, device=positions.device)
+        return (keys[None, None, :] <= positions[:, :, None])[:, None], None, kv_len
 
     @staticmethod
     def _static_cache_mask(positions: torch.Tensor, cache_len: int):
