@@ -2,6 +2,7 @@
 static KV caches and cross-attention K/V computed once per prompt."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -85,6 +86,7 @@ class Generator:
         self.compile = compile
         self._compiled_step = None
         self._static_caches: dict[tuple, list] = {}
+        self._static_media: dict[tuple, torch.Tensor] = {}
         if self.device.type == "cpu":
             use_streaming_layout(model)
 
@@ -139,6 +141,8 @@ class Generator:
             seed = tp_broadcast_object(int(torch.randint(0, 2**62, ()).item()))
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         media = model.prepare_media(prompt, media_inputs) if media_inputs else {}
+        if self.compile:
+            media = self._in_static_buffers(media)
         caches = self._caches(b, total)
         pos = torch.tensor(lengths, device=self.device)
         logits = model(prompt, media=media, caches=caches, logit_index=pos - 1)[:, -1]
@@ -178,6 +182,29 @@ class Generator:
                     torch._dynamo.mark_static_address(c.v)
             self._static_caches[key] = caches
         return self._static_caches[key]
+
+    def _in_static_buffers(self, media: dict) -> dict:
+        """Compiled decode: the media K/V (and masks' inputs) copied once per prompt into
+        buffers kept across calls (one per name and shape), which CUDA graphs read in place
+        -- passed fresh, every replay would copy all adapters' K/V into the graph's input
+        buffers again (a few GB per decode step at 11B)."""
+        def buffer(key: tuple, t: torch.Tensor) -> torch.Tensor:
+            key = (*key, tuple(t.shape), t.dtype, t.device)
+            held = self._static_media.get(key)
+            if held is None:
+                held = self._static_media[key] = torch.empty_like(t)
+                if held.device.type == "cuda":
+                    torch._dynamo.mark_static_address(held)
+            return held.copy_(t)
+
+        out = {}
+        for name, state in media.items():
+            kv = {blk: (buffer((name, i, "k"), k), buffer((name, i, "v"), v)) for i, (blk, (k, v)) in enumerate(state.kv.items())}
+            out[name] = dataclasses.replace(
+                state, kv=kv,
+                **{f: buffer((name, f), getattr(state, f)) for f in ("token_owner", "token_valid", "span_start", "span_end")},
+            )
+        return out
 
     def _decode(self, tokens, positions, media, caches, layout: tuple[int, int | None]) -> torch.Tensor:
         """One decode step: tokens, positions [B, 1] -> float32 logits [B, V]. layout: the

@@ -55,3 +55,26 @@ def test_decode_step_has_no_host_syncs_and_equals_the_checked_path():
                 c.v.copy_(v)
             want = model(step, media=media, caches=caches, positions=pos[:, None])[:, -1]
         assert torch.equal(fast, want)
+
+
+def test_compiled_decode_reads_media_from_buffers_kept_across_prompts():
+    """Generator(compile=True): each prompt's media K/V are copied into buffers that stay
+    the same tensors from prompt to prompt (CUDA graphs read them in place)."""
+    model = tiny_model().eval()
+    gen = Generator(model, compile=True)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.tensor([[TINY_IMAGE_TOKEN, 5, 9], [TINY_IMAGE_TOKEN, 7, 8]])
+    ratios = torch.tensor([[[1, 2]], [[2, 2]]])
+    held = None
+    for _ in range(2):
+        with torch.inference_mode():
+            media = model.prepare_media(tokens, {"image": (torch.randn(2, 1, 4, 3, 28, 28, generator=g), ratios)})
+            static = gen._in_static_buffers(media)
+        state, kept = media["image"], static["image"]
+        pairs = list(zip(state.kv.values(), kept.kv.values()))
+        assert pairs and all(torch.equal(a, b) for (k, v), (sk, sv) in pairs for a, b in ((k, sk), (v, sv)))
+        assert torch.equal(kept.span_end, state.span_end) and torch.equal(kept.token_valid, state.token_valid)
+        ptrs = [t.data_ptr() for kv in kept.kv.values() for t in kv]
+        assert held is None or ptrs == held  # the same buffers for the next prompt
+        held = ptrs
+        assert all(t.data_ptr() != s.data_ptr() for (k, v), (sk, sv) in pairs for t, s in ((sk, k), (sv, v)))
