@@ -7,6 +7,7 @@ checkpoints provide is their memory-mapped storage, not a copy."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -81,6 +82,15 @@ def test_lazy_build_equals_the_eager_build(stage, shapes_corpus, checkpoints, tm
         # checkpoint tensors are cast once, straight into bf16 (no float32 copy of the trunk).
         wq = lazy.text_model.layers[0].attention.wq.weight
         assert not wq.requires_grad and not wq.untyped_storage().resizable()  # a file mapping
+        # ... a private one: training writes into the mapped tensors never reach the file.
+        shard = checkpoints / "image" / "consolidated.00.pth"
+        before = hashlib.sha256(shard.read_bytes()).hexdigest()
+        gate = lazy.text_model.cross_attention_layers[0].gate_attn
+        assert gate.requires_grad and not gate.untyped_storage().resizable()
+        with torch.no_grad():
+            wq.add_(1.0)
+            gate.add_(1.0)
+        assert hashlib.sha256(shard.read_bytes()).hexdigest() == before
         policy = PrecisionPolicy(frozen_param_dtype=DTYPES["bf16"])
         eager16, lazy16 = _both(cfg, tokenizer, precision=policy)
         _assert_same(eager16, lazy16, precision=policy)

@@ -55,9 +55,11 @@ class Trainer:
         # storage dtype (half the bytes in bf16), and before the optimizer is built.
         self.precision = resolve_precision(cfg, self.device)
         self.fsdp = uses_fsdp(cfg)
-        # FSDP: no rank ever holds the whole model -- built on the meta device, checkpoint
-        # tensors memory-mapped until each unit is sharded, moved to the device as shards.
-        model = apply_precision(build_training_model(cfg, self.tokenizer, lazy=self.fsdp, precision=self.precision), self.precision)
+        # Built on the meta device: checkpoint tensors stay memory-mapped (in their storage
+        # dtype) until placed -- under FSDP each unit is sharded before it is moved, so no
+        # rank ever holds the whole model -- and only what no checkpoint provides is
+        # initialised (no random full-size trunk that the checkpoint then overwrites).
+        model = apply_precision(build_training_model(cfg, self.tokenizer, lazy=True, precision=self.precision), self.precision)
         # By name, before FSDP replaces the parameters with sharded ones (names are kept).
         plan = mp.shard_plan(model, "runtime")
         # FSDP moves each unit to the mesh device itself, as it shards it (one unit whole at a
