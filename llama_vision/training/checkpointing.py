@@ -1,4 +1,8 @@
-"""Crash-safe, multi-rank training checkpoints and RNG-state capture.
+"""Crash-safe, multi-rank checkpoint directories and RNG-state capture.
+
+The trainer's checkpoints are distributed checkpoints (dcp_checkpoint.py) committed through
+this directory protocol (`staging_dir` / `commit`: meta.json lists the files a complete
+checkpoint has); `save()` below is the protocol's own per-rank torch.save layout.
 
 Layout under ``output_dir``::
 
