@@ -41,12 +41,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_decode import TINY, decode_weight_bytes, make_inputs, random_model, timed_generate  # noqa: E402
+from train_step import frozen_trunk_in_bf16, measure_step  # noqa: E402
 
 from llama_vision.generation import Generator  # noqa: E402
 from llama_vision.model import attention as A  # noqa: E402
-from llama_vision.training.flops import StepShape, mfu, step_flops, trainable_from_model  # noqa: E402
-from llama_vision.training.losses import lm_loss_sum  # noqa: E402
-from llama_vision.training.metrics import peak_flops_for_device  # noqa: E402
 
 MODEL_11B = ROOT / "configs/model/llama3_2_11b_vision.yaml"
 MODEL_8B_336 = ROOT / "configs/model/llama3_1_8b_vision_336.yaml"
@@ -192,40 +190,14 @@ def train_step(ctx) -> dict:
     import llama_vision
 
     llama_vision.set_trainable(model, decoder=False, vision=True, adapters=True)
-    with torch.no_grad():  # trainable: float32 master weights (the frozen trunk stays bf16)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    model.text_model.checkpoint_activations = not ctx.tiny
-    model.train()
-    a = model.args
-    batch, seq = (2, 64) if ctx.tiny else (4, 512)
-    s, t = a.vision_chunk_size, a.vision_max_num_chunks
-    images = torch.randn(batch, 1, t, 3, s, s, device=dev)
-    ratios = torch.tensor([[[2, 2]]] * batch, device=dev)
-    tokens = torch.randint(0, min(a.vocab_size, 128000), (batch, seq), device=dev)
-    tokens[:, 0] = a.image_token_id
-    labels = tokens.roll(-1, 1)
-    labels[:, -1] = -100
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def step():
-        with autocast:
-            loss = lm_loss_sum(model(tokens, images, ratios), labels) / (labels != -100).sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step_s = timed(step, dev, repeats=3)
-    shape = StepShape(text_lengths=(seq,) * batch, image_tiles=((t,),) * batch)
-    flops = step_flops(a, shape, trainable_from_model(model)).total
-    peak = peak_flops_for_device() if dev.type == "cuda" else None
-    return {"model": "tiny" if ctx.tiny else "8B trunk + ViT-H/14 336 px", "batch": batch, "seq": seq, "step_s": step_s,
-            "tflops_per_s": flops / step_s / 1e12, "mfu": mfu(flops, step_s, tp=1, peak_flops_per_gpu=peak) if peak else None,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+        frozen_trunk_in_bf16(model)
+    model.text_model.checkpoint_activations = not ctx.tiny
+    batch, seq = (2, 64) if ctx.tiny else (4, 512)
+    r = measure_step(model, batch, seq, steps=3)
+    return {"model": "tiny" if ctx.tiny else "8B trunk + ViT-H/14 336 px", "batch": r["batch"], "seq": r["seq"],
+            "step_s": r["step_s"], "tflops_per_s": r["tflops_per_s"], "mfu": r["mfu"],
+            "peak_memory_gib": r["peak_memory_gb"] * 1e9 / 2**30 if r["peak_memory_gb"] is not None else None,
             "target": "MFU >= 40%"}
 
 

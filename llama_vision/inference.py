@@ -54,10 +54,9 @@ def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dt
     from .checkpoint import load_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = mp.process_device(device)  # default: this process's local GPU, else the CPU
     if world > 1:
-        mp.init_model_parallel(world)
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        mp.init_model_parallel(world, device=device)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]

@@ -8,28 +8,35 @@ from .fsdp import local_tensor
 from .groups import dp_group, dp_size, is_model_parallel, tp_group, tp_size
 
 
+def _group(group: str) -> tuple[int, object]:
+    """(size, process group) of the data-parallel ("dp") or tensor-parallel ("tp") group."""
+    if group == "dp":
+        return dp_size(), dp_group()
+    if group == "tp":
+        return tp_size(), tp_group()
+    raise ValueError(f"group must be 'dp' or 'tp', got {group!r}")
+
+
 def all_reduce_sum(x: torch.Tensor, group: str = "dp") -> torch.Tensor:
     """In-place sum over the data-parallel ("dp") or tensor-parallel ("tp") group."""
-    if group == "dp" and dp_size() > 1:
-        dist.all_reduce(x, group=dp_group())
-    elif group == "tp" and tp_size() > 1:
-        dist.all_reduce(x, group=tp_group())
+    size, pg = _group(group)
+    if size > 1:
+        dist.all_reduce(x, group=pg)
     return x
 
 
 def all_reduce_max(x: torch.Tensor, group: str = "dp") -> torch.Tensor:
     """In-place elementwise max over the data-parallel ("dp") or tensor-parallel ("tp") group."""
-    if group == "dp" and dp_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=dp_group())
-    elif group == "tp" and tp_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=tp_group())
+    size, pg = _group(group)
+    if size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=pg)
     return x
 
 
 def all_gather_object(obj, group: str = "dp") -> list:
     """[obj of each rank of the data-parallel ("dp") or tensor-parallel ("tp") group], in
     group-rank order ([obj] without one)."""
-    size, pg = (dp_size(), dp_group()) if group == "dp" else (tp_size(), tp_group())
+    size, pg = _group(group)
     if size == 1:
         return [obj]
     out = [None] * size
