@@ -66,8 +66,8 @@ class Trainer:
         # time); the other modes move the whole model.
         self.model = parallelize(model if self.fsdp else model.to(self.device), cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        self.tp_dims = {id(p): plan.get(names[id(p)]) for p in self.params}
+        tp_dims = {n: plan.get(n) for n, _ in self.model.named_parameters()}
+        self.tp_dims = {id(p): tp_dims[n] for n, p in self.model.named_parameters() if p.requires_grad}
         self._tile_size = cfg.data.tile_size or self.model.args.vision_chunk_size
         on_gpu_bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu_bf16 else nullcontext
@@ -88,7 +88,7 @@ class Trainer:
         layout = {"world_size": world, "tp": mp.tp_size(), "dp": mp.dp_size(), "data_parallel": cfg.data_parallel if mp.dp_size() > 1 else "none",
                   "num_workers": cfg.data.num_workers}
         self.train_state = TrainState(self.progress, self.model, self.optimizer, self.scheduler, self.loader, self.objective,
-                                      tp_dims={n: plan.get(n) for n in names.values()}, dp_sharded=self.fsdp, layout=layout)
+                                      tp_dims=tp_dims, dp_sharded=self.fsdp, layout=layout)
         self._nonfinite_streak = 0
         if self.rank == 0:
             tqdm.write(global_batch_line(cfg, world, mp.tp_size(), mp.dp_size()))
@@ -173,6 +173,7 @@ class Trainer:
                 f"{cfg.max_consecutive_nonfinite}). Resume from the last checkpoint with a lower lr or check the data."
             )
         lm_batches = [getattr(b, "chosen", b) for b in micro]
+        real_tokens = sum(b.real_tokens for b in lm_batches)
         return {
             "loss": float(loss),
             "lr": lr,
@@ -180,10 +181,10 @@ class Trainer:
             "skipped_samples": self._skipped_total(),
             "skipped_nonfinite": self.progress.skipped_nonfinite,
             "step_time_s": time.perf_counter() - t0,
-            "tokens": sum(int(b.lengths.sum()) for b in lm_batches),
+            "tokens": real_tokens,
             # Packing / token budgets: the padded share of the micro-batches, and the samples
             # (a packed row holds several).
-            "padding_fraction": 1.0 - sum(b.real_tokens for b in lm_batches) / max(1, sum(b.padded_tokens for b in lm_batches)),
+            "padding_fraction": 1.0 - real_tokens / max(1, sum(b.padded_tokens for b in lm_batches)),
             "samples": sum(len(b.keys) for b in lm_batches),
             "images": sum(int(b.num_images.sum()) for b in lm_batches),
             **self.objective.step_metrics(count),
