@@ -34,8 +34,9 @@ def check_media_counts(rows: list[list[int]], media: list[list[Any]] | None, ids
 
 
 def prepare_image_batch(model, rows: list[list[int]], images: list[list[Any]] | None, device=None, processor=None):
-    """PIL images per row -> (images [B, N, T, 3, S, S], aspect_ratios [B, N, 2]) or None
-    when no row has an image."""
+    """PIL images per row -> (images [B, N, T, 3, S, S] in the vision encoder's dtype,
+    aspect_ratios [B, N, 2]) or None when no row has an image. A `processor` with
+    output="uint8" sends the pixels to `device` and normalises them there (same values)."""
     mod = model.modalities["image"]
     check_media_counts(rows, images, mod.placeholder_ids)
     if images is None or not any(images):
@@ -45,7 +46,9 @@ def prepare_image_batch(model, rows: list[list[int]], images: list[list[Any]] | 
     args = model.args
     processor = processor or ImageProcessor(tile_size=args.vision_chunk_size, max_num_tiles=args.vision_max_num_chunks)
     processed = [[processor(im) for im in row] for row in images]
-    tiles, _ = stack_images([[t for t, _ in row] for row in processed], args.vision_max_num_chunks)
+    tiles, num_tiles = stack_images([[t for t, _ in row] for row in processed], args.vision_max_num_chunks)
     ars = stack_aspect_ratios([[ar for _, ar in row] for row in processed])
     dtype = model.vision_model.vision_projection.weight.dtype
+    if tiles.dtype == torch.uint8:  # a cast alone would skip the normalisation
+        return processor.normalize(tiles.to(device), num_tiles, dtype), ars.to(device)
     return tiles.to(device=device, dtype=dtype), ars.to(device)

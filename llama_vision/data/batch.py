@@ -10,7 +10,9 @@ Shapes (``B`` rows, ``L`` = longest row, ``N`` = most images in a row (at least 
 * ``lengths`` int64 ``[B]``: real (unpadded) length of each row. Right padding means
   positions are simply ``arange(L)``, so no position tensor is carried.
 * ``images`` float32 ``[B, N, T, 3, S, S]`` or ``None`` when no row has an image; absent
-  tiles and images are exact zeros.
+  tiles and images are exact zeros. With ``data.tile_dtype: uint8`` the loader hands out
+  uint8 pixels instead (black padding and absent slots 0), and :meth:`Batch.normalized`
+  turns them into the float32 tiles, bit for bit, once on the device.
 * ``aspect_ratios`` int64 ``[B, N, 2]``: ``(tiles_h, tiles_w)`` per image, ``(1, 1)`` for
   absent images; ``num_tiles`` int64 ``[B, N]`` (0 for absent images); ``num_images`` int64
   ``[B]``.
@@ -35,9 +37,11 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+
+from .tiling import CLIP_MEAN, CLIP_STD, normalize_tiles
 
 IGNORE_INDEX = -100
 
@@ -113,6 +117,18 @@ class Batch:
         """A copy in page-locked memory; called by ``DataLoader(pin_memory=True)``."""
         return self._map(lambda t: t.pin_memory())
 
+    def normalized(
+        self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, dtype: torch.dtype = torch.float32
+    ) -> "Batch":
+        """A copy whose uint8 ``images`` are normalised where they are (call it after
+        :meth:`to`): ``dtype`` ``[B, N, T, 3, S, S]``, equal to the float32 loader's images
+        (absent tiles and images exact zeros; see ``tiling.normalize_tiles``). Float images
+        (``data.tile_dtype: float32``, or none) are returned as they are, so callers need
+        not know the loader's tile dtype. ``mean``/``std``: the ImageProcessor's."""
+        if self.images is None or self.images.dtype != torch.uint8:
+            return self
+        return replace(self, images=normalize_tiles(self.images, self.num_tiles, mean, std, dtype))
+
 
 @dataclass
 class PreferenceBatch:
@@ -154,6 +170,15 @@ class PreferenceBatch:
 
     def pin_memory(self) -> "PreferenceBatch":
         return self._map(lambda t: t.pin_memory())
+
+    def normalized(
+        self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, dtype: torch.dtype = torch.float32
+    ) -> "PreferenceBatch":
+        """As :meth:`Batch.normalized`; the shared images are normalised once (and stay shared)."""
+        chosen = self.chosen.normalized(mean, std, dtype)
+        if chosen is self.chosen:  # nothing to normalise
+            return self
+        return PreferenceBatch(chosen, replace(self.rejected, images=chosen.images))
 
 
 def batch_fingerprint(batch: Any) -> torch.Tensor:

@@ -5,7 +5,7 @@ An *example* (built by :mod:`llama_vision.data.datasets`) is a dict::
     key: str
     tokens: list[int]            # image positions hold image_token_id
     labels: list[int]            # shifted targets: labels[i] = tokens[i + 1] or -100
-    images: list[Tensor]         # one float32 [n_tiles, 3, S, S] per image, in token order
+    images: list[Tensor]         # one float32 (or uint8) [n_tiles, 3, S, S] per image, in token order
     aspect_ratios: list[(h, w)]  # tile grid per image
     position, skipped            # bookkeeping for resume and skip metrics (optional)
 
@@ -54,7 +54,8 @@ def _image_tensors(examples: Sequence[Example], max_num_tiles: int) -> tuple[tor
     """``(images [B,N,T,3,S,S] | None, aspect_ratios [B,N,2], num_tiles [B,N], num_images [B])``.
 
     ``N = max(1, most images in a row)``, following :func:`stack_images`; ``images`` is
-    ``None`` when no row has an image so text-only batches skip the vision encoder.
+    ``None`` when no row has an image so text-only batches skip the vision encoder, else of
+    the examples' tile dtype (float32, or uint8 for ``Batch.normalized`` on the device).
     """
     per_row = [list(ex["images"]) for ex in examples]
     num_images = torch.tensor([len(r) for r in per_row], dtype=torch.long)

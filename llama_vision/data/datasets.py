@@ -277,8 +277,8 @@ class ExampleDataset(IterableDataset):
     def load_images(self, refs: Sequence[Any]) -> tuple[list[Any], list[tuple[int, int]]]:
         """Decode and tile images given as paths or encoded bytes.
 
-        Returns ``(tiles, aspect_ratios)``: one float32 ``[n_tiles, 3, S, S]`` and one
-        ``(tiles_h, tiles_w)`` per image. Raises :class:`SkipSample` (``missing_image`` /
+        Returns ``(tiles, aspect_ratios)``: one float32 (the processor's ``output="uint8"``:
+        uint8) ``[n_tiles, 3, S, S]`` and one ``(tiles_h, tiles_w)`` per image. Raises :class:`SkipSample` (``missing_image`` /
         ``bad_image``) naming the file.
         """
         tiles, ratios = [], []

@@ -27,6 +27,11 @@ Speed: PIL's resize is most of the cost and is kept as is (it defines the numeri
 Around it we avoid transformers' overheads (float64 rescale, numpy pad, split, pack) by
 writing each tile once from planar uint8 channels, and :meth:`ImageProcessor.collate`
 tiles a batch on parallel threads straight into the packed model input.
+
+uint8 tiles (``ImageProcessor(output="uint8")``, training's ``data.tile_dtype: uint8``):
+the resized pixels themselves, black padding 0, a quarter of float32's host memory and
+host-to-device traffic. :func:`normalize_tiles` normalises them where they land (the GPU)
+to exactly the values of the float32 path, absent tiles and images exact zeros as there.
 """
 
 from __future__ import annotations
@@ -127,6 +132,71 @@ def fit_to_canvas(
     return target_h, min(math.floor(width * scale_h) or 1, target_w)
 
 
+TILE_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
+
+
+def normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """What every uint8 level becomes after normalisation: float32 ``[3, 256]``,
+    ``table[c, v] = (v / 255 - mean[c]) / std[c]``.
+
+    The same numpy float32 operations, with the same three roundings, as the float32 tiling
+    path (:meth:`ImageProcessor._normalise_tile`), so a table lookup gives bit-identical
+    values; the padding value is ``table[:, 0]``.
+    """
+    levels = np.arange(256, dtype=np.float32)[None, :]
+    mean = np.asarray(mean, dtype=np.float32)[:, None]
+    std = np.asarray(std, dtype=np.float32)[:, None]
+    return (levels / np.float32(255) - mean) / std
+
+
+def normalize_tiles(
+    tiles: torch.Tensor,
+    num_tiles: torch.Tensor,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 tiles -> the float32 path's normalised tiles, on the tiles' device.
+
+    Args:
+        tiles: uint8 ``[..., T, 3, S, S]`` (``T`` tile slots per image; e.g. images
+            ``[B, N, T, 3, S, S]`` or video frames ``[B, V, F, T, 3, S, S]``).
+        num_tiles: integer ``[...]``, real tiles of each image: slots ``>= num_tiles``
+            (all of them for an absent image, ``num_tiles`` 0) come out as exact zeros.
+        mean, std: per-channel normalisation (the processor's; CLIP's by default).
+        dtype: output dtype.
+
+    Returns:
+        ``dtype`` ``[..., T, 3, S, S]``: equal, bit for bit, to what
+        ``ImageProcessor(output="float32")`` and :func:`stack_images` give for the same
+        images, cast to ``dtype``.
+
+    The values are looked up in :func:`normalization_table`, computed on the CPU by the
+    float32 path's own numpy operations; the device only gathers, so the result does not
+    depend on its arithmetic and CPU equality (what the tests check) is the contract on
+    every device. (Computing ``(x / 255 - mean) / std`` on CUDA would be exact only with
+    tensor divisors: CUDA turns division by a CPU scalar into multiplication by its
+    reciprocal, one ulp off for some levels.) A table in ``dtype`` rounds each float32
+    value once, as casting the float32 result would.
+    """
+    if tiles.dtype != torch.uint8:
+        raise TypeError(f"normalize_tiles takes uint8 tiles, got {tiles.dtype}")
+    if tiles.dim() < 4 or tiles.shape[-3] != 3 or tuple(num_tiles.shape) != tuple(tiles.shape[:-4]):
+        raise ValueError(
+            f"tiles must be [..., T, 3, S, S] and num_tiles [...], got {tuple(tiles.shape)} "
+            f"and {tuple(num_tiles.shape)}"
+        )
+    device = tiles.device
+    table = torch.from_numpy(normalization_table(mean, std)).to(device=device, dtype=dtype)
+    # Row c of the flattened table starts at c * 256: one gather for all three channels.
+    offsets = torch.arange(0, 3 * 256, 256, device=device, dtype=torch.int32).view(3, 1, 1)
+    index = tiles.to(torch.int32).add_(offsets)
+    out = table.view(-1).index_select(0, index.view(-1)).view(tiles.shape)
+    slots = torch.arange(tiles.shape[-4], device=device)
+    absent = slots >= num_tiles.to(device)[..., None]  # [..., T]
+    return out.masked_fill_(absent[..., None, None, None], 0.0)
+
+
 # Rows per block in the normalisation loop: 64 rows x 560 px x 4 B = 143 KB of float32,
 # small enough that the four passes over a block (cast, /255, -mean, /std) stay in L2.
 _BLOCK_ROWS = 64
@@ -141,10 +211,13 @@ class ImageProcessor:
         max_num_tiles: most tiles per image (4 in the paper and the release).
         mean, std: per-channel normalisation (CLIP's by default).
         resample: PIL filter name; ``"bilinear"`` is the reference.
+        output: ``"float32"`` (default): normalised tiles; ``"uint8"``: the resized pixels,
+            black padding 0, for :meth:`normalize` (or :func:`normalize_tiles`) to
+            normalise later, on the device, to the very same float32 values.
 
     Calling it on a PIL image returns ``(tiles, (tiles_h, tiles_w))`` where ``tiles`` is a
-    float32 tensor ``[tiles_h * tiles_w, 3, S, S]`` in row-major tile order. One call runs
-    on the calling thread only; :meth:`batch` spreads several images over threads.
+    float32 (or uint8) tensor ``[tiles_h * tiles_w, 3, S, S]`` in row-major tile order. One
+    call runs on the calling thread only; :meth:`batch` spreads several images over threads.
     """
 
     def __init__(
@@ -154,6 +227,7 @@ class ImageProcessor:
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         resample: str = "bilinear",
+        output: str = "float32",
     ):
         if tile_size < 1 or max_num_tiles < 1:
             raise ValueError("tile_size and max_num_tiles must be positive")
@@ -161,21 +235,34 @@ class ImageProcessor:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need one value per RGB channel")
+        if output not in TILE_DTYPES:
+            raise ValueError(f"output must be one of {sorted(TILE_DTYPES)}, got {output!r}")
         self.tile_size = tile_size
         self.max_num_tiles = max_num_tiles
         self.resample = resample
+        self.output = output
+        self.tile_dtype = TILE_DTYPES[output]
         self._filter = _RESAMPLE[resample]
         # float32 constants, as torchvision's Normalize uses them in Meta's code.
         self._mean = np.asarray(mean, dtype=np.float32)
         self._std = np.asarray(std, dtype=np.float32)
         # What a black padding pixel becomes, computed by the very same float32 steps.
-        self._pad = (np.zeros(3, np.float32) / np.float32(255) - self._mean) / self._std
+        self._pad = normalization_table(self._mean, self._std)[:, 0]
 
     def __repr__(self) -> str:
         return (
             f"ImageProcessor(tile_size={self.tile_size}, max_num_tiles={self.max_num_tiles}, "
-            f"resample={self.resample!r})"
+            f"resample={self.resample!r}"
+            + ("" if self.output == "float32" else f", output={self.output!r}")
+            + ")"
         )
+
+    def normalize(
+        self, tiles: torch.Tensor, num_tiles: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """:func:`normalize_tiles` with this processor's mean and std: uint8
+        ``[..., T, 3, S, S]`` and ``num_tiles`` ``[...]`` -> ``dtype`` ``[..., T, 3, S, S]``."""
+        return normalize_tiles(tiles, num_tiles, self._mean.tolist(), self._std.tolist(), dtype)
 
     def plan(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Geometry for an image of ``width x height`` px (PIL order) without touching pixels.
@@ -196,13 +283,13 @@ class ImageProcessor:
             image: a PIL image; non-RGB modes are converted first (alpha dropped, as Meta).
 
         Returns:
-            ``tiles``: float32 ``[tiles_h * tiles_w, 3, S, S]``, row-major over the grid;
-            ``(tiles_h, tiles_w)``: the grid (Meta's "aspect ratio").
+            ``tiles``: float32 (``output="uint8"``: uint8) ``[tiles_h * tiles_w, 3, S, S]``,
+            row-major over the grid; ``(tiles_h, tiles_w)``: the grid (Meta's "aspect ratio").
         """
         image = _check_image(image)
         grid, resized = self.plan(*image.size)
         size = self.tile_size
-        tiles = np.empty((grid[0] * grid[1], 3, size, size), dtype=np.float32)
+        tiles = np.empty((grid[0] * grid[1], 3, size, size), dtype=self._np_dtype)
         self._tile_into(tiles, image, grid, resized)
         return torch.from_numpy(tiles), grid
 
@@ -235,7 +322,7 @@ class ImageProcessor:
             num_threads: as in :meth:`batch`.
 
         Returns:
-            :class:`TiledBatch` with ``images`` float32 ``[B, N, T, 3, S, S]``,
+            :class:`TiledBatch` with ``images`` float32 (or uint8) ``[B, N, T, 3, S, S]``,
             ``num_tiles`` int64 ``[B, N]``, ``aspect_ratios`` int64 ``[B, N, 2]`` and
             ``aspect_ratio_ids`` int64 ``[B, N]``; ``N = max(1, most images in a
             sample)``, ``T = max_num_tiles``.
@@ -247,18 +334,18 @@ class ImageProcessor:
         # numpy allocates large arrays with transparent huge pages (madvise), which makes
         # first-touch page faults on this fresh ~15 MB-per-image buffer much cheaper than
         # with torch.empty; the tensor shares the memory and the workers fill it in place.
-        pixels = np.empty((len(samples), n_max, slots, 3, size, size), dtype=np.float32)
+        pixels = np.empty((len(samples), n_max, slots, 3, size, size), dtype=self._np_dtype)
         images = torch.from_numpy(pixels)
 
         def fill(slot: tuple[int, int]) -> None:
             i, j = slot
             if j >= len(samples[i]):
-                pixels[i, j] = 0.0  # absent image: exact zeros
+                pixels[i, j] = 0  # absent image: exact zeros
                 return
             grid, resized = plans[i][j]
             count = grid[0] * grid[1]
             self._tile_into(pixels[i, j, :count], samples[i][j], grid, resized)
-            pixels[i, j, count:] = 0.0  # unused tile slots: exact zeros
+            pixels[i, j, count:] = 0  # unused tile slots: exact zeros
 
         _run_parallel(fill, [(i, j) for i in range(len(samples)) for j in range(n_max)], num_threads)
         grids = [[grid for grid, _ in sample] for sample in plans]
@@ -275,6 +362,10 @@ class ImageProcessor:
         ).view(len(samples), n_max)
         return TiledBatch(images, num_tiles, stack_aspect_ratios(grids), ids)
 
+    @property
+    def _np_dtype(self) -> type:
+        return np.uint8 if self.output == "uint8" else np.float32
+
     def _tile_into(
         self,
         out: np.ndarray,
@@ -283,7 +374,8 @@ class ImageProcessor:
         resized: tuple[int, int],
     ) -> None:
         """Resize ``image`` to ``resized`` (h, w) and write its ``grid`` of normalised,
-        black-padded tiles into ``out``: float32 ``[tiles_h * tiles_w, 3, S, S]``."""
+        black-padded tiles into ``out``: float32 ``[tiles_h * tiles_w, 3, S, S]`` (uint8:
+        the pixels, black padding 0)."""
         (tiles_h, tiles_w), (new_h, new_w) = grid, resized
         image = to_rgb(image)
         if (new_w, new_h) != image.size:
@@ -298,13 +390,14 @@ class ImageProcessor:
         size = self.tile_size
         # copy=False: a view (or an error), never a silent copy that would drop the writes.
         tiles = np.reshape(out, (tiles_h, tiles_w, 3, size, size), copy=False)
+        fill = _copy_tile if out.dtype == np.uint8 else self._normalise_tile
         for i in range(tiles_h):
             rows = min(max(new_h - i * size, 0), size)  # image rows inside this tile row
             for j in range(tiles_w):
                 cols = min(max(new_w - j * size, 0), size)
                 for c in range(3):
                     source = planes[c][i * size : i * size + rows, j * size : j * size + cols]
-                    self._normalise_tile(tiles[i, j, c], source, c)
+                    fill(tiles[i, j, c], source, c)
 
     def _normalise_tile(self, out: np.ndarray, source: np.ndarray, channel: int) -> None:
         """Fill one channel of one tile: ``out`` float32 [S, S] from uint8 ``source``
@@ -331,10 +424,19 @@ class ImageProcessor:
             block /= std
 
 
+def _copy_tile(out: np.ndarray, source: np.ndarray, channel: int) -> None:
+    """Fill one channel of one uint8 tile: ``out`` [S, S] from ``source`` [rows, cols]
+    (top-left), black (0) elsewhere; ``channel`` is unused (no per-channel constants)."""
+    rows, cols = source.shape
+    out[rows:] = 0
+    out[:rows, cols:] = 0
+    out[:rows, :cols] = source
+
+
 class TiledBatch(NamedTuple):
     """Packed image input for a batch (see :meth:`ImageProcessor.collate`).
 
-    Fields: ``images`` float32 ``[B, N, T, 3, S, S]`` (zeros where absent);
+    Fields: ``images`` float32 or uint8 ``[B, N, T, 3, S, S]`` (zeros where absent);
     ``num_tiles`` int64 ``[B, N]`` (0 where absent); ``aspect_ratios`` int64
     ``[B, N, 2]`` as (tiles_h, tiles_w), (1, 1) where absent; ``aspect_ratio_ids`` int64
     ``[B, N]`` (transformers' ids, 0 where absent).
@@ -364,24 +466,37 @@ def _run_parallel(function, items: list, num_threads: int | None) -> list:
 
 
 def stack_images(
-    batch: Sequence[Sequence[torch.Tensor]], max_num_tiles: int, tile_size: int | None = None
+    batch: Sequence[Sequence[torch.Tensor]],
+    max_num_tiles: int,
+    tile_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack per-sample lists of tiled images into one zero-padded tensor.
 
     Args:
         batch: ``B`` lists (one per sample, possibly empty) of tiles tensors
-            ``[n_tiles, 3, S, S]`` as returned by :class:`ImageProcessor`.
+            ``[n_tiles, 3, S, S]`` as returned by :class:`ImageProcessor`, all float32 or
+            all uint8.
         max_num_tiles: tile slots per image (the processor's ``max_num_tiles``).
         tile_size: S; only needed when the batch holds no image at all.
+        dtype: of the result (float32 or uint8) when the batch holds no image; else uint8
+            for uint8 tiles, float32 for float ones.
 
     Returns:
-        ``images``: float32 ``[B, N_max, max_num_tiles, 3, S, S]``, exact zeros for absent
-        tiles and images; ``num_tiles``: int64 ``[B, N_max]``, 0 for absent images.
-        ``N_max = max(1, longest list)`` so text-only batches still have valid shapes.
+        ``images``: float32 or uint8 ``[B, N_max, max_num_tiles, 3, S, S]``, exact zeros
+        for absent tiles and images; ``num_tiles``: int64 ``[B, N_max]``, 0 for absent
+        images. ``N_max = max(1, longest list)`` so text-only batches still have valid
+        shapes.
     """
     shapes = {tuple(t.shape[1:]) for sample in batch for t in sample}
     if len(shapes) > 1:
         raise ValueError(f"all tiles must share one shape [3, S, S], got {sorted(shapes)}")
+    dtypes = {t.dtype for sample in batch for t in sample}
+    if torch.uint8 in dtypes and len(dtypes) > 1:
+        # A silent cast would turn uint8 pixels into unnormalised floats (or back).
+        raise ValueError(f"uint8 and float tiles in one batch: {sorted(map(str, dtypes))}")
+    if dtypes:  # float tiles of any precision are stored as float32, as before
+        dtype = torch.uint8 if torch.uint8 in dtypes else torch.float32
     if shapes:
         channels, size, size_w = shapes.pop()
         if channels != 3 or size != size_w or (tile_size is not None and size != tile_size):
@@ -394,9 +509,8 @@ def stack_images(
         size = tile_size
     n_max = max([1] + [len(sample) for sample in batch])
     # np.empty (huge-page backed, see ImageProcessor.collate) and zero only what is absent.
-    images = torch.from_numpy(
-        np.empty((len(batch), n_max, max_num_tiles, 3, size, size), dtype=np.float32)
-    )
+    np_dtype = np.uint8 if dtype == torch.uint8 else np.float32
+    images = torch.from_numpy(np.empty((len(batch), n_max, max_num_tiles, 3, size, size), dtype=np_dtype))
     num_tiles = torch.zeros((len(batch), n_max), dtype=torch.long)
     for i, sample in enumerate(batch):
         for j, tiles in enumerate(sample):
@@ -404,9 +518,9 @@ def stack_images(
             if not 1 <= n <= max_num_tiles:
                 raise ValueError(f"image {j} of sample {i} has {n} tiles, expected 1..{max_num_tiles}")
             images[i, j, :n] = tiles
-            images[i, j, n:] = 0.0
+            images[i, j, n:] = 0
             num_tiles[i, j] = n
-        images[i, len(sample) :] = 0.0
+        images[i, len(sample) :] = 0
     return images, num_tiles
 
 

@@ -486,8 +486,9 @@ class VideoProcessor:
     they share one tile grid.
 
     ``__call__(path)`` returns:
-        video_tiles: float32 ``[num_frames, max_num_tiles, 3, S, S]``; tile slots beyond the
-            grid and the padded frames of ``short="pad"`` are exact zeros (like missing
+        video_tiles: float32 ``[num_frames, max_num_tiles, 3, S, S]`` (uint8 pixels when the
+            image processor has ``output="uint8"``: its ``tile_dtype``); tile slots beyond
+            the grid and the padded frames of ``short="pad"`` are exact zeros (like missing
             image tiles).
         aspect_ratio: ``(h_tiles, w_tiles)``.
         info: :class:`VideoInfo` (``info.valid`` real frames first).
@@ -521,7 +522,8 @@ class VideoProcessor:
     def __call__(self, path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, int], VideoInfo]:
         frames, info = load_video(path, self.num_frames, self.sampling, self.short, self.ctx)
         size = self.tile_size
-        out = torch.zeros((self.num_frames, self.max_num_tiles, 3, size, size), dtype=torch.float32)
+        dtype = getattr(self.image_processor, "tile_dtype", torch.float32)  # a custom processor: float32
+        out = torch.zeros((self.num_frames, self.max_num_tiles, 3, size, size), dtype=dtype)
         aspect_ratio: tuple[int, int] | None = None
         for i, image in enumerate(frames_to_pil(frames[: info.valid])):
             tiles, grid = self.image_processor(image)
@@ -535,6 +537,9 @@ class VideoProcessor:
             if aspect_ratio is not None and grid != aspect_ratio:
                 raise ValueError(f"frames of {info.path!r} were tiled differently: {aspect_ratio} vs {grid}")
             aspect_ratio = grid
-            out[i, : tiles.shape[0]] = tiles.to(torch.float32)
+            if (tiles.dtype == torch.uint8) != (dtype == torch.uint8):
+                # A cast would turn uint8 pixels into unnormalised floats (or floats into pixels).
+                raise ValueError(f"image processor returned {tiles.dtype} tiles, expected {dtype}")
+            out[i, : tiles.shape[0]] = tiles.to(dtype)
         assert aspect_ratio is not None  # load_video returns at least one real frame
         return out, aspect_ratio, info

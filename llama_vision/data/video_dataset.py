@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from .batch import Batch
 from .collate import collate_examples
 from .datasets import EMPTY_TEXT, ExampleDataset, SkipSample, shifted_labels
 from .sources import Record, WebDatasetSource, _JsonlSource
+from .tiling import CLIP_MEAN, CLIP_STD, ImageProcessor, normalize_tiles
 from .video import VideoLoadError, VideoProcessor
 
 MISSING_VIDEO = "missing_video"
@@ -37,8 +38,9 @@ class JsonlVideoSource(_JsonlSource):
 
 @dataclass
 class VideoBatch(Batch):
-    """A Batch plus videos [B, V, F, T, 3, S, S], their tile grids [B, V, 2] and valid
-    frame counts [B, V]."""
+    """A Batch plus videos [B, V, F, T, 3, S, S] (float32, or uint8 pixels with
+    ``data.tile_dtype: uint8``; absent tiles, padded frames and absent videos exact zeros),
+    their tile grids [B, V, 2] and valid frame counts [B, V]."""
 
     videos: torch.Tensor | None = None
     video_aspect_ratios: torch.Tensor | None = None
@@ -47,11 +49,29 @@ class VideoBatch(Batch):
     def media_inputs(self) -> dict:
         return {} if self.videos is None else {"video": (self.videos, self.video_aspect_ratios, self.video_frames)}
 
-    def to(self, device, non_blocking: bool = False) -> "VideoBatch":
-        base = super().to(device, non_blocking=non_blocking)
-        move = (lambda t: None if t is None else t.to(device, non_blocking=non_blocking))
-        return VideoBatch(**{**base.__dict__, "videos": move(self.videos),
-                             "video_aspect_ratios": move(self.video_aspect_ratios), "video_frames": move(self.video_frames)})
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor | None = None) -> "VideoBatch":
+        """Batch's `_map` (hence `to` and `pin_memory`) over the video tensors too."""
+        move = (lambda t: None if t is None else fn(t))  # noqa: E731
+        return replace(super()._map(fn, images), videos=move(self.videos),
+                       video_aspect_ratios=move(self.video_aspect_ratios), video_frames=move(self.video_frames))
+
+    def normalized(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                   dtype: torch.dtype = torch.float32) -> "VideoBatch":
+        """Batch.normalized, and uint8 videos normalised likewise (per frame, like images)."""
+        base = super().normalized(mean, std, dtype)
+        if self.videos is None or self.videos.dtype != torch.uint8:
+            return base
+        counts = frame_tile_counts(self.video_aspect_ratios, self.video_frames, self.videos.shape[2])
+        return replace(base, videos=normalize_tiles(self.videos, counts, mean, std, dtype))
+
+
+def frame_tile_counts(aspect_ratios: torch.Tensor, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Real tiles of every frame slot: int64 [B, V, F] from grids [B, V, 2] and valid frame
+    counts [B, V]: tiles_h * tiles_w for the first `frames` frames, 0 after them (the black
+    frames of short="pad", and every frame of an absent video, whose count is 0)."""
+    tiles = aspect_ratios[..., 0] * aspect_ratios[..., 1]  # [B, V]
+    valid = torch.arange(num_frames, device=frames.device) < frames[..., None]  # [B, V, F]
+    return torch.where(valid, tiles[..., None], 0)
 
 
 def collate_video_examples(examples: Sequence[dict], pad_id: int, max_num_tiles: int, image_token_id: int) -> VideoBatch:
@@ -60,8 +80,9 @@ def collate_video_examples(examples: Sequence[dict], pad_id: int, max_num_tiles:
     v = max(1, max(len(r) for r in per_row))
     if not any(per_row):
         return VideoBatch(**base.__dict__)
-    f, t, c, s, _ = next(x for r in per_row for x in r).shape
-    videos = torch.zeros(len(examples), v, f, t, c, s, s)
+    first = next(x for r in per_row for x in r)
+    f, t, c, s, _ = first.shape
+    videos = torch.zeros(len(examples), v, f, t, c, s, s, dtype=first.dtype)  # uint8 clips stay uint8
     ratios = torch.ones(len(examples), v, 2, dtype=torch.long)
     frames = torch.zeros(len(examples), v, dtype=torch.long)
     for b, ex in enumerate(examples):
@@ -127,8 +148,9 @@ class VideoCaptionDataset(ExampleDataset):
 
 def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool = True) -> VideoCaptionDataset:
     data, v = cfg.data, cfg.video
-    processor = VideoProcessor(num_frames=v.num_frames, tile_size=data.tile_size or model_args.vision_chunk_size,
-                               max_num_tiles=v.tiles_per_frame)
+    tile_size = data.tile_size or model_args.vision_chunk_size
+    processor = VideoProcessor(num_frames=v.num_frames, tile_size=tile_size, max_num_tiles=v.tiles_per_frame,
+                               image_processor=ImageProcessor(tile_size, v.tiles_per_frame, output=data.tile_dtype))
     source = WebDatasetSource(data.paths) if data.kind == "video_wds" else JsonlVideoSource(data.paths, data.image_root)
     return VideoCaptionDataset(
         source, tokenizer, processor,

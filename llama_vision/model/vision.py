@@ -375,5 +375,7 @@ class VisionModel(nn.Module):
 
     def forward(self, images: torch.Tensor, aspect_ratios: torch.Tensor) -> torch.Tensor:
         """images [B, N, T, 3, S, S], aspect_ratios [B, N, 2] -> [B, N, T, P, D_text]."""
+        if images.dtype == torch.uint8:  # a cast would feed raw 0..255 pixels to the ViT
+            raise TypeError("uint8 tiles must be normalised first (Batch.normalized / llama_vision.data.tiling.normalize_tiles)")
         dtype = self.vision_projection.weight.dtype
         return self.vision_projection(self.vision_encoder(images.to(dtype), aspect_ratios))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import model_parallel as mp
 from llama_vision.data.batching import MicroBatchDataset, TokenBudgetBatcher, UnpackedRows
 from llama_vision.data.collate import build_dataloader
 from llama_vision.data.datasets import CaptionDataset, ConversationDataset, DPODataset
@@ -38,7 +39,8 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
     """-> ResumableDataLoader of Batch (or PreferenceBatch for DPO), looping forever
     (step-based training: data-parallel ranks never wait for each other at an epoch end).
     data.packing / data.max_tokens_per_batch: micro-batches of a varying number of
-    samples (see `micro_batches`)."""
+    samples (see `micro_batches`). data.tile_dtype: uint8 hands out uint8 pixels, which the
+    consumer normalises on its device (`batch.to(device).normalized()`)."""
     data = cfg.data
     if data.sources and data.paths:
         raise ValueError("data.sources and data.paths are both set: a mixture lists its paths per source (clear data.paths)")
@@ -53,9 +55,12 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
         dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size, loop=loop)
     else:
         dataset = _example_dataset(cfg, data.kind, data, tokenizer, model_args, dp_rank, dp_size, loop=loop, seed=cfg.seed)
+    # Page-locked batches for a CUDA run: the trainer's non_blocking copies are then
+    # asynchronous (from pageable memory they are synchronous, through a staging copy).
+    pin_memory = mp.process_device(cfg.device).type == "cuda"
     if data.packing or data.max_tokens_per_batch:
-        return build_dataloader(micro_batches(cfg, dataset), batch_size=None, num_workers=data.num_workers)
-    return build_dataloader(dataset, batch_size=cfg.micro_batch_size, num_workers=data.num_workers)
+        return build_dataloader(micro_batches(cfg, dataset), batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory)
+    return build_dataloader(dataset, batch_size=cfg.micro_batch_size, num_workers=data.num_workers, pin_memory=pin_memory)
 
 
 def _example_dataset(cfg: TrainConfig, kind: str, files, tokenizer, model_args, dp_rank: int, dp_size: int, *, loop: bool, seed: int):
@@ -66,6 +71,7 @@ def _example_dataset(cfg: TrainConfig, kind: str, files, tokenizer, model_args, 
     processor = ImageProcessor(
         tile_size=data.tile_size or model_args.vision_chunk_size,
         max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
+        output=data.tile_dtype,
     )
     source = make_source(files)
     return dataset_cls(

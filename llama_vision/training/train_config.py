@@ -88,6 +88,12 @@ class DataConfig:
     least one sample, so short samples make larger micro-batches. With `packing`, a
     micro-batch is max_tokens_per_batch // max_seq_len packed rows (must be >= max_seq_len).
     Not for kind dpo."""
+    tile_dtype: Literal["float32", "uint8"] = "float32"
+    """Dtype of the image and video-frame tiles the DataLoader hands out. float32: normalised
+    tiles, as the model reads them; uint8: the resized pixels (a quarter of the host memory,
+    pinned-memory copies and host-to-device traffic), normalised on the training device
+    right after the copy to exactly the float32 values (same losses). uint8 is recommended
+    on GPU."""
 
 
 @dataclass

@@ -142,7 +142,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for batch, every_table in plans:
             with embedding_tables(self.model, every_table):
-                loss_sum = self.objective.loss_sum(batch.to(self.device, non_blocking=True))
+                # uint8 tiles (data.tile_dtype) are normalised on the device, after the copy.
+                loss_sum = self.objective.loss_sum(batch.to(self.device, non_blocking=True).normalized())
                 # A text-only micro-batch under a frozen decoder touches nothing trainable:
                 # nothing to differentiate (sync_gradients fills in zeros where other ranks
                 # have gradients).

@@ -55,7 +55,7 @@ def validate(objective, loader, device: torch.device, max_batches: int = 0, *, f
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, targets
     try:
         for batch, every_table in _held_out(loader, max_batches, device, fsdp, tile_size, model.args.vocab_size):
-            batch = batch.to(device)
+            batch = batch.to(device).normalized()  # uint8 tiles (data.tile_dtype): on the device
             with embedding_tables(model, every_table):
                 logits = objective.logits(batch).float()
             labels = batch.labels
