@@ -26,7 +26,7 @@ Rules:
 * **Overrides.** ``a.b.c=value``; the value is parsed with ``yaml.safe_load`` so ``3``,
   ``0.1``, ``true``, ``null``, ``[1, 2]`` and ``{x: 1}`` work. Overrides are applied after all
   files, in order. For a ``str`` field the override text is kept verbatim (``name=007`` gives
-  ``"007"``, not ``7``).
+  ``"007"``, not ``7``; ``prompt={question}`` gives the text, not a mapping).
 * **Types.** Values are checked against the field annotations and coerced where lossless:
   ``int``, ``float`` (also from YAML strings such as ``3e-4``, which YAML 1.1 does not read as a
   number), ``bool`` (real booleans only), ``str``, ``pathlib.Path``, ``Optional``/unions,
@@ -100,6 +100,16 @@ class _Override:
     parsed: Any
 
 
+class _OverrideMapping(dict):
+    """A CLI override that YAML reads as a mapping, with its original text: still a mapping
+    for later ``a.b=...`` overrides to merge into, and the text for a ``str`` field
+    (``prompt={question}`` is the template "{question}", not ``{"question": None}``)."""
+
+    def __init__(self, parsed: dict, text: str):
+        super().__init__(parsed)
+        self.text = text
+
+
 # --------------------------------------------------------------------------- YAML loading
 
 
@@ -167,7 +177,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         # `optim={lr: 1}` updates the section like a YAML include would, not replacing it.
         node[leaf] = _deep_merge(node[leaf], parsed)
     else:
-        node[leaf] = parsed if isinstance(parsed, dict) else _Override(text, parsed)
+        node[leaf] = _OverrideMapping(parsed, text=text) if isinstance(parsed, dict) else _Override(text, parsed)
 
 
 # --------------------------------------------------------------------------- dict -> dataclass
@@ -270,6 +280,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, _Override):
             # Keep the user's text for strings: `name=007` means "007", not the int 7.
             return value.parsed if isinstance(value.parsed, str) else value.text
+        if isinstance(value, _OverrideMapping):
+            return value.text
         if isinstance(value, str):
             return value
         raise _type_error(key, tp, value)

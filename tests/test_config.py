@@ -414,3 +414,18 @@ def test_train_help_lists_every_key_with_type_and_default():
     short = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--config", "x.yaml", "-h"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, check=True)
     assert short.stdout == out
+
+
+def test_str_override_that_yaml_reads_as_a_mapping_keeps_its_text():
+    from dataclasses import dataclass, field
+
+    from llama_vision.config import load_config
+
+    @dataclass
+    class Task:
+        prompt: str = ""
+        data: dict = field(default_factory=dict)
+
+    t = load_config(Task, None, ["prompt={question}", "data={format: jsonl}", "data.path=x.jsonl"])
+    assert t.prompt == "{question}"
+    assert t.data == {"format": "jsonl", "path": "x.jsonl"}  # a mapping still merges later keys

@@ -346,6 +346,18 @@ def test_extreme_shapes_load_and_tile():
         assert torch.isfinite(tiles).all()
 
 
+def test_truncated_jpeg_fails_even_when_another_library_allows_truncated_images(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as lmms-eval sets it on import
+    data = encode(make_image(300, 200), "JPEG", quality=90)
+    path = tmp_path / "truncated.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is left as it was
+
+
 def test_truncated_jpeg_names_file(tmp_path):
     data = encode(make_image(300, 200), "JPEG", quality=90)
     path = tmp_path / "truncated.jpg"

@@ -19,7 +19,7 @@ import warnings
 from typing import BinaryIO, Literal, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 AlphaMode = Literal["drop", "white"]
@@ -153,8 +153,14 @@ def load_image(source: ImageSource, alpha: AlphaMode = "drop") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         # PIL decodes lazily; load() forces the full decode now so truncated or corrupt
-        # data fails here, with the file name, rather than later inside a resize.
-        image.load()
+        # data fails here, with the file name, rather than later inside a resize. Strictly:
+        # libraries imported alongside (lmms-eval does, at import) may set PIL's global
+        # LOAD_TRUNCATED_IMAGES, which would pad a truncated file with grey instead.
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            image.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
     except Image.DecompressionBombError as error:
         raise ImageLoadError.from_cause(name, error) from None
     except Image.UnidentifiedImageError:
