@@ -26,6 +26,13 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers", "flash-attn"],
-        "dev": ["pytest", "hypothesis", "transformers==5.23.0", "open_clip_torch"],
+        # The evaluation harness's parquet reader (the published benchmark snapshots).
+        "eval": ["pyarrow"],
+        # lmms-eval itself is installed with --no-deps (its pins: av<16, wandb, opencv, ...);
+        # these are what its metric, task and evaluator modules import.
+        "dev": ["pytest", "hypothesis", "transformers==5.23.0", "open_clip_torch", "pyarrow", "datasets",
+                "loguru", "sacrebleu", "evaluate", "accelerate", "tenacity", "pytz"],
     },
+    # `python -m lmms_eval --model llama_vision` runs llama_vision.eval.lmms_eval_model.
+    entry_points={"lmms_eval.models": ["llama_vision = llama_vision.eval.lmms_eval_model:lmms_eval_manifest"]},
 )

@@ -64,7 +64,8 @@ def _contiguous_weight_in_state_dict(module, state_dict, prefix, local_metadata)
 
 
 class Generator:
-    """`Generator(model, tokenizer=None, compile=False)`; rows may carry 0..many images each.
+    """`Generator(model, tokenizer=None, compile=False, streaming_layout=True)`; rows may carry
+    0..many images each.
 
     On CPU the model's widening decoder projections are re-laid out for decoding (see
     `use_streaming_layout`): same weights, faster one-row steps.
@@ -80,14 +81,16 @@ class Generator:
 
     CACHE_BUCKET = 256
 
-    def __init__(self, model, tokenizer=None, *, compile: bool = False):
+    def __init__(self, model, tokenizer=None, *, compile: bool = False, streaming_layout: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.compile = compile
         self._compiled_step = None
         self._static_caches: dict[tuple, list] = {}
         self._static_media: dict[tuple, torch.Tensor] = {}
-        if self.device.type == "cpu":
+        # Not for a model in training (the evaluation hook): its parameters belong to the
+        # optimizer and, under FSDP, to their shards.
+        if streaming_layout and self.device.type == "cpu":
             use_streaming_layout(model)
 
     @property

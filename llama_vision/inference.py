@@ -49,14 +49,17 @@ def teardown() -> None:
         mp.destroy_model_parallel()
 
 
-def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16") -> Generator:
-    """Join the TP group when launched by torchrun, load model + tokenizer, -> Generator."""
+def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16", tp: int | None = None) -> Generator:
+    """Join the process groups when launched by torchrun, load model + tokenizer, ->
+    Generator. tp: the tensor-parallel degree (default: every process of the job); the
+    remaining factor of the world size is data-parallel (e.g. evaluation shards)."""
     from .checkpoint import load_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = world if tp is None else tp
     device = mp.process_device(device)  # default: this process's local GPU, else the CPU
     if world > 1:
-        mp.init_model_parallel(world, device=device)
+        mp.init_model_parallel(tp, device=device)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -65,7 +68,7 @@ def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dt
     tok_path = tokenizer or str(Path(ckpt) / "tokenizer.model")
     if not Path(tok_path).exists():
         raise FileNotFoundError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
-    model = load_model(ckpt, tp=world, device=device, dtype=torch_dtype)
+    model = load_model(ckpt, tp=tp, device=device, dtype=torch_dtype)
     return Generator(model, load_tokenizer(tok_path))
 
 

@@ -1,0 +1,1 @@
+"""Evaluation harness: tasks, readers, metrics, runner."""
