@@ -68,22 +68,14 @@ def write_colour_world(root: Path, n_train: int, n_test: int, n_videos: int = 0,
             "videos": str(root / "videos.jsonl"), "test_videos": test_clips}
 
 
-def train_colour_checkpoint(root: Path, image_steps: int = 200, video_steps: int = 40) -> tuple[Path, dict]:
-    """-> (the final checkpoint folder of the colour model, its data); reused when present."""
-    from llama_vision.config import load_config
-    from llama_vision.training.train_config import TrainConfig
-    from llama_vision.training.trainer import train
-
-    world_file = root / "world.json"
-    if (root / "video" / "final" / "params.json").exists() and world_file.exists():
-        return root / "video" / "final", json.loads(world_file.read_text())
-    world = write_colour_world(root / "data", n_train=512, n_test=24, n_videos=48, n_test_videos=10)
-    overrides = {
+def sft_overrides(world: dict, out: Path, steps: int, init_from: str | None = None) -> list[str]:
+    """Training-config overrides of the colour SFT run (from scratch, or from `init_from`)."""
+    keys = {
         "model": str(ROOT / "configs/model/tiny.yaml"),
         "tokenizer": world["tokenizer"],
-        "output_dir": str(root / "image"),
+        "output_dir": str(out),
         "stage": "sft",
-        "max_steps": image_steps,
+        "max_steps": steps,
         "checkpoint_every": 100000,
         "micro_batch_size": 16,
         "tensorboard": "false",
@@ -98,22 +90,37 @@ def train_colour_checkpoint(root: Path, image_steps: int = 200, video_steps: int
         "optim.lr": 3.0e-3,
         "optim.warmup_steps": 10,
     }
-    train(load_config(TrainConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
-    video = {
-        **overrides,
-        "stage": "video_pretrain",
-        "init_from": str(root / "image" / "final"),
-        "output_dir": str(root / "video"),
-        "max_steps": video_steps,
-        "micro_batch_size": 8,
-        "trainable": "{decoder: false, vision: false, adapters: false, video: true}",
-        "data.kind": "video_jsonl",
-        "data.paths": f'["{world["videos"]}"]',
-        "data.max_seq_len": 16,
-        "video": "{num_frames: 8, frames_per_group: 4, tiles_per_frame: 1, n_latents: 4, depth: 1, heads: 4, every_k_image_layers: 1}",
-        "optim.gate_lr_multiplier": 20,
-    }
-    train(load_config(TrainConfig, None, [f"{k}={v}" for k, v in video.items()]))
+    if init_from is not None:
+        keys["init_from"] = init_from
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def train_colour_checkpoint(root: Path, image_steps: int = 200, video_steps: int = 40) -> tuple[Path, dict]:
+    """-> (the final checkpoint folder of the colour model, its data); reused when present."""
+    from llama_vision.config import load_config
+    from llama_vision.training.train_config import TrainConfig
+    from llama_vision.training.trainer import train
+
+    world_file = root / "world.json"
+    if (root / "video" / "final" / "params.json").exists() and world_file.exists():
+        return root / "video" / "final", json.loads(world_file.read_text())
+    world = write_colour_world(root / "data", n_train=512, n_test=24, n_videos=48, n_test_videos=10)
+    image = sft_overrides(world, root / "image", image_steps)
+    train(load_config(TrainConfig, None, image))
+    video = image + [
+        "stage=video_pretrain",
+        f"init_from={root / 'image' / 'final'}",
+        f"output_dir={root / 'video'}",
+        f"max_steps={video_steps}",
+        "micro_batch_size=8",
+        "trainable={decoder: false, vision: false, adapters: false, video: true}",
+        "data.kind=video_jsonl",
+        f'data.paths=["{world["videos"]}"]',
+        "data.max_seq_len=16",
+        "video={num_frames: 8, frames_per_group: 4, tiles_per_frame: 1, n_latents: 4, depth: 1, heads: 4, every_k_image_layers: 1}",
+        "optim.gate_lr_multiplier=20",
+    ]
+    train(load_config(TrainConfig, None, video))
     world = {k: (str(v) if isinstance(v, Path) else v) for k, v in world.items()}
     world_file.write_text(json.dumps(world))
     return root / "video" / "final", world

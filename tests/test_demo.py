@@ -45,6 +45,13 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
         assert Path(png).exists() and Path(png).stat().st_size > 0
     assert (work / "data" / "tokenizer.model").exists()
     assert "ground truth:" in proc.stdout
+    # The scores come from the evaluation harness (one scoring path): its results.json.
+    harness = {(kind, run): json.loads((work / "eval" / kind / run / "results.json").read_text())["tasks"]
+               for kind in ("images", "videos") for run in ("model", "control")}
+    assert harness["images", "model"]["shapes_image_captions"]["score"] == metrics["image_caption_accuracy"]
+    assert harness["images", "control"]["shapes_image_captions"]["score"] == metrics["control_image_caption_accuracy"]
+    assert harness["videos", "model"]["shapes_video_captions"]["score"] == metrics["video_direction_accuracy"]
+    assert harness["videos", "model"]["shapes_video_forced_choice"]["score"] == metrics["video_direction_forced_choice_accuracy"]
 
     # A second run reuses the data, the tokenizer and the finished stages.
     tok_mtime = (work / "data" / "tokenizer.model").stat().st_mtime

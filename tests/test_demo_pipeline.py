@@ -1,5 +1,5 @@
 """The demo pipeline's pieces in-process: the stage-0 text corpus, stage reuse keys and
-the forced-choice direction score."""
+the forced-choice direction score (the harness's option log-likelihood)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import torch
 
 from _helpers import tiny_model
 from examples.shapes_demo import pipeline
-from examples.shapes_demo.pipeline import DemoOptions, forced_choice_directions, prepare_data, run_stage
-from llama_vision.data.synthetic.shapes import DIRECTIONS
+from examples.shapes_demo.pipeline import DemoOptions, direction_choices, direction_index, prepare_data, run_stage
+from llama_vision.eval.loglikelihood import continuation_logprobs
 from llama_vision.model import zero_gates
 from llama_vision.model.video import VideoConfig, add_video_adapters
 
@@ -93,7 +93,9 @@ def _tiny_video_model():
     return model.eval()
 
 
-def test_forced_choice_directions_matches_scoring_each_caption_alone():
+def test_forced_choice_log_likelihoods_match_scoring_each_caption_alone():
+    """The harness's batched continuation log-likelihood (all four direction captions of
+    every clip in one forward) == each caption scored alone, by hand."""
     model, tok = _tiny_video_model(), _WordTokenizer()
     size = model.args.vision_chunk_size
     g = torch.Generator().manual_seed(0)
@@ -102,29 +104,27 @@ def test_forced_choice_directions_matches_scoring_each_caption_alone():
     frames = torch.tensor([[4], [3], [4]])
     captions = ["the red circle moves left.", "the blue square moves up.", "the green triangle moves down."]
     token = model.modalities["video"].token_id
-    picks = forced_choice_directions(model, tok, token, {"video": (videos, ratios, frames)}, captions)
+    context = [token, tok.bos_id]
+    rows = [(i, c) for i in range(3) for c in direction_choices(captions[i])]
+    media = {"video": tuple(t[[i for i, _ in rows]] for t in (videos, ratios, frames))}
+    got = continuation_logprobs(model, [context] * len(rows), [tok.encode(c, bos=False, eos=False) for _, c in rows], media)
 
-    want = []
-    for i, caption in enumerate(captions):
-        scores = []
-        for d in DIRECTIONS:
-            ids = [token, tok.bos_id, *tok.encode(caption.rsplit(" ", 1)[0] + f" {d}.", bos=False, eos=False), tok.eos_id]
-            media = {"video": (videos[i : i + 1], ratios[i : i + 1], frames[i : i + 1])}
-            with torch.no_grad():
-                logits = model(torch.tensor([ids]), media_inputs=media)[0].double()
-            scores.append(sum(torch.log_softmax(logits[k], -1)[ids[k + 1]].item() for k in range(1, len(ids) - 1)))
-        want.append(DIRECTIONS[max(range(len(DIRECTIONS)), key=scores.__getitem__)])
-    assert picks == want
+    for (i, caption), (logp, _) in zip(rows, got):
+        ids = [*context, *tok.encode(caption, bos=False, eos=False)]
+        one = {"video": (videos[i : i + 1], ratios[i : i + 1], frames[i : i + 1])}
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), media_inputs=one)[0].double()
+        want = sum(torch.log_softmax(logits[k], -1)[ids[k + 1]].item() for k in range(1, len(ids) - 1))
+        assert abs(logp - want) < 1e-4, (caption, logp, want)
 
-    # With the gates at 0 the video cannot matter: the same caption gets the same pick.
+    # With the gates at 0 the video cannot matter: the same caption gets the same scores.
     zero_gates(model)
-    same = ["the red circle moves left."] * 3
-    assert len(set(forced_choice_directions(model, tok, token, {"video": (videos, ratios, frames)}, same))) == 1
+    same = continuation_logprobs(model, [context] * 3, [tok.encode(captions[0], bos=False, eos=False)] * 3,
+                                 {"video": (videos, ratios, frames)})
+    assert max(x for x, _ in same) - min(x for x, _ in same) < 1e-5
 
 
-def test_forced_choice_directions_rejects_a_foreign_caption():
-    model = _tiny_video_model()
-    size = model.args.vision_chunk_size
-    media = {"video": (torch.zeros(1, 1, 4, 1, 3, size, size), torch.ones(1, 1, 2, dtype=torch.long), torch.tensor([[4]]))}
+def test_direction_choices_reject_a_foreign_caption():
+    assert direction_choices("the red circle moves up.")[direction_index("the red circle moves up.")] == "the red circle moves up."
     with pytest.raises(ValueError, match="not a shapes-world video caption"):
-        forced_choice_directions(model, _WordTokenizer(), model.modalities["video"].token_id, media, ["a red circle at the top left."])
+        direction_choices("a red circle at the top left.")

@@ -259,3 +259,59 @@ def test_task_prompts_and_answer_extraction():
     assert vqav2.max_new_tokens == 3 and vqav2.prompt.endswith("Question: {question}")
     for name in ("vqav2", "textvqa", "docvqa", "chartqa", "ai2d", "mmmu", "video_mc", "perceptiontest", "nextqa", "tvqa"):
         load_task(name, ROOT / "configs/eval")  # every shipped task config is valid
+
+
+def test_training_scores_harness_tasks_without_changing_the_run(colour_model, tmp_path):
+    """eval_harness.every: each task's score is in that step's metrics row, predictions in
+    output_dir/eval/step_N/, and the run trains exactly as without it (same losses, same
+    weights: the hook only reads the model)."""
+    import torch
+
+    from _eval_fixture import sft_overrides
+    from llama_vision.config import load_config
+    from llama_vision.training.train_config import TrainConfig
+    from llama_vision.training.trainer import train
+
+    ckpt, world = colour_model
+    rows = [{"id": r["id"], "image": str(Path(world["root"]) / r["image"]), "question": r["question"], "answers": r["answers"]}
+            for r in world["test"][:8]]
+    (tmp_path / "colour.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "colour.yaml").write_text("data: {format: jsonl, path: colour.jsonl}\nprompt: '{question}'\nmax_new_tokens: 4\nmetric: exact_match\n")
+
+    def run(out: Path, *harness: str) -> list[dict]:
+        keys = sft_overrides(world, out, steps=4, init_from=str(Path(ckpt).parent.parent / "image" / "final"))
+        train(load_config(TrainConfig, None, [*keys, "optim.lr=1e-4", *harness]))
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    plain = run(tmp_path / "plain")
+    scored = run(tmp_path / "scored", f"eval_harness.tasks=[{tmp_path / 'colour.yaml'}]", "eval_harness.every=2",
+                 f"eval_harness.data_root={tmp_path}", "eval_harness.limit=6")
+    assert [r["loss"] for r in scored] == [r["loss"] for r in plain]
+    by_step = {r["step"]: r for r in scored}
+    assert {s for s, r in by_step.items() if "eval/colour" in r} == {2, 4}
+    assert by_step[4]["eval/colour"] >= 0.8  # the trained model still answers
+    results = json.loads((tmp_path / "scored/eval/step_4/results.json").read_text())
+    assert results["tasks"]["colour"]["n"] == 6 and results["run"]["step"] == 4
+    from llama_vision.checkpoint import load_model
+
+    final = [load_model(str(out / "final"), device="cpu").state_dict() for out in (tmp_path / "plain", tmp_path / "scored")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_training_hook_under_fsdp_two_processes(colour_model, tmp_path):
+    """FSDP (DP=2): every forward is a collective, so both ranks run every sample in the same
+    batches; the hook must neither hang nor disturb the sharded training that follows it."""
+    from _eval_fixture import sft_overrides
+
+    ckpt, world = colour_model
+    rows = [{"id": r["id"], "image": str(Path(world["root"]) / r["image"]), "question": r["question"], "answers": r["answers"]}
+            for r in world["test"][:6]]
+    (tmp_path / "colour.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "colour.yaml").write_text("data: {format: jsonl, path: colour.jsonl}\nprompt: '{question}'\nmax_new_tokens: 4\nmetric: exact_match\n")
+    keys = sft_overrides(world, tmp_path / "out", steps=2, init_from=str(Path(ckpt).parent.parent / "image" / "final"))
+    _run(["tools/train.py", *keys, "micro_batch_size=4", "optim.lr=1e-4", "save_final=false", f"eval_harness.tasks=[{tmp_path / 'colour.yaml'}]",
+          "eval_harness.every=1", f"eval_harness.data_root={tmp_path}"], nproc=2)
+    rows = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/colour" in r] == [1, 2]
+    assert all(r["eval/colour"] >= 0.8 and r["loss"] < 0.5 for r in rows)
+    assert json.loads((tmp_path / "out/eval/step_2/results.json").read_text())["tasks"]["colour"]["n"] == 6

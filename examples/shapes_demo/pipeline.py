@@ -6,8 +6,10 @@
    (image + video captions, no media) -> ``DIR/stage0/final`` = "the pretrained LLM".
 3. stage 1 (``demo_image.yaml``): decoder frozen, ViT + gated cross-attention trained.
 4. stage 2 (``demo_video.yaml``): only the video parameters trained.
-5. held-out evaluation (+ control runs with every cross-attention gate forced to 0, and a
-   bitwise check that the decoder never changed) -> ``DIR/metrics.json`` (atomic write).
+5. held-out evaluation through the evaluation harness (``llama_vision.eval``: predictions
+   and results.json in ``DIR/eval/{images,videos}/{model,control}/``) + control runs with every
+   cross-attention gate forced to 0, and a bitwise check that the decoder never changed
+   -> ``DIR/metrics.json`` (atomic write).
 6. ``tools/infer_image.py`` / ``tools/infer_video.py`` on a few held-out samples.
 
 Each stage runs ``tools/train.py`` in a subprocess (the same command a user would type).
@@ -189,96 +191,89 @@ def _load(ckpt: Path):
     return Generator(model, load_tokenizer(str(ckpt / "tokenizer.model")))
 
 
-def eval_images(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 16, max_new_tokens: int = 48) -> tuple[float, list[str]]:
-    from PIL import Image
-    from tqdm.auto import tqdm
+def _harness_task(name: str, rows: list[dict], out_dir: Path, max_new_tokens: int, metric: str, mode: str = "generate"):
+    """A raw-prompt (<|image|> or <|video|>, <|begin_of_text|>, then the model's caption)
+    task of the evaluation harness over ``rows`` (generic JSONL, written to out_dir)."""
+    from llama_vision.eval.tasks import TaskConfig
 
-    from llama_vision.data.synthetic.shapes import caption_accuracy
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return TaskConfig(name=name, data={"format": "jsonl", "path": str(path)}, prompt="", chat=False,
+                      max_new_tokens=max_new_tokens, metric=metric, mode=mode)
+
+
+def _score(ckpt: Path, tasks: list, out_dir: Path, control: bool, batch_size: int) -> dict[str, list[dict]]:
+    """Run the harness (llama_vision/eval/runner.py, the one scoring path) on ``tasks`` ->
+    predictions.jsonl rows per task; control: every cross-attention gate forced to 0."""
+    import shutil
+
+    from llama_vision.eval.runner import evaluate
     from llama_vision.model import zero_gates
 
     gen = _load(ckpt)
     if control:
         zero_gates(gen.model)
-    tok = gen.tokenizer
-    rows = _read_jsonl(test_jsonl)
+    out = out_dir / ("control" if control else "model")
+    shutil.rmtree(out, ignore_errors=True)  # a retrained stage: never resume stale predictions
+    evaluate(gen, tasks, out_dir, out, batch_size=batch_size, run_info={"ckpt": str(ckpt), "control": control}, log=lambda *_: None)
+    return {t.name: [json.loads(x) for x in (out / t.name / "predictions.jsonl").read_text().splitlines()] for t in tasks}
+
+
+def _mean_score(records: list[dict]) -> float:
+    return sum(r["score"] for r in records) / len(records)
+
+
+def eval_images(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 16, max_new_tokens: int = 48,
+                out_dir: Path | None = None) -> tuple[float, list[str]]:
+    """-> (caption accuracy of the generated captions, the captions), through the harness
+    (out_dir: its outputs, default WORKDIR/eval/images)."""
     root = Path(test_jsonl).parent
-    preds: list[str] = []
-    for i in tqdm(range(0, len(rows), batch_size), desc="eval images" + (" (gates=0)" if control else ""), unit="batch"):
-        chunk = rows[i : i + batch_size]
-        images = [[Image.open(root / r["image"]).convert("RGB")] for r in chunk]
-        tokens = [[tok.image_token_id, tok.bos_id] for _ in chunk]
-        out = gen.generate(tokens, images, max_new_tokens=max_new_tokens, stop_tokens=list(tok.stop_tokens))
-        preds += [tok.decode(o) for o in out]
-    return caption_accuracy(preds, [r["caption"] for r in rows]), preds
+    rows = [{"id": f"{i:05d}", "image": str(root / r["image"]), "question": "", "answers": [r["caption"]]}
+            for i, r in enumerate(_read_jsonl(test_jsonl))]
+    out_dir = out_dir or Path(ckpt).parent.parent / "eval" / "images"
+    task = _harness_task("shapes_image_captions", rows, out_dir, max_new_tokens, "shapes_caption")
+    records = _score(ckpt, [task], out_dir, control, batch_size)[task.name]
+    return _mean_score(records), [r["raw_prediction"] for r in records]
 
 
-def eval_videos(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 8, max_new_tokens: int = 16) -> tuple[float, float, list[str]]:
+def eval_videos(ckpt: Path, test_jsonl: str, control: bool, batch_size: int = 8, max_new_tokens: int = 16,
+                out_dir: Path | None = None) -> tuple[float, float, list[str]]:
     """-> (direction accuracy of the generated captions, forced-choice direction accuracy,
-    generated captions). Forced choice: of the four captions that differ only in the
-    direction ("the red circle moves left." / right / up / down), the one the model gives
-    the highest log-likelihood; it always names a direction, so a model that ignores the
-    video scores chance (0.25 on the balanced test set) instead of 0."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from llama_vision.data.synthetic.shapes import direction_accuracy
-    from llama_vision.model import zero_gates
-    from llama_vision.model.video import VideoConfig, video_inputs_from_paths
-
-    gen = _load(ckpt)
-    if control:
-        zero_gates(gen.model)
-    tok, model = gen.tokenizer, gen.model
-    cfg = VideoConfig(**model.args.video)
-    token = model.modalities["video"].token_id
-    rows = _read_jsonl(test_jsonl)
+    generated captions), through the harness. Forced choice: of the four captions that
+    differ only in the direction ("the red circle moves left." / right / up / down), the one
+    the model gives the highest log-likelihood (the harness's loglikelihood mode); it always
+    names a direction, so a model that ignores the video scores chance (0.25 on the balanced
+    test set) instead of 0."""
     root = Path(test_jsonl).parent
-    preds: list[str] = []
-    forced_right = 0
-    for i in tqdm(range(0, len(rows), batch_size), desc="eval videos" + (" (gates=0)" if control else ""), unit="batch"):
-        chunk = rows[i : i + batch_size]
-        videos, ratios, frames = video_inputs_from_paths(
-            [[str(root / r["video"])] for r in chunk], cfg, model.args.vision_chunk_size, model.args.vision_max_num_chunks
-        )
-        media = {"video": (videos.to(torch.float32), ratios, frames)}
-        tokens = [[token, tok.bos_id] for _ in chunk]
-        out = gen.generate_from_tensors(tokens, media_inputs=media, max_new_tokens=max_new_tokens, stop_tokens=list(tok.stop_tokens))
-        preds += [tok.decode(o) for o in out]
-        picks = forced_choice_directions(model, tok, token, media, [r["caption"] for r in chunk])
-        forced_right += sum(p == r["direction"] for p, r in zip(picks, chunk))
-    return direction_accuracy(preds, [r["caption"] for r in rows]), forced_right / len(rows), preds
+    test = _read_jsonl(test_jsonl)
+    captions = [{"id": f"{i:05d}", "video": str(root / r["video"]), "question": "", "answers": [r["caption"]]} for i, r in enumerate(test)]
+    choices = [{**c, "choices": direction_choices(r["caption"]), "answer": direction_index(r["caption"])} for c, r in zip(captions, test)]
+    out_dir = out_dir or Path(ckpt).parent.parent / "eval" / "videos"
+    tasks = [_harness_task("shapes_video_captions", captions, out_dir, max_new_tokens, "shapes_direction"),
+             _harness_task("shapes_video_forced_choice", choices, out_dir, 1, "multiple_choice", mode="loglikelihood")]
+    records = _score(ckpt, tasks, out_dir, control, batch_size)
+    generated, forced = records[tasks[0].name], records[tasks[1].name]
+    return _mean_score(generated), _mean_score(forced), [r["raw_prediction"] for r in generated]
 
 
-def forced_choice_directions(model, tok, video_token: int, media: dict, captions: list[str]) -> list[str]:
-    """For each clip (media["video"] holds one per caption) the direction whose caption --
-    the true one with its direction swapped -- has the highest summed log-probability
-    after `<|video|><|begin_of_text|>`."""
-    import torch
-
+def direction_choices(caption: str) -> list[str]:
+    """The four captions that differ from ``caption`` only in the direction, in DIRECTIONS order."""
     from llama_vision.data.synthetic.shapes import DIRECTIONS, parse_video_caption, video_caption
 
-    n = len(DIRECTIONS)
-    seqs = []
-    for caption in captions:
-        parsed = parse_video_caption(caption)
-        if parsed is None:
-            raise ValueError(f"not a shapes-world video caption: {caption!r}")
-        colour, kind, _ = parsed
-        for d in DIRECTIONS:
-            seqs.append([video_token, tok.bos_id, *tok.encode(video_caption(colour, kind, d), bos=False, eos=False), tok.eos_id])
-    width = max(len(x) for x in seqs)
-    tokens = torch.full((len(seqs), width), tok.eos_id, dtype=torch.long)
-    target_mask = torch.zeros(len(seqs), width - 1, dtype=torch.bool)
-    for j, x in enumerate(seqs):
-        tokens[j, : len(x)] = torch.tensor(x)
-        target_mask[j, 1 : len(x) - 1] = True  # every caption token after <|begin_of_text|>
-    videos, ratios, frames = media["video"]
-    repeated = {"video": (videos.repeat_interleave(n, 0), ratios.repeat_interleave(n, 0), frames.repeat_interleave(n, 0))}
-    with torch.no_grad():
-        logp = torch.log_softmax(model(tokens, media_inputs=repeated)[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, tokens[:, 1:, None])[..., 0]
-    scores = (token_logp * target_mask).sum(-1).view(len(captions), n)
-    return [DIRECTIONS[k] for k in scores.argmax(-1).tolist()]
+    parsed = parse_video_caption(caption)
+    if parsed is None:
+        raise ValueError(f"not a shapes-world video caption: {caption!r}")
+    colour, kind, _ = parsed
+    return [video_caption(colour, kind, d) for d in DIRECTIONS]
+
+
+def direction_index(caption: str) -> int:
+    from llama_vision.data.synthetic.shapes import DIRECTIONS, parse_video_caption
+
+    return DIRECTIONS.index(parse_video_caption(caption)[2])
 
 
 def decoder_unchanged(a: Path, b: Path) -> bool:

@@ -448,6 +448,18 @@ def mmmu_accuracy(prediction: str, answer, question_type: str, choices: Sequence
 Score = Callable[[str, Sequence[str], "Sequence[str] | None", dict], float]
 
 
+def _shapes_caption(pred, answers, choices, meta):
+    from llama_vision.data.synthetic.shapes import caption_accuracy
+
+    return caption_accuracy(pred, answers[0])
+
+
+def _shapes_direction(pred, answers, choices, meta):
+    from llama_vision.data.synthetic.shapes import direction_accuracy
+
+    return direction_accuracy(pred, answers[0])
+
+
 def _mmmu_score(pred, answers, choices, meta):
     answer = answers[0] if len(answers) == 1 else list(answers)
     return mmmu_accuracy(pred, answer, meta["question_type"], choices)
@@ -463,6 +475,10 @@ METRICS: dict[str, Score] = {
         pred, answers[0] if answers else "", choices),
     "mmmu": _mmmu_score,
     "exact_match": lambda pred, answers, choices, meta: exact_match(pred, answers),
+    # The CPU demo's shapes world (llama_vision/data/synthetic/shapes.py): the caption's set of
+    # (colour, kind, position) triples, and a video caption's direction.
+    "shapes_caption": _shapes_caption,
+    "shapes_direction": _shapes_direction,
 }
 """Metric name (as written in task YAMLs) -> ``score(prediction, answers, choices, meta) -> float``.
 ``multiple_choice`` reads the gold letter from ``answers[0]``; ``relaxed_accuracy`` takes the max over

@@ -47,7 +47,8 @@ class TaskConfig:
     """Generation budget per answer."""
     metric: str = "exact_match"
     """A name in llama_vision.eval.metrics.METRICS (vqa_accuracy, vqa_accuracy_lmms_eval,
-    anls, relaxed_accuracy, multiple_choice, mmmu, exact_match)."""
+    anls, relaxed_accuracy, multiple_choice, mmmu, exact_match; the demo's shapes_caption,
+    shapes_direction)."""
     answer_extraction: Literal["none", "final_answer"] = "none"
     """none: the whole answer, stripped; final_answer: the text after the last "FINAL
     ANSWER:" (Meta's chain-of-thought prompts for ChartQA and AI2D), else the whole answer."""

@@ -10,35 +10,14 @@ benchmark is ``tools/eval.py`` on a saved checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
-
-import torch
+from typing import Callable
 
 from llama_vision.eval.runner import Shard, evaluate
 from llama_vision.eval.tasks import TaskConfig, load_tasks
 from llama_vision.generation import Generator
 
-
-@dataclass
-class HarnessConfig:
-    """Evaluation-harness tasks run during training (llama_vision/eval, configs/eval)."""
-
-    tasks: list[str] = field(default_factory=list)
-    """Task names (in `task_dir`) or task YAML paths; empty: off."""
-    every: int = 0
-    """Run the tasks every this many optimizer steps (0: off)."""
-    data_root: str = "."
-    """Folder the tasks' data paths are relative to (tools/eval.py's --data-root)."""
-    task_dir: str = "configs/eval"
-    """Where task names are looked up."""
-    limit: Optional[int] = 64
-    """At most this many samples per task (null: the whole task)."""
-    batch_size: int = 8
-    """Samples generated together."""
-    overrides: list[str] = field(default_factory=list)
-    """Task config overrides, key=value (every task) or TASK.key=value."""
+from .train_config import HarnessConfig
 
 
 def harness_tasks(cfg: HarnessConfig) -> list[TaskConfig]:
@@ -49,7 +28,7 @@ def harness_tasks(cfg: HarnessConfig) -> list[TaskConfig]:
 
 
 def run_harness(model, tokenizer, tasks: list[TaskConfig], cfg: HarnessConfig, out_dir: Path, step: int, rank: int,
-                autocast: Callable = torch.autocast) -> dict[str, float]:
+                autocast: Callable) -> dict[str, float]:
     """Score ``model`` (restored to training mode after) -> {"eval/<task>": score}."""
     was_training = model.training
     model.eval()

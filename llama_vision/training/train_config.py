@@ -199,6 +199,29 @@ class VideoTrainConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """Evaluation-harness tasks run during training (llama_vision/eval, configs/eval):
+    each task's score is logged as eval/<task> in that step's metrics row; predictions and
+    results.json go to output_dir/eval/step_<N>/ (llama_vision/training/eval_hook.py)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names (in `task_dir`) or task YAML paths; empty: off."""
+    every: int = 0
+    """Run the tasks every this many optimizer steps (0: off); also after the last step."""
+    data_root: str = "."
+    """Folder the tasks' data paths are relative to (tools/eval.py's --data-root)."""
+    task_dir: str = "configs/eval"
+    """Where task names are looked up."""
+    limit: Optional[int] = 64
+    """At most this many samples per task (null: the whole task): a progress signal; the
+    full benchmark is tools/eval.py on a saved checkpoint."""
+    batch_size: int = 8
+    """Samples generated together."""
+    overrides: list[str] = field(default_factory=list)
+    """Task config overrides, key=value (every task) or TASK.key=value."""
+
+
+@dataclass
 class TrainConfig:
     """One training run (top-level keys), with its sections below."""
 
@@ -321,3 +344,5 @@ class TrainConfig:
     """DPO settings (stage dpo)."""
     video: VideoTrainConfig = field(default_factory=VideoTrainConfig)
     """Video modality shape (video_* stages)."""
+    eval_harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """Benchmark tasks scored by generation during training (every `eval_harness.every` steps)."""

@@ -27,6 +27,7 @@ from .build import build_training_model, is_gate  # noqa: F401 - is_gate: part o
 from .checkpointing import CheckpointManager
 from .dcp_checkpoint import DistributedCheckpointer
 from .data import build_loader
+from .eval_hook import harness_tasks, run_harness
 from .flops import step_flops, step_shape_from_batch, trainable_from_model
 from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, global_batch_line, peak_flops_for_device
 from .objectives import build_objective
@@ -80,6 +81,7 @@ class Trainer:
         # Checked now (a config error should not wait for the first validation); each
         # validation reads the held-out set from its start with a fresh loader.
         self.validating = eval_enabled(cfg)
+        self.harness = harness_tasks(cfg.eval_harness)  # benchmark tasks by generation (none: off)
         self.ckpt = DistributedCheckpointer(
             CheckpointManager(self.out, keep_last=cfg.keep_last, rank=self.rank, world_size=world, barrier=mp.barrier),
             async_save=cfg.checkpoint_async,
@@ -242,9 +244,13 @@ class Trainer:
                 if validating:  # in the same metrics row as this step's training metrics
                     loader = build_eval_loader(cfg, self.tokenizer, self.model.args)
                     last.update(validate(self.objective, loader, self.device, cfg.eval_max_batches, fsdp=self.fsdp, tile_size=self._tile_size))
+                scoring = bool(self.harness) and (self.step % cfg.eval_harness.every == 0 or self.step == cfg.max_steps)
+                if scoring:
+                    last.update(run_harness(self.model, self.tokenizer, self.harness, cfg.eval_harness, self.out, self.step,
+                                            self.rank, self.autocast))
                 meter.update(last["tokens"], last["images"], last["step_time_s"], last["flops_per_gpu"])
                 rates = meter.summary()
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite or validating:
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or not finite or validating or scoring:
                     logger.log(self.step, **{**last, **rates, **self._mfu(rates), **self._peak_memory()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", skipped=last["skipped_samples"])
