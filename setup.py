@@ -28,11 +28,16 @@ setup(
         "gpu": ["xformers", "flash-attn"],
         # The evaluation harness's parquet reader (the published benchmark snapshots).
         "eval": ["pyarrow"],
+        # The OpenAI-compatible server (tools/serve.py).
+        "serve": ["fastapi>=0.100", "uvicorn>=0.23"],
         # lmms-eval itself is installed with --no-deps (its pins: av<16, wandb, opencv, ...);
-        # these are what its metric, task and evaluator modules import.
+        # these are what its metric, task, evaluator and CLI modules import (its evaluator
+        # imports filelock._api, which filelock 4 removed).
         "dev": ["pytest", "hypothesis", "transformers==5.23.0", "open_clip_torch", "pyarrow", "datasets",
-                "loguru", "sacrebleu", "evaluate", "accelerate", "tenacity", "pytz"],
+                "loguru", "sacrebleu", "evaluate", "accelerate", "tenacity", "pytz", "filelock<4", "pytablewriter",
+                "fastapi>=0.100", "uvicorn>=0.23", "openai>=1.0", "playwright>=1.40"],
     },
+    package_data={"llama_vision.serving": ["static/*.html"]},
     # `python -m lmms_eval --model llama_vision` runs llama_vision.eval.lmms_eval_model.
     entry_points={"lmms_eval.models": ["llama_vision = llama_vision.eval.lmms_eval_model:lmms_eval_manifest"]},
 )

@@ -26,3 +26,13 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def shapes_corpus(tmp_path_factory) -> dict:
     return make_shapes_corpus(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def colour_model(tmp_path_factory):
+    """(checkpoint dir, its data) of a tiny model trained to name a shape's colour, in images
+    (chat format) and videos (raw captions): tests/_eval_fixture.py. Trained once per session
+    (~30-60 s) and shared by the evaluation, lmms-eval and serving tests."""
+    from _eval_fixture import train_colour_checkpoint
+
+    return train_colour_checkpoint(tmp_path_factory.mktemp("colour_model"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from _eval_fixture import QUESTION, train_colour_checkpoint
+from _eval_fixture import QUESTION
 from _helpers import ROOT
 
 TASKS = "vqav2,docvqa,chartqa,ai2d,video_mc"
@@ -26,12 +26,6 @@ TASKS = "vqav2,docvqa,chartqa,ai2d,video_mc"
 # video adapters on raw <|video|><|begin_of_text|> captions.
 OVERRIDES = ["prompt={question}", "max_new_tokens=4", "video_mc.chat=false", "video_mc.prompt=",
              "ai2d.answer_extraction=none"]
-
-
-@pytest.fixture(scope="session")
-def colour_model(tmp_path_factory):
-    ckpt, world = train_colour_checkpoint(tmp_path_factory.mktemp("colour_model"))
-    return ckpt, world
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,13 @@ class KVCache:
         self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop-1 of this one, sharing its memory (writes go
+        through): a server's slots [start, stop) decoded as one batch."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
+
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_from: int | None):
         """Write k/v [B, H, S, D] at `positions` [B, S]; returns the cache prefix in use."""
         s = k.shape[2]
