@@ -309,3 +309,16 @@ def test_training_hook_under_fsdp_two_processes(colour_model, tmp_path):
     assert [r["step"] for r in rows if "eval/colour" in r] == [1, 2]
     assert all(r["eval/colour"] >= 0.8 and r["loss"] < 0.5 for r in rows)
     assert json.loads((tmp_path / "out/eval/step_2/results.json").read_text())["tasks"]["colour"]["n"] == 6
+
+
+def test_tensor_parallel_eval_gives_the_same_predictions(task_data, one_process_run, tmp_path):
+    """--tp 2 under torchrun: one model sharded over both processes (no data sharding)."""
+    out = tmp_path / "tp2"
+    args = _eval_cmd(task_data, out, "--tp", "2")
+    args[args.index("--tasks") + 1] = "vqav2,video_mc"
+    _run(args, nproc=2)
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["tp"] == 2 and results["run"]["data_parallel"] == 1
+    for name in ("vqav2", "video_mc"):
+        got = [(r["id"], r.get("prediction")) for r in _predictions(out, name)]
+        assert got == [(r["id"], r.get("prediction")) for r in _predictions(one_process_run, name)], name

@@ -360,7 +360,7 @@ def test_exact_match():
 
 def test_registry_adapters():
     assert set(METRICS) == {"vqa_accuracy", "vqa_accuracy_lmms_eval", "anls", "relaxed_accuracy",
-                            "multiple_choice", "mmmu", "exact_match"}
+                            "multiple_choice", "mmmu", "exact_match", "shapes_caption", "shapes_direction"}
     assert METRICS["vqa_accuracy"]("two", ["2"] * 10, None, {}) == 0.0
     assert METRICS["vqa_accuracy_lmms_eval"]("two", ["2"] * 10, None, {}) == 1.0
     assert METRICS["anls"]("the cat", ["the bat"], None, {}) == pytest.approx(6 / 7)
@@ -371,3 +371,9 @@ def test_registry_adapters():
     assert METRICS["mmmu"]("it is 24/7", ["nope", "24/7"], None, {"question_type": "open"}) == 1.0
     assert METRICS["mmmu"]("so it is 12", ["12"], None, {"question_type": "open"}) == 1.0
     assert METRICS["exact_match"](" Yes ", ["yes"], None, {}) == 1.0
+    # The CPU demo's shapes world: the caption's set of shapes (any order), a video's direction.
+    two = "a red circle at the top left and a blue square at the bottom right."
+    assert METRICS["shapes_caption"](two, [two], None, {}) == 1.0
+    assert METRICS["shapes_caption"](two.replace("blue", "green"), [two], None, {}) == 0.0
+    assert METRICS["shapes_direction"]("the red circle moves up.", ["the blue square moves up."], None, {}) == 1.0
+    assert METRICS["shapes_direction"]("the red circle moves up.", ["the red circle moves left."], None, {}) == 0.0
