@@ -22,6 +22,7 @@ from .groups import (
 )
 from .layers import (
     column_parallel_linear,
+    copy_to_tp,
     gather_from_tp,
     is_linear,
     kv_parallel_linear,
@@ -53,6 +54,7 @@ __all__ = [
     "zero_redundancy_adamw",
     "barrier",
     "column_parallel_linear",
+    "copy_to_tp",
     "destroy_model_parallel",
     "device_mesh",
     "full_state_dict",

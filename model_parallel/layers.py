@@ -142,6 +142,13 @@ def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
     return x if tp_size() == 1 else _fairscale().mappings.reduce_from_model_parallel_region(x)
 
 
+def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+    """Identity in forward, all-reduce (sum) of the gradient across the TP group in
+    backward (identity at TP=1): a replicated activation read by rank-local work, as a
+    column-parallel layer reads its input."""
+    return x if tp_size() == 1 else _fairscale().mappings.copy_to_model_parallel_region(x)
+
+
 class ReplicatedKVHeads(nn.Module):
     """K or V projection when TP > n_kv_heads: every rank holds all KV heads (as Meta's
     checkpoints store them, split on dim 0) and computes only the one its query heads use.

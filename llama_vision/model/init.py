@@ -56,3 +56,13 @@ def init_weights(model: nn.Module, seed: int = 0, std: float | None = None, pref
         if dim is not None:
             full = full.chunk(world, dim=dim)[rank]
         p.copy_(full.to(p.dtype))
+
+
+def kaiming_uniform_value(full_name: str, shape: list[int] | tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """`nn.init.kaiming_uniform_(w, a=sqrt(5))` of a weight of FULL (TP=1) `shape` (the
+    nn.Linear default that PEFT and torchtune start LoRA's A with): U(-b, b), b = the full
+    fan-in^-1/2, drawn from a generator seeded by (seed, name) as `initial_value`, so a
+    TP=N slice equals the TP=1 tensor's slice."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full_name.encode()))
+    bound = shape[-1] ** -0.5
+    return (torch.rand(list(shape), generator=g, device="cpu") * 2 - 1) * bound

@@ -1,6 +1,7 @@
 """Building a stage's model: params (+ overrides, vocabulary from the tokenizer), the
-stage's modalities, `init_from` / `init_text_from` weights, trainability and `init:` start
-values. Nothing here knows about devices or process groups (see parallelize.py)."""
+stage's modalities, `init_from` / `init_text_from` weights, LoRA adaptors on the loaded
+base (`lora:`), trainability and `init:` start values. Nothing here knows about devices or
+process groups (see parallelize.py)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +15,13 @@ from llama_vision.checkpoint.load import assign_strict
 from llama_vision.checkpoint.text_only import text_trunk_state
 from llama_vision.model import build_model, set_trainable, trainable_groups
 from llama_vision.model.init import init_weights, initial_value
+from llama_vision.model.lora import apply_lora, lora_from_meta_args
 from llama_vision.model.video import VideoConfig, add_video_adapters
 
 from .optim import is_gate
 from .train_config import TrainConfig
 
-__all__ = ["apply_init", "build_training_model", "is_gate", "load_model_params", "new_module_prefixes"]
+__all__ = ["apply_init", "build_training_model", "is_gate", "load_model_params", "new_module_prefixes", "stage_lora"]
 
 
 def load_model_params(path: str) -> dict:
@@ -48,6 +50,7 @@ def build_training_model(cfg: TrainConfig, tokenizer, *, lazy: bool = False, pre
     checkpoints are assigned, so a frozen tensor stored in the checkpoint's dtype (Meta
     ships bf16) is used as it is instead of being copied into float32 first."""
     params = {**load_model_params(cfg.model), **cfg.model_overrides}
+    lora = stage_lora(cfg, params.pop("lora_args", None))
     if params.get("vocab_size") in (None, "auto"):
         params["vocab_size"] = tokenizer.n_words
     if params["vocab_size"] != tokenizer.n_words:
@@ -68,6 +71,12 @@ def build_training_model(cfg: TrainConfig, tokenizer, *, lazy: bool = False, pre
 
             apply_precision(model, precision)
         _load_lazily(model, cfg)
+        if lora is not None:
+            # On the loaded base (the checkpoints hold no adaptors): fresh float32 tensors.
+            apply_lora(model, seed=cfg.seed, **lora)
+            _set_stage_trainable(model, cfg)
+            if precision is not None:
+                apply_precision(model, precision)  # the adaptors' dtype hooks
     else:
         model = build_model(params, seed=cfg.seed)  # the same weights at every TP degree
         _add_stage_modalities(model, cfg)
@@ -75,10 +84,24 @@ def build_training_model(cfg: TrainConfig, tokenizer, *, lazy: bool = False, pre
             load_into(model, cfg.init_from, allow_missing_prefixes=_missing_ok(model, cfg))
         if cfg.init_text_from:
             load_text_trunk_into(model, cfg.init_text_from)
+        if lora is not None:
+            apply_lora(model, seed=cfg.seed, **lora)
         _set_stage_trainable(model, cfg)
     apply_init(model, cfg.init)
     torch.manual_seed(cfg.seed)  # the same generator state after either path
     return model
+
+
+def stage_lora(cfg: TrainConfig, meta_lora_args: dict | None = None) -> dict | None:
+    """The stage's LoRA settings ({targets, rank, alpha, dropout}) or None: the `lora:`
+    block when it names targets, else Meta's params.json `lora_args` mapped onto it
+    (`lora_from_meta_args`), else none."""
+    if cfg.lora.targets:
+        lc = cfg.lora
+        return {"targets": list(lc.targets), "rank": lc.rank, "alpha": lc.alpha, "dropout": lc.dropout}
+    if meta_lora_args:
+        return lora_from_meta_args(meta_lora_args)
+    return None
 
 
 def _set_stage_trainable(model, cfg: TrainConfig) -> None:

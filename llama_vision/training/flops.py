@@ -419,7 +419,11 @@ def trainable_from_model(model) -> frozenset[str]:
     extra = sorted(set(model.modalities) - {"image", "video"})
     if extra:
         raise ValueError(f"step_flops does not know modalities {extra} (only image and video)")
-    return frozenset(g for g, params in trainable_groups(model).items() if any(p.requires_grad for _, p in params))
+    # LoRA adaptors ("lora") are not counted: their r-wide matmuls are small next to the
+    # base projections, and the input gradients they need through frozen modules below the
+    # first trainable ones are left out too (an under-count for LoRA on the trunk).
+    return frozenset(g for g, params in trainable_groups(model).items()
+                     if g != "lora" and any(p.requires_grad for _, p in params))
 
 
 def step_shape_from_batch(batch, *, include_padding: bool = False, reference: bool = True) -> list[StepShape]:

@@ -34,7 +34,11 @@ parameters:
   DPO's reference forward (its weights swapped in place), which see the same modules.)
 * A module whose own parameters are frozen but that holds trainable submodules keeps its
   parameters in float32 (its forward may feed them to trainable code); none exist in
-  today's trainability groups (each group is whole subtrees).
+  today's trainability groups (each group is whole subtrees) -- except a LoRA'd linear
+  (llama_vision.model.lora), whose trainable adaptor child reads only the linear's input:
+  its base weight counts as frozen (stored in frozen_param_dtype, computing in it), the
+  adaptor's A and B are float32 masters with hooks of their own (they read the
+  bf16-rounded input the base reads, in float32, and add a float32 delta).
 * Under autocast (GPU, `dtype: bf16`) autocast already chooses each op's dtype, so the
   hooks step aside -- except that an embedding lookup (a module fed no floating input)
   still returns float32, as the float32 embedding table did: autocast leaves embeddings in
@@ -100,7 +104,7 @@ def apply_precision(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
         own = [p for p in module.parameters(recurse=False)]
         if not own:
             continue
-        whole_subtree_frozen = not any(p.requires_grad for p in module.parameters())
+        whole_subtree_frozen = not any(p.requires_grad for p in _subtree_params(module))
         for p in own:
             if id(p) in done or not p.is_floating_point():
                 continue
@@ -118,6 +122,14 @@ def apply_precision(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
     if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         install_dtype_hooks(model)
     return model
+
+
+def _subtree_params(module: nn.Module):
+    """The parameters `module`'s forward may feed to trainable code: its subtree's, except
+    those of direct children that read only the module's input (LoRA adaptors,
+    `reads_host_input_only`): a frozen LoRA'd linear stays frozen for the policy."""
+    skip = {id(p) for c in module.children() if getattr(c, "reads_host_input_only", False) for p in c.parameters()}
+    return [p for p in module.parameters() if id(p) not in skip]
 
 
 def install_dtype_hooks(model: nn.Module) -> list[RemovableHandle]:

@@ -140,6 +140,35 @@ class TrainableConfig:
     video: bool = False
     """The video modality: temporal aggregator and video cross-attention (video_* stages; a
     model without video keeps it off)."""
+    lora: bool = True
+    """The LoRA adaptors (A and B of every linear `lora.targets` selects); no effect without
+    LoRA. Their base weights stay in (and train with) their own groups: LoRA on a frozen
+    trunk keeps `decoder: false`."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adaptors on chosen linear layers (llama_vision.model.lora): y = W x +
+    (alpha / rank) B A x, A kaiming-uniform, B zero (training starts from the base model's
+    outputs, bitwise). Trained as the `lora` trainability group, float32 even when the
+    frozen base is bf16, sharded like the base weight under tensor parallelism. final/
+    then holds the model with LoRA merged (what inference and the next stage read) plus
+    lora.safetensors + lora_config.json (the adaptors alone, with the base checkpoint they
+    belong to)."""
+
+    targets: list[str] = field(default_factory=list)
+    """Module-name patterns of the linears to adapt (fnmatch, `*` spans dots), e.g.
+    text_model.layers.*.attention.wq, or shorthands: trunk_attention (wq/wk/wv/wo of every
+    decoder layer), trunk_mlp (w1/w2/w3 of every decoder layer), adapters (every linear of
+    the image adapters), vision (every linear of the ViT). Each must match a linear. Empty:
+    no LoRA, unless `model`'s params.json carries Meta's lora_args ({rank, scale}: LoRA on
+    trunk_attention + trunk_mlp, alpha = scale x rank)."""
+    rank: int = 8
+    """Rank r of A [r, in] and B [out, r]."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adaptors' input (training only; the base path sees none)."""
 
 
 @dataclass
@@ -331,9 +360,12 @@ class TrainConfig:
     (0: the whole held-out set)."""
     save_final: bool = True
     """At the end, write the whole model in Meta format to output_dir/final/ (tokenizer
-    beside it): what inference and the next stage's init_from read."""
+    beside it): what inference and the next stage's init_from read. With LoRA: the model
+    with the adaptors merged, plus final/lora.safetensors and final/lora_config.json."""
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     """Which parameter groups train; everything else is frozen."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adaptors (off while `lora.targets` is empty)."""
     data: DataConfig = field(default_factory=DataConfig)
     """The training data."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -269,15 +269,44 @@ class Trainer:
     def save_final(self) -> Path:
         """The whole model in Meta format at output_dir/final (what infer_* and the next
         stage's init_from read), tokenizer beside it. Tensors keep their stored dtype
-        (training.precision): frozen ones frozen_param_dtype, trained ones float32."""
-        from llama_vision.checkpoint import save_meta_checkpoint
+        (training.precision): frozen ones frozen_param_dtype, trained ones float32.
+
+        With LoRA: the model with every adaptor MERGED into its base weight (in the base's
+        stored dtype: a bf16 trunk gets bf16(W + s B A)), so inference and the next stage
+        read it unchanged, plus final/lora.safetensors + final/lora_config.json (the
+        adaptors alone, whole, with init_from / init_text_from as their base). Written
+        before params.json, which comes last: a final/ with params.json is complete."""
+        from llama_vision.checkpoint import save_lora, save_meta_checkpoint
+        from llama_vision.checkpoint.lora import LORA_CONFIG, LORA_FILE
+        from llama_vision.model.lora import has_lora, merged_state_dict
+        from llama_vision.model.trainability import trainable_groups
 
         final = self.out / "final"
+        keep = mp.dp_rank() == 0
+        if self.rank == 0:
+            final.mkdir(parents=True, exist_ok=True)
+            (final / "params.json").unlink(missing_ok=True)
+            for stale in (LORA_FILE, LORA_CONFIG):
+                (final / stale).unlink(missing_ok=True)
+        mp.barrier()
         # FSDP: each tensor gathered over the DP ranks in turn (rank 0 of each TP group keeps them).
-        tensors = mp.full_state_dict(self.model, keep=mp.dp_rank() == 0) if self.fsdp else None
-        save_meta_checkpoint(
-            self.model, final, tp_rank=mp.tp_rank(), tp_world=mp.tp_size(), write=mp.dp_rank() == 0, state_dict=tensors
-        )
+        tensors = mp.full_state_dict(self.model, keep=keep) if self.fsdp else None
+        source = self.model
+        if has_lora(self.model):
+            state = (tensors if tensors is not None else self.model.state_dict()) if keep else {}
+            also = sorted(g for g, ps in trainable_groups(self.model).items() if g != "lora" and any(p.requires_grad for _, p in ps))
+            save_lora(self.model, final, state=state, targets=list(self.cfg.lora.targets) or None,
+                      base_checkpoint=self.cfg.init_from, init_text_from=self.cfg.init_text_from,
+                      extra={"also_trained": also, "stage": self.cfg.stage, "step": self.step}, write=keep)
+            tensors = merged_state_dict(self.model, state)
+            if mp.tp_size() == 1:
+                source = tensors  # the plain model's keys: saved with its own (LoRA-free) plan
+        if isinstance(source, dict):
+            save_meta_checkpoint(source, self.model.args, final, write=keep)
+        else:
+            save_meta_checkpoint(
+                self.model, final, tp_rank=mp.tp_rank(), tp_world=mp.tp_size(), write=keep, state_dict=tensors
+            )
         if self.rank == 0 and Path(self.cfg.tokenizer).is_file():
             shutil.copyfile(self.cfg.tokenizer, final / "tokenizer.model.tmp")
             os.replace(final / "tokenizer.model.tmp", final / "tokenizer.model")
