@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 import model_parallel as mp
-from llama_vision.generation import sample_top_p
+from llama_vision.generation import sample_top_p, use_streaming_layout
 from llama_vision.model.cross_attention import media_spans
 
 from .media import ImageCache, ImageKV, batch_media
@@ -170,6 +170,10 @@ class Engine:
         self.max_image_pixels = max_image_pixels
         self.request_timeout_s = request_timeout_s
         self.device = model.text_model.output.weight.device
+        if self.device.type == "cpu":
+            # The CPU's faster GEMV layout of the widening projections (what Generator does;
+            # a no-op on an already re-laid-out model): docs/BENCHMARKS.md "Serving load".
+            use_streaming_layout(model)
         self.caches = model.init_caches(max_batch, self.max_seq_len)
         self.images = ImageCache(model, image_cache_size)
         self._image_token = tokenizer.image_token_id
