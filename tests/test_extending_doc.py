@@ -51,7 +51,8 @@ def test_config_block_is_a_valid_video_stage(tmp_path):
     path.write_text(block)
     cfg = load_config(TrainConfig, path)
     assert cfg.stage == "video_pretrain" and cfg.data.kind == "video_jsonl"
-    assert vars(cfg.trainable) == {"decoder": False, "vision": False, "adapters": False, "video": True}
+    # lora: on by default, an empty group without a `lora:` block.
+    assert vars(cfg.trainable) == {"decoder": False, "vision": False, "adapters": False, "video": True, "lora": True}
     assert (cfg.video.num_frames, cfg.video.frames_per_group, cfg.video.tiles_per_frame) == (16, 16, 4)
 
 
