@@ -376,34 +376,50 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
             return APIError(503, ev.error or "the request was cancelled", code="cancelled", type="server_error")
         return APIError(500, f"generation failed: {ev.error or 'engine error'}", code="generation_error", type="server_error")
 
+    class Outcome:
+        """How a stream ended: finish ("stop" / "length") or error (an APIError); n_out tokens."""
+
+        finish: str | None = None
+        error: APIError | None = None
+        n_out: int = 0
+
+    async def generated(stream, text_stream: TextStream, t0: float, outcome: Outcome):
+        """The stream's new text, piece by piece (for both response kinds); how it ended
+        goes into `outcome`. A stop string cancels the stream (its slot is freed)."""
+        async for ev in stream:
+            if ev.token_id is not None:
+                if outcome.n_out == 0:
+                    server.ttft.observe(time.monotonic() - t0)
+                outcome.n_out += 1
+                delta = text_stream.push(ev.token_id)
+                if delta:
+                    yield delta
+                if text_stream.stopped:
+                    stream.cancel()
+                    outcome.finish = "stop"
+                    return
+                continue
+            if ev.finish_reason in ("stop", "length"):
+                outcome.finish = ev.finish_reason
+            else:
+                outcome.error = final_error(ev, stream)
+            return
+
     async def collect(stream, req: ChatRequest, t0: float):
         text_stream = TextStream(tokenizer, req.stop, req.skip_special_tokens)
-        n_out, finish = 0, None
+        outcome = Outcome()
         try:
-            async for ev in stream:
-                if ev.token_id is not None:
-                    if n_out == 0:
-                        server.ttft.observe(time.monotonic() - t0)
-                    n_out += 1
-                    text_stream.push(ev.token_id)
-                    if text_stream.stopped:
-                        stream.cancel()
-                        finish = "stop"
-                        break
-                    continue
-                if ev.finish_reason in ("stop", "length"):
-                    finish = ev.finish_reason
-                    break
-                return final_error(ev, stream)
+            async for _ in generated(stream, text_stream, t0, outcome):
+                pass
         except Exception as e:  # the engine's stream broke: this request's problem only
             log.exception("request %s failed", getattr(stream, "request_id", "?"))
             stream.cancel()
             return APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_error", type="server_error")
-        if finish is None:
-            finish = "stop"
+        if outcome.error is not None:
+            return outcome.error
         server.latency.observe(time.monotonic() - t0)
         text = text_stream.text if text_stream.stopped else decode(tokenizer, text_stream.ids, text_stream.skip)
-        return text, finish, n_out
+        return text, outcome.finish or "stop", outcome.n_out
 
     async def sse(stream, req: ChatRequest, name: str, t0: float):
         created = int(time.time())
@@ -415,30 +431,17 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         text_stream = TextStream(tokenizer, req.stop, req.skip_special_tokens)
-        n_out, finish, done = 0, None, False
+        outcome = Outcome()
+        finish, done = None, False
         status = 200
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for ev in stream:
-                if ev.token_id is not None:
-                    if n_out == 0:
-                        server.ttft.observe(time.monotonic() - t0)
-                    n_out += 1
-                    delta = text_stream.push(ev.token_id)
-                    if delta:
-                        yield chunk({"content": delta})
-                    if text_stream.stopped:
-                        stream.cancel()
-                        finish = "stop"
-                        break
-                    continue
-                if ev.finish_reason in ("stop", "length"):
-                    finish = ev.finish_reason
-                    break
-                err = final_error(ev, stream)
-                status = err.status
-                yield f"data: {json.dumps(err.body())}\n\n"
-                break
+            async for delta in generated(stream, text_stream, t0, outcome):
+                yield chunk({"content": delta})
+            finish, n_out = outcome.finish, outcome.n_out
+            if outcome.error is not None:
+                status = outcome.error.status
+                yield f"data: {json.dumps(outcome.error.body())}\n\n"
             if finish is not None:
                 tail = text_stream.finish()
                 if tail:
