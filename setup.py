@@ -35,7 +35,7 @@ setup(
         # imports filelock._api, which filelock 4 removed).
         "dev": ["pytest", "hypothesis", "transformers==5.23.0", "open_clip_torch", "pyarrow", "datasets",
                 "loguru", "sacrebleu", "evaluate", "accelerate", "tenacity", "pytz", "filelock<4", "pytablewriter",
-                "fastapi>=0.100", "uvicorn>=0.23", "openai>=1.0", "playwright>=1.40"],
+                "fastapi>=0.100", "uvicorn>=0.23", "openai>=1.0", "playwright>=1.40", "peft==0.21.2"],
     },
     package_data={"llama_vision.serving": ["static/*.html"]},
     # `python -m lmms_eval --model llama_vision` runs llama_vision.eval.lmms_eval_model.

@@ -49,10 +49,12 @@ def teardown() -> None:
         mp.destroy_model_parallel()
 
 
-def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16", tp: int | None = None) -> Generator:
+def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "bf16", tp: int | None = None,
+          lora: str | None = None) -> Generator:
     """Join the process groups when launched by torchrun, load model + tokenizer, ->
     Generator. tp: the tensor-parallel degree (default: every process of the job); the
-    remaining factor of the world size is data-parallel (e.g. evaluation shards)."""
+    remaining factor of the world size is data-parallel (e.g. evaluation shards). lora: a
+    LoRA dir or PEFT adapter dir run unmerged on the checkpoint (in the model's dtype)."""
     from .checkpoint import load_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,6 +71,13 @@ def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dt
     if not Path(tok_path).exists():
         raise FileNotFoundError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
     model = load_model(ckpt, tp=tp, device=device, dtype=torch_dtype)
+    if lora:
+        from .checkpoint.lora import load_adaptors
+        from .model.lora import lora_modules
+
+        load_adaptors(model, lora)
+        for host in lora_modules(model).values():
+            host.adaptor.to(torch_dtype)  # no precision policy at inference: one compute dtype
     return Generator(model, load_tokenizer(tok_path))
 
 

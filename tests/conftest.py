@@ -32,7 +32,11 @@ def shapes_corpus(tmp_path_factory) -> dict:
 def colour_model(tmp_path_factory):
     """(checkpoint dir, its data) of a tiny model trained to name a shape's colour, in images
     (chat format) and videos (raw captions): tests/_eval_fixture.py. Trained once per session
-    (~30-60 s) and shared by the evaluation, lmms-eval and serving tests."""
+    (~30-60 s) and shared by the evaluation, lmms-eval and serving tests. Development:
+    COLOUR_MODEL_ROOT=DIR keeps it between runs (reused when present)."""
+    import os
+
     from _eval_fixture import train_colour_checkpoint
 
-    return train_colour_checkpoint(tmp_path_factory.mktemp("colour_model"))
+    keep = os.environ.get("COLOUR_MODEL_ROOT")
+    return train_colour_checkpoint(Path(keep) if keep else tmp_path_factory.mktemp("colour_model"))

@@ -9,35 +9,18 @@ from _helpers import tiny_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
-from transformers.models.mllama.processing_mllama import (  # noqa: E402
-    convert_sparse_cross_attention_mask_to_dense,
-    get_cross_attention_token_mask,
-)
-
-from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 from transformers.models.mllama import modeling_mllama  # noqa: E402
 
-from llama_vision.checkpoint.hf import hf_config_from_args, meta_to_hf, supported_aspect_ratios  # noqa: E402
+from _hf_mllama import IMG, hf_inputs, tile_images, taps_are_layer_inputs  # noqa: E402
+from llama_vision.checkpoint.hf import hf_config_from_args, meta_to_hf  # noqa: E402
 
-IMG = 512  # image token id of the tiny config (= vocab_size)
 ATOL = 1e-4
-
-
-def _taps_are_layer_inputs(self, hidden_states, attention_mask=None):
-    """MllamaVisionEncoder.forward recording each layer's INPUT, as Meta's reference taps
-    (`out.append(x)` before block i) and transformers < 5 did. transformers 5.23 records
-    layer OUTPUTS, shifting every intermediate feature one layer late (pinned below)."""
-    states = ()
-    for layer in self.layers:
-        states += (hidden_states,)
-        hidden_states = layer(hidden_states=hidden_states, attention_mask=attention_mask)
-    return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=states + (hidden_states,))
 
 
 @pytest.fixture(scope="module")
 def pair():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(modeling_mllama.MllamaVisionEncoder, "forward", _taps_are_layer_inputs)
+        mp.setattr(modeling_mllama.MllamaVisionEncoder, "forward", taps_are_layer_inputs)
         yield _build_pair()
 
 
@@ -46,8 +29,8 @@ def test_transformers_5_taps_are_one_layer_late():
     """Pinned divergence: unpatched transformers takes the intermediate features from the
     outputs of layers 3, 7, ... instead of their inputs. Final features still agree."""
     ours, hf = _build_pair()
-    imgs, ar = _images([(1, 2)], seed=2)
-    inp = _hf_inputs([IMG, 1], [(1, 2)], imgs)
+    imgs, ar = tile_images([(1, 2)], seed=2)
+    inp = hf_inputs([IMG, 1], [(1, 2)], imgs)
     got = ours.vision_model.vision_encoder(imgs, ar)
     theirs = hf.model.vision_model(
         pixel_values=imgs, aspect_ratio_ids=inp["aspect_ratio_ids"], aspect_ratio_mask=inp["aspect_ratio_mask"]
@@ -66,37 +49,6 @@ def _build_pair():
     return ours, hf
 
 
-def _images(ratios: list[tuple[int, int]], seed: int, max_tiles: int = 4, size: int = 28):
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.zeros(1, len(ratios), max_tiles, 3, size, size)
-    for i, (h, w) in enumerate(ratios):
-        imgs[0, i, : h * w] = torch.randn(h * w, 3, size, size, generator=g)
-    ar = torch.tensor([ratios], dtype=torch.long)
-    return imgs, ar
-
-
-def _hf_inputs(tokens: list[int], ratios, imgs):
-    ids = torch.tensor([tokens])
-    if not ratios:
-        return dict(input_ids=ids)
-    table = supported_aspect_ratios(4)
-    ar_ids = torch.tensor([[table.index(tuple(r)) + 1 for r in ratios]])
-    ar_mask = torch.zeros(1, len(ratios), 4, dtype=torch.long)
-    for i, (h, w) in enumerate(ratios):
-        ar_mask[0, i, : h * w] = 1
-    sparse = get_cross_attention_token_mask(tokens, IMG)
-    dense = convert_sparse_cross_attention_mask_to_dense(
-        [sparse], num_tiles=[[h * w for h, w in ratios]], max_num_tiles=4, length=len(tokens)
-    )
-    return dict(
-        input_ids=ids,
-        pixel_values=imgs,
-        aspect_ratio_ids=ar_ids,
-        aspect_ratio_mask=ar_mask,
-        cross_attention_mask=torch.from_numpy(dense),
-    )
-
-
 CASES = {
     "one_image_one_tile": ([IMG, 1, 5, 9, 33, 17, 4, 250], [(1, 1)]),
     "multi_tile_non_square": ([IMG, 1, 44, 3, 91, 200, 7], [(1, 3)]),
@@ -113,9 +65,9 @@ CASES = {
 def test_logits_match_transformers(pair, case):
     ours, hf = pair
     tokens, ratios = CASES[case]
-    imgs, ar = _images(ratios, seed=len(case)) if ratios else (None, None)
+    imgs, ar = tile_images(ratios, seed=len(case)) if ratios else (None, None)
     got = ours(torch.tensor([tokens]), imgs, ar)
-    want = hf(**_hf_inputs(tokens, ratios, imgs)).logits
+    want = hf(**hf_inputs(tokens, ratios, imgs)).logits
     assert got.shape == want.shape
     torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0)
 
@@ -129,15 +81,15 @@ def test_ragged_batch_mixing_image_and_text_rows(pair):
     row_img, ratios = CASES["multi_tile_non_square"]
     row_txt, _ = CASES["text_only"]
     row_txt = row_txt + [30, 31, 32, 33]  # longer than the image row
-    imgs, ar = _images(ratios, seed=3)
+    imgs, ar = tile_images(ratios, seed=3)
     tok = torch.zeros(2, len(row_txt), dtype=torch.long)
     tok[0, : len(row_img)] = torch.tensor(row_img)
     tok[1] = torch.tensor(row_txt)
     images = torch.cat([imgs, torch.zeros_like(imgs)])
     ars = torch.cat([ar, torch.ones_like(ar)])
     got = ours(tok, images, ars)
-    want0 = hf(**_hf_inputs(row_img, ratios, imgs)).logits[0]
-    want1 = hf(**_hf_inputs(row_txt, [], None)).logits[0]
+    want0 = hf(**hf_inputs(row_img, ratios, imgs)).logits[0]
+    want1 = hf(**hf_inputs(row_txt, [], None)).logits[0]
     torch.testing.assert_close(got[0, : len(row_img)], want0, atol=ATOL, rtol=0)
     torch.testing.assert_close(got[1], want1, atol=ATOL, rtol=0)
 
@@ -149,11 +101,11 @@ def test_text_before_image_follows_meta_not_transformers(pair):
     transformers zeroes only the FFN and lets them attend to every vision token."""
     ours, hf = pair
     tokens, ratios = [1, 40, 41, IMG, 42, 43], [(1, 2)]
-    imgs, ar = _images(ratios, seed=9)
+    imgs, ar = tile_images(ratios, seed=9)
     got = ours(torch.tensor([tokens]), imgs, ar)[0]
     text_only = ours(torch.tensor([tokens[:3]]))[0]
     torch.testing.assert_close(got[:3], text_only, atol=1e-5, rtol=0)
-    hf_got = hf(**_hf_inputs(tokens, ratios, imgs)).logits[0]
+    hf_got = hf(**hf_inputs(tokens, ratios, imgs)).logits[0]
     assert (hf_got[:3] - text_only).abs().max() > 1e-3, "transformers' known divergence disappeared"
 
 
@@ -163,8 +115,8 @@ def test_greedy_16_tokens_identical(pair):
 
     ours, hf = pair
     tokens, ratios = CASES["two_images"]
-    imgs, ar = _images(ratios, seed=5)
-    inputs = _hf_inputs(tokens, ratios, imgs)
+    imgs, ar = tile_images(ratios, seed=5)
+    inputs = hf_inputs(tokens, ratios, imgs)
     hf_out = hf.generate(**inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, len(tokens) :].tolist()
     gen = Generator(ours)
     ours_out = gen.generate_from_tensors([tokens], images=imgs, aspect_ratios=ar, max_new_tokens=16, stop_tokens=[])[0]

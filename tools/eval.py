@@ -30,6 +30,7 @@ TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "eval"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint dir (Meta: params.json + consolidated.*.pth; or HF)")
+    p.add_argument("--lora", help="a LoRA dir (lora.safetensors + lora_config.json) or PEFT adapter dir, run unmerged")
     p.add_argument("--tasks", help="comma-separated task names (in --task-dir) or YAML paths")
     p.add_argument("--data-root", help="folder the tasks' data paths are relative to")
     p.add_argument("--output-dir", help="predictions, results.json, results.md (a rerun resumes)")
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype, tp=args.tp)
+    gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype, tp=args.tp, lora=args.lora)
     gen.model.eval()
     run_info = {"ckpt": str(Path(args.ckpt).resolve()), "dtype": args.dtype, "tp": args.tp, "model": dataclasses.asdict(gen.model.args)}
     try:

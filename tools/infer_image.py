@@ -21,6 +21,7 @@ from llama_vision.data.image import ImageLoadError, ImageProcessor, load_image  
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint dir (Meta: params.json + consolidated.*.pth; or HF)")
+    p.add_argument("--lora", help="a LoRA dir (lora.safetensors + lora_config.json) or PEFT adapter dir, run unmerged")
     p.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
     p.add_argument("--prompt", default="", help="the question / instruction")
     mode = p.add_mutually_exclusive_group()
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     except ImageLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype)
+    gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype, lora=args.lora)
     sampling = inf.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     a = gen.model.args
     processor = ImageProcessor(tile_size=a.vision_chunk_size, max_num_tiles=a.vision_max_num_chunks)

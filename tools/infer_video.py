@@ -19,6 +19,7 @@ from llama_vision.data.video import VideoLoadError  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint dir with video adapters (params.json has 'video')")
+    p.add_argument("--lora", help="a LoRA dir (lora.safetensors + lora_config.json) or PEFT adapter dir, run unmerged")
     p.add_argument("--video", required=True, help="video file (mp4, mkv, ... anything decord reads)")
     p.add_argument("--prompt", default="", help="the question / instruction")
     p.add_argument("--num-frames", type=int, help="frames sampled uniformly (default: the checkpoint's)")
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     if not Path(args.video).is_file():
         print(f"error: video file not found: {args.video}", file=sys.stderr)
         return 2
-    gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype)
+    gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype, lora=args.lora)
     sampling = inf.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     try:
         answer, summary = inf.answer_video(gen, args.video, args.prompt, sampling, args.raw, args.num_frames)

@@ -3,6 +3,7 @@
 
   python tools/serve.py --ckpt DIR [--host 127.0.0.1] [--port 8000] [--max-batch 16]
   torchrun --nproc_per_node 2 tools/serve.py --ckpt DIR      # tensor parallel: rank 0 serves
+  python tools/serve.py --ckpt DIR --lora pirate=runs/a/final --lora legal=peft-adapter/   # + LoRA adaptors
 
 Then POST /v1/chat/completions (the OpenAI Chat Completions schema, `stream: true` for
 server-sent events), GET /v1/models, /health, /metrics, and a chat page at GET /.
@@ -26,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.model (default: CKPT/tokenizer.model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is printed)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adaptor (our LoRA dir or a PEFT adapter dir) as model NAME, beside the base "
+                        "(repeat for several; requests choose by the `model` field)")
     p.add_argument("--model-name", help="the model id of /v1/models and responses (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
     p.add_argument("--max-seq-len", type=int, help="context per request, prompt + answer (default and cap: the model's)")
@@ -41,6 +45,19 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU, else cpu)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     return p.parse_args(argv)
+
+
+def parse_adaptors(specs: list[str]) -> dict[str, str]:
+    """["name=dir", ...] -> {name: dir} (a repeated name is an error)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise SystemExit(f"--lora: the name {name!r} is given twice")
+        out[name] = path
+    return out
 
 
 def serve(args, engine) -> None:
@@ -69,10 +86,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     gen = inf.setup(args.ckpt, args.tokenizer, args.device, args.dtype)
     from llama_vision.serving.engine import Engine
+    from llama_vision.serving.lora_bank import LoraBank
 
+    bank = LoraBank.attach(gen.model, parse_adaptors(args.lora)) if args.lora else None
     engine = Engine(gen.model, gen.tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                     image_cache_size=args.image_cache, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-                    request_timeout_s=args.request_timeout)
+                    request_timeout_s=args.request_timeout, lora_bank=bank)
     try:
         if inf.is_main():
             engine.start()

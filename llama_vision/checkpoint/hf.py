@@ -157,11 +157,15 @@ def _key_map(args: ModelArgs) -> dict[str, str]:
     m[f"{_T}output.weight"] = "lm_head.weight"
     return m
 
-def meta_to_hf(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
-    """Meta state dict -> HF MllamaForConditionalGeneration state dict."""
+def meta_to_hf(sd: dict[str, Tensor], args: ModelArgs, *, partial: bool = False) -> dict[str, Tensor]:
+    """Meta state dict -> HF MllamaForConditionalGeneration state dict. partial: `sd` may
+    hold any subset of the keys (e.g. the modules a PEFT adapter saves whole); the token
+    embedding needs both of its Meta halves."""
     out: dict[str, Tensor] = {}
     remaining = dict(sd)
     for a, b in _key_map(args).items():
+        if partial and a not in remaining:
+            continue
         t = remaining.pop(a)
         if a.endswith("conv1._linear.weight"):
             p = args.vision_patch_size
@@ -170,10 +174,12 @@ def meta_to_hf(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
             heads = args.n_heads if a.endswith("wq.weight") else args.n_kv_heads
             t = permute_to_rotate_half(t, heads)
         out[b] = t
-    out[f"{_HT}embed_tokens.weight"] = torch.cat(
-        [remaining.pop(f"{_T}tok_embeddings.weight"), remaining.pop(f"{_T}learnable_embedding.weight")]
-    )
+    embed = (f"{_T}tok_embeddings.weight", f"{_T}learnable_embedding.weight")
+    if not partial or all(k in remaining for k in embed):
+        out[f"{_HT}embed_tokens.weight"] = torch.cat([remaining.pop(k) for k in embed])
     for meta, hf in _TILE_TABLE_KEYS:
+        if partial and meta not in remaining:
+            continue
         table = remaining.pop(meta)
         _check_tile_table(table, meta, args)
         # Per-ratio tables are HF's rows already: only flattened (a view), values untouched.
@@ -203,12 +209,15 @@ def _check_tile_table(table: Tensor, meta_key: str, args: ModelArgs) -> None:
             f"{args.tile_embedding_layout!r} (grid: [T, T, ...], per_aspect_ratio: [n_ratios + 1, T, ...])"
         )
 
-def hf_to_meta(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
-    """HF MllamaForConditionalGeneration state dict -> Meta state dict."""
+def hf_to_meta(sd: dict[str, Tensor], args: ModelArgs, *, partial: bool = False) -> dict[str, Tensor]:
+    """HF MllamaForConditionalGeneration state dict -> Meta state dict (partial: `sd` may
+    hold any subset of the keys)."""
     remaining = dict(sd)
     out: dict[str, Tensor] = {}
     for a, b in _key_map(args).items():
         if b not in remaining:
+            if partial:
+                continue
             raise KeyError(f"HF checkpoint is missing {b} (needed for {a})")
         t = remaining.pop(b)
         if a.endswith("conv1._linear.weight"):
@@ -217,11 +226,14 @@ def hf_to_meta(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
             heads = args.n_heads if a.endswith("wq.weight") else args.n_kv_heads
             t = permute_from_rotate_half(t, heads)
         out[a] = t
-    emb = remaining.pop(f"{_HT}embed_tokens.weight")
-    out[f"{_T}tok_embeddings.weight"] = emb[: args.vocab_size]
-    out[f"{_T}learnable_embedding.weight"] = emb[args.vocab_size :]
+    if not partial or f"{_HT}embed_tokens.weight" in remaining:
+        emb = remaining.pop(f"{_HT}embed_tokens.weight")
+        out[f"{_T}tok_embeddings.weight"] = emb[: args.vocab_size]
+        out[f"{_T}learnable_embedding.weight"] = emb[args.vocab_size :]
     for meta, hf in _TILE_TABLE_KEYS:
         if hf not in remaining:
+            if partial:
+                continue
             raise KeyError(f"HF checkpoint is missing {hf} (needed for {meta})")
         _, t, p, w = _tile_table_shape(meta, args)
         rows = len(supported_aspect_ratios(t)) + 1

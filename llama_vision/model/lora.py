@@ -84,6 +84,7 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "merged_state_dict",
+    "remove_lora",
     "resolve_targets",
     "unmerge_lora",
 ]
@@ -320,6 +321,19 @@ def unmerge_lora(model: nn.Module) -> int:
     """Undo `merge_lora` in place: W <- W - (alpha / r) B A (with the adaptor's current
     A, B). On a bf16 base not bitwise the original W (module docstring)."""
     return _shift(model, -1.0, False)
+
+
+def remove_lora(model: nn.Module) -> dict[str, LoraAdapter]:
+    """Take every adaptor off `model` (unmerged ones simply stop applying; a merged one is
+    unmerged first), restoring each linear's own class: the base model again. Returns the
+    adaptors by their linear's name."""
+    unmerge_lora(model)
+    removed = {}
+    for name, host in lora_modules(model).items():
+        removed[name] = host.adaptor
+        del host.adaptor
+        host.__class__ = type(host).__bases__[1]  # _host_class built it as (LoraHost, the linear's class)
+    return removed
 
 
 def lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -21,6 +21,11 @@ step; every forward is then the same collective on every rank, and sampling is i
 
 The decoder input is the contract of docs/decoder_input.md: per-row ``positions`` (a slot's
 next cache indices) and per-slot media spans.
+
+LoRA: with a :class:`~llama_vision.model.lora_bank.LoraBank` the engine serves several
+adaptors on one base model; a request names its adaptor (``GenerationRequest.adapter``,
+the OpenAI ``model`` field) and every forward tells the bank each row's adaptor, so
+requests of different adaptors (and of the base model) share a decode step.
 """
 from __future__ import annotations
 
@@ -63,6 +68,8 @@ class GenerationRequest:
     """Encoded image bytes (PNG, JPEG, ...), in placeholder order."""
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    adapter: str | None = None
+    """The LoRA adaptor to answer with (a name of the engine's `lora_bank`); None: the base model."""
 
 
 @dataclass
@@ -153,6 +160,7 @@ class _Slot:
     stream: RequestStream | None = None
     deadline: float | None = None
     submitted: float = 0.0
+    adapter: str | None = None
 
 
 class Engine:
@@ -160,8 +168,9 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_seq_len: int | None = None, max_queue: int = 64,
                  image_cache_size: int = 64, max_images: int = 8, max_image_pixels: int = 64_000_000,
-                 request_timeout_s: float | None = None):
+                 request_timeout_s: float | None = None, lora_bank=None):
         self.model = model.eval()
+        self.lora_bank = lora_bank
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
@@ -204,7 +213,8 @@ class Engine:
             self._purge_queue()
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._queue.append((GenerationRequest(request.prompt_ids, request.images, request.params, rid), stream, time.monotonic()))
+            self._queue.append((GenerationRequest(request.prompt_ids, request.images, request.params, rid, request.adapter),
+                                stream, time.monotonic()))
             self.counters["requests_total"] += 1
             self._wake.notify()
         return stream
@@ -263,12 +273,19 @@ class Engine:
 
     # -- validation (rank 0, the caller's thread) ---------------------------------------------
 
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adaptors this engine serves, by name."""
+        return list(self.lora_bank.names) if self.lora_bank is not None else []
+
     def _validate(self, request: GenerationRequest) -> None:
         from llama_vision.data.image_io import ImageLoadError, load_image
 
         ids, p = request.prompt_ids, request.params
         if not ids:
             raise RequestRejected("the prompt is empty")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise RequestRejected(f"no LoRA adaptor named {request.adapter!r}; this engine serves {self.adapters}", status=404)
         limit = self.model.args.vocab_size + self.model.args.n_learnable_embeddings
         bad = [t for t in ids if not 0 <= t < limit]
         if bad:
@@ -344,7 +361,7 @@ class Engine:
                 if seed is None and request.params.temperature > 0:
                     seed = int(torch.randint(0, 2**62, ()).item())  # drawn once, here: every TP rank samples alike
                 admit.append({"request_id": request.request_id, "prompt_ids": request.prompt_ids, "images": request.images,
-                              "params": request.params, "seed": seed, "submitted": submitted})
+                              "params": request.params, "seed": seed, "submitted": submitted, "adapter": request.adapter})
                 self._streams[request.request_id] = stream
         return {"drop": drop, "admit": admit}
 
@@ -392,7 +409,7 @@ class Engine:
         if item["seed"] is not None:
             generator = torch.Generator(device=self.device).manual_seed(item["seed"])
         slot = _Slot(item["request_id"], params, frozenset(stops), images, (start[0], end[0]), 0,
-                     generator=generator, stream=stream, submitted=item["submitted"])
+                     generator=generator, stream=stream, submitted=item["submitted"], adapter=item.get("adapter"))
         if self.request_timeout_s is not None:
             slot.deadline = item["submitted"] + self.request_timeout_s
         index = len(self._slots)
@@ -400,6 +417,8 @@ class Engine:
         prompt = torch.tensor([ids], device=self.device)
         media = batch_media([images], [slot.spans], self.model.text_model.adapters("image"), self.device) if images else None
         caches = [c.rows(index, index + 1) for c in self.caches]
+        if self.lora_bank is not None:
+            self.lora_bank.select([slot.adapter])
         logits = self.model(prompt, media={"image": media} if media is not None else {}, caches=caches,
                             logit_index=torch.tensor([len(ids) - 1], device=self.device))[:, -1]
         slot.length = len(ids)
@@ -429,6 +448,8 @@ class Engine:
         layout = (max(lengths) + 1, lengths[0] if len(set(lengths)) == 1 else None)
         text = self.model.text_model
         media = {"image": self._media} if self._media is not None else {}
+        if self.lora_bank is not None:
+            self.lora_bank.select([s.adapter for s in slots])
         h = text(self.model._canonical_tokens(tokens), positions, media, caches, decode_layout=layout)
         picks = self._sample(text.logits(h)[:, -1], slots)
         for slot in slots:

@@ -211,6 +211,7 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
 
     eng = _engine_api()
     tokenizer = engine.tokenizer
+    adapters = tuple(getattr(engine, "adapters", ()))  # LoRA adaptors, served under their names
     max_images = getattr(engine, "max_images", 8) if max_images is None else max_images
     max_image_pixels = getattr(engine, "max_image_pixels", None) if max_image_pixels is None else max_image_pixels
     max_batch = int(getattr(engine, "max_batch", 1))
@@ -252,16 +253,23 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
                 "active_slots": m.get("active_slots"), "max_batch": max_batch}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    def model_card(model_id: str) -> dict:
+        card = {"id": model_id, "object": "model", "created": created_at, "owned_by": "llama_vision",
+                "max_model_len": int(engine.max_seq_len)}
+        if model_id != model_name:  # a LoRA adaptor on the served model (vLLM's fields)
+            card.update(root=model_id, parent=model_name)
+        return card
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created_at, "owned_by": "llama_vision",
-                                            "max_model_len": int(engine.max_seq_len)}]}
+        return {"object": "list", "data": [model_card(m) for m in (model_name, *adapters)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != model_name:
-            return error(APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}", param="model", code="model_not_found"))
-        return {"id": model_name, "object": "model", "created": created_at, "owned_by": "llama_vision", "max_model_len": int(engine.max_seq_len)}
+        if model_id not in (model_name, *adapters):
+            served = ", ".join(repr(m) for m in (model_name, *adapters))
+            return error(APIError(404, f"the model {model_id!r} does not exist; this server serves {served}", param="model", code="model_not_found"))
+        return model_card(model_id)
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus"):
@@ -301,7 +309,8 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
         s = req.sampling
         params = eng.SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"],
                                     stop_token_ids=s.get("stop_token_ids"))
-        greq = eng.GenerationRequest(prompt_ids=prompt_ids, images=list(req.images), params=params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        greq = eng.GenerationRequest(prompt_ids=prompt_ids, images=list(req.images), params=params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                                     adapter=req.model if req.model in adapters else None)
         try:
             return engine.submit(greq, loop=loop)
         except eng.QueueFull as e:
@@ -334,7 +343,7 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
             req = await run_in_threadpool(parse_chat_request, body, allow_local_files=allow_local_files, max_images=max_images,
-                                          max_image_pixels=max_image_pixels, model_name=model_name)
+                                          max_image_pixels=max_image_pixels, model_name=model_name, adapters=adapters)
             try:
                 prompt_ids = await run_in_threadpool(build_prompt, tokenizer, req.messages)
             except ValueError as e:

@@ -292,15 +292,18 @@ def parse_messages(messages: Any, *, allow_local_files: bool = False, max_images
 
 
 def parse_chat_request(body: Any, *, allow_local_files: bool = False, max_images: int | None = 8,
-                       max_image_pixels: int | None = None, model_name: str | None = None) -> ChatRequest:
-    """A chat-completions body -> :class:`ChatRequest` (raises :class:`APIError`)."""
+                       max_image_pixels: int | None = None, model_name: str | None = None,
+                       adapters: Sequence[str] = ()) -> ChatRequest:
+    """A chat-completions body -> :class:`ChatRequest` (raises :class:`APIError`). `model`
+    may name the served model or one of its LoRA `adapters`."""
     if not isinstance(body, Mapping):
         raise _schema(f"the request body must be a JSON object, got {type(body).__name__}", None)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _schema("'model' must be a string", "model")
-    if model_name is not None and model not in (None, "", model_name):
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", param="model", code="model_not_found")
+    if model_name is not None and model not in (None, "", model_name, *adapters):
+        served = ", ".join(repr(m) for m in (model_name, *adapters))
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", param="model", code="model_not_found")
     for key, why in REJECTED_FIELDS.items():
         if body.get(key):
             raise APIError(400, f"'{key}': {why}", param=key, code="unsupported")

@@ -8,6 +8,7 @@ from llama_vision.data.batching import MicroBatchDataset, TokenBudgetBatcher, Un
 from llama_vision.data.collate import build_dataloader
 from llama_vision.data.datasets import CaptionDataset, ConversationDataset, DPODataset
 from llama_vision.data.image import ImageProcessor
+from llama_vision.data.llava import LlavaJsonSource
 from llama_vision.data.mixture import MixtureDataset
 from llama_vision.data.packing import NextFitPacker, collate_packed
 from llama_vision.data.sources import ConversationSource, DPOSource, JsonlCaptionSource, Record, WebDatasetSource
@@ -31,6 +32,7 @@ _KINDS = {
     "caption_wds": (lambda c: WebDatasetSource(c.paths), CaptionDataset),
     "caption_jsonl": (lambda c: JsonlCaptionSource(c.paths, c.image_root), CaptionDataset),
     "conversations": (lambda c: ConversationSource(c.paths, c.image_root), ConversationDataset),
+    "llava_json": (lambda c: LlavaJsonSource(c.paths, c.image_root), ConversationDataset),
     "dpo": (lambda c: DPOSource(c.paths, c.image_root), DPODataset),
 }
 
@@ -114,7 +116,7 @@ def record_block(cfg: TrainConfig) -> int:
     return 1 if cfg.data.packing or cfg.data.max_tokens_per_batch else cfg.micro_batch_size
 
 
-PACKABLE_KINDS = ("caption_wds", "caption_jsonl", "conversations")
+PACKABLE_KINDS = ("caption_wds", "caption_jsonl", "conversations", "llava_json")
 
 
 def check_batching(cfg: TrainConfig) -> None:

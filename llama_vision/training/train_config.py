@@ -17,8 +17,9 @@ class SourceConfig:
 
     paths: list[str] = field(default_factory=list)
     """Shards / manifests of this source (brace patterns and globs as in `data.paths`)."""
-    kind: Literal["caption_wds", "caption_jsonl", "conversations"] = "caption_wds"
-    """Record format of `paths` (as `data.kind`); the sources of one mixture may differ."""
+    kind: Literal["caption_wds", "caption_jsonl", "conversations", "llava_json"] = "caption_wds"
+    """Record format of `paths` (as `data.kind`: caption_wds, caption_jsonl, conversations or
+    llava_json); the sources of one mixture may differ."""
     weight: float = 1.0
     """Share of the mixture's samples drawn from this source: weight / sum of weights. A
     small source with a large weight is read again and again (the paper's resampling of
@@ -32,10 +33,13 @@ class SourceConfig:
 class DataConfig:
     """What the stage reads: format, files, sequence length, tiling, shuffling."""
 
-    kind: Literal["caption_wds", "caption_jsonl", "conversations", "dpo", "video_jsonl", "video_wds"] = "caption_wds"
+    kind: Literal["caption_wds", "caption_jsonl", "conversations", "llava_json", "dpo", "video_jsonl", "video_wds"] = "caption_wds"
     """Record format of `paths`: caption_wds = img2dataset-style tar shards (key.jpg + key.txt
     or key.json); caption_jsonl = JSONL manifest ({image, caption}) + image folder;
-    conversations = SFT dialogs (JSONL, loss on assistant turns); dpo = preference pairs
+    conversations = SFT dialogs (JSONL, loss on assistant turns); llava_json = the same from
+    LLaVA's files (a JSON array, read streaming, or JSONL, of {id, image(s), conversations:
+    [{from: human|gpt|system, value: "<image>\\n..."}]} or ShareGPT-style {messages, images}
+    rows; llama_vision/data/llava.py); dpo = preference pairs
     (JSONL prompt + chosen/rejected, for stage dpo); video_jsonl / video_wds = video + caption
     (JSONL manifest + mp4 files, or tar shards with key.mp4 + key.txt)."""
     paths: list[str] = field(default_factory=list)
@@ -81,7 +85,7 @@ class DataConfig:
     order), instead of padding one sample per row: `micro_batch_size` then counts packed
     rows. Self-attention stays inside each sample, positions restart per sample and an
     image is seen by its own sample only (docs/decoder_input.md); the loss per target token
-    is unchanged. Kinds caption_wds, caption_jsonl and conversations."""
+    is unchanged. Kinds caption_wds, caption_jsonl, conversations and llava_json."""
     max_tokens_per_batch: int = 0
     """Token-budget micro-batches (0: off, a fixed `micro_batch_size`): take samples in
     stream order while rows x longest row (the padded tokens) stays within this budget, at
