@@ -90,6 +90,40 @@ def test_weights_grads_and_adam_equal_a_real_models_storage(frozen_dtype):
     assert plan.fsdp_transient == 0 and plan.dp == 1 and plan.data_parallel == "none"
 
 
+def test_lora_line_is_the_adaptors_real_storage_and_count():
+    """LoRA on the trunk (rank 4), everything else frozen: the planner's LoRA share equals
+    the adaptors' weights + grads + AdamW state after a real step, and its parameter count
+    is r * (in + out) per adapted projection, by hand."""
+    from _helpers import tiny_inputs
+    from llama_vision.training.build import build_training_model
+    from llama_vision.training.losses import lm_loss_sum
+    from llama_vision.training.memory_plan import format_plan
+    from llama_vision.training.optim import stage_param_groups
+    from llama_vision.training.precision import apply_precision, resolve_precision
+
+    cfg = _tiny_cfg("lora={targets: [trunk_attention, trunk_mlp], rank: 4, alpha: 8}",
+                    "trainable={decoder: false, vision: false, adapters: false, lora: true}")
+    model = apply_precision(build_training_model(cfg, SimpleNamespace(n_words=512)), resolve_precision(cfg, "cpu"))
+    model.train()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(stage_param_groups(model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier), lr=o.lr)
+    tokens, images, ratios = tiny_inputs()
+    lm_loss_sum(model(tokens, images, ratios), torch.randint(0, 512, tokens.shape)).backward()
+    optimizer.step()
+    lora = [p for n, p in model.named_parameters() if ".adaptor." in n]
+    assert lora and all(p.requires_grad for p in lora)
+    state = [t for p in lora for t in optimizer.state[p].values()]
+
+    plan = plan_memory(cfg, gpus=1, device="cpu")
+    assert plan.lora_bytes == _storage(lora) + _storage(p.grad for p in lora) + _storage(state)
+    a = model.args
+    d, kv, ffn = a.dim, a.n_kv_heads * (a.dim // a.n_heads), a.ffn_hidden_dim
+    per_layer = 4 * ((d + d) + 2 * (d + kv) + (d + d) + 3 * (d + ffn))
+    assert plan.lora_params == a.n_layers * per_layer == sum(p.numel() for p in lora)
+    assert "LoRA, in the above" in format_plan(plan)
+    assert "LoRA" not in format_plan(plan_memory(_tiny_cfg(), gpus=1, device="cpu"))
+
+
 # --------------------------------------------------------------------------- division rules
 
 

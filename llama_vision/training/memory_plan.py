@@ -338,6 +338,8 @@ class MemoryPlan:
     not_checkpointed: tuple[str, ...] = ()  # kinds asked for that this model has no switch for
     gpu_memory: int | None = None
     reserve: int = DEFAULT_RESERVE
+    lora_params: int = 0  # whole-model element count of the LoRA adaptors (0: no LoRA)
+    lora_bytes: int = 0  # their per-GPU weights + grads + AdamW state, included in the totals above
 
     @property
     def weights(self) -> int:
@@ -437,6 +439,11 @@ def plan_memory(
         autocast=autocast, device_type=device, autocast_copy_bytes=copies,
     )
     total_params, trainable_params = _whole_model_counts(cfg, model, specs)
+    lora_specs = [p for p in specs if ".adaptor." in p.name]
+    lora_state = per_rank_state(lora_specs, dp, cfg.data_parallel, step_bytes=step_bytes) if lora_specs else None
+    lora_bytes = lora_state.trainable_weights + lora_state.grads + lora_state.optimizer if lora_state else 0
+    if lora_state and not all(p.trainable for p in lora_specs):  # trainable.lora: false (frozen adaptors)
+        lora_bytes += lora_state.frozen_weights
     return MemoryPlan(
         model=cfg.model, stage=cfg.stage, gpus=gpus, tp=cfg.tp, dp=dp, data_parallel=cfg.data_parallel if dp > 1 else "none",
         device=device, params=total_params, trainable_params=trainable_params,
@@ -444,6 +451,7 @@ def plan_memory(
         optimizer=state.optimizer, fsdp_transient=state.fsdp_transient, dpo_reference=dpo_reference,
         activations=act.total, activation_parts=act.parts, batch=shape, checkpointed=tuple(sorted(checkpointed)),
         not_checkpointed=tuple(sorted(ineffective)), gpu_memory=gpu_memory_bytes, reserve=reserve_bytes,
+        lora_params=_whole_model_counts(cfg, model, lora_specs)[0], lora_bytes=lora_bytes,
     )
 
 
@@ -500,6 +508,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  gradients              {size(plan.grads)}",
         f"  optimizer (AdamW)      {size(plan.optimizer)}",
     ]
+    if plan.lora_params:
+        lines.append(f"  LoRA, in the above     {size(plan.lora_bytes)}   ({_count(plan.lora_params)} adaptor parameters: "
+                     f"weights + gradients + AdamW state)")
     if plan.fsdp_transient:
         lines.append(f"  FSDP all-gather        {size(plan.fsdp_transient)}")
     if plan.dpo_reference:
