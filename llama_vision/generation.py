@@ -11,6 +11,7 @@ from torch import nn
 from model_parallel import is_linear, tp_broadcast_object, tp_size
 
 from .inputs import pad_rows, prepare_image_batch
+from .model.modality import FusedEmbeds
 from .utils.pages import copy_releasing
 
 LLAMA3_STOP_TOKENS = (128001, 128008, 128009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
@@ -144,11 +145,16 @@ class Generator:
             seed = tp_broadcast_object(int(torch.randint(0, 2**62, ()).item()))
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         media = model.prepare_media(prompt, media_inputs) if media_inputs else {}
+        # Projector modalities' tokens enter with the prompt only; decode steps read the
+        # cross-attention modalities' K/V.
+        prefill_media = media
+        media = {name: state for name, state in media.items() if not isinstance(state, FusedEmbeds)}
         if self.compile:
             media = self._in_static_buffers(media)
+            prefill_media = {**prefill_media, **media}
         caches = self._caches(b, total)
         pos = torch.tensor(lengths, device=self.device)
-        logits = model(prompt, media=media, caches=caches, logit_index=pos - 1)[:, -1]
+        logits = model(prompt, media=prefill_media, caches=caches, logit_index=pos - 1)[:, -1]
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         uniform = len(set(lengths)) == 1  # every row at the same position: no mask needed

@@ -72,7 +72,7 @@ def setup(ckpt: str, tokenizer: str | None = None, device: str | None = None, dt
         raise FileNotFoundError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
     model = load_model(ckpt, tp=tp, device=device, dtype=torch_dtype)
     if lora:
-        from .checkpoint.lora import load_adaptors
+        from .checkpoint.peft import load_adaptors
         from .model.lora import lora_modules
 
         load_adaptors(model, lora)

@@ -30,8 +30,7 @@ import model_parallel as mp
 from llama_vision.model.lora import apply_lora, has_lora, lora_modules, lora_state_dict, merged_state_dict
 from llama_vision.utils.io import atomic_save_safetensors, atomic_write_text
 
-__all__ = ["LORA_CONFIG", "LORA_FILE", "export_merged", "load_adaptors", "load_base", "load_lora", "read_lora_config",
-           "save_lora"]
+__all__ = ["LORA_CONFIG", "LORA_FILE", "export_merged", "load_base", "load_lora", "read_lora_config", "save_lora"]
 
 LORA_FILE = "lora.safetensors"
 LORA_CONFIG = "lora_config.json"
@@ -127,20 +126,6 @@ def load_lora(model: nn.Module, lora_dir: str | Path) -> list[str]:
     for host in lora_modules(model).values():
         host.adaptor.merged = False
     return modules
-
-
-def load_adaptors(model: nn.Module, path: str | Path) -> list[str]:
-    """LoRA onto a base `model` from `path`: our LoRA dir (lora_config.json) or a PEFT
-    adapter dir (adapter_config.json, llama_vision.checkpoint.peft). Returns the adapted
-    modules' names."""
-    from .peft import ADAPTER_CONFIG, import_peft
-
-    path = Path(path)
-    if (path / LORA_CONFIG).is_file():
-        return load_lora(model, path)
-    if (path / ADAPTER_CONFIG).is_file():
-        return import_peft(model, path)
-    raise FileNotFoundError(f"{path} holds neither {LORA_CONFIG} (a llama_vision LoRA dir) nor {ADAPTER_CONFIG} (a PEFT adapter)")
 
 
 def load_base(lora_dir: str | Path, base: str | Path | None = None, *, dtype: torch.dtype = torch.float32,

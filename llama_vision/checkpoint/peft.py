@@ -48,8 +48,8 @@ from llama_vision.utils.io import atomic_save_safetensors, atomic_write_text
 
 from .hf import _key_map, hf_layer_indices, hf_to_meta, meta_to_hf, permute_from_rotate_half, permute_to_rotate_half
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_peft", "import_peft", "lora_to_peft", "peft_to_lora",
-           "peft_to_lora_dir", "read_peft"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_peft", "import_peft", "load_adaptors", "lora_to_peft",
+           "peft_to_lora", "peft_to_lora_dir", "read_peft"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -334,6 +334,19 @@ def import_peft(model: nn.Module, peft_dir: str | Path) -> list[str]:
             raise ValueError(f"{peft_dir}: {key} has shape {tuple(t.shape)} for this rank, the model {tuple(p.shape)}")
         p.copy_(t.to(p.dtype))
     return modules
+
+
+def load_adaptors(model: nn.Module, path: str | Path) -> list[str]:
+    """LoRA onto a base `model` from `path`: our LoRA dir (lora_config.json) or a PEFT
+    adapter dir (adapter_config.json). Returns the adapted modules' names."""
+    from .lora import LORA_CONFIG, load_lora
+
+    path = Path(path)
+    if (path / LORA_CONFIG).is_file():
+        return load_lora(model, path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return import_peft(model, path)
+    raise FileNotFoundError(f"{path} holds neither {LORA_CONFIG} (a llama_vision LoRA dir) nor {ADAPTER_CONFIG} (a PEFT adapter)")
 
 
 def peft_to_lora_dir(peft_dir: str | Path, out_dir: str | Path, base: str | Path) -> Path:

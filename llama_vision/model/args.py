@@ -90,8 +90,13 @@ class ModelArgs:
         bad = [i for i in self.vision_intermediate_layers if not 0 <= i < self.vision_layers]
         if bad:
             problems.append(f"vision_intermediate_layers {bad} outside 0..{self.vision_layers - 1}")
-        if not 0 < self.vision_num_cross_attention_layers <= self.n_layers:
-            problems.append(f"vision_num_cross_attention_layers must be in 1..{self.n_layers}")
+        if not 0 <= self.vision_num_cross_attention_layers <= self.n_layers:
+            problems.append(f"vision_num_cross_attention_layers must be in 0..{self.n_layers} (0: no Meta image encoder "
+                            f"and adapters, for a projector image modality)")
+        elif self.vision_num_cross_attention_layers == 0:
+            if self.fusion_schedule:
+                problems.append(f"fusion_schedule {self.fusion_schedule} given with vision_num_cross_attention_layers 0")
+            self.fusion_schedule = []
         elif self.fusion_schedule is None:
             self.fusion_schedule = fusion_schedule(self.n_layers, self.vision_num_cross_attention_layers)
         else:
@@ -253,5 +258,7 @@ def fusion_schedule(n_layers: int, n_cross_attention_layers: int) -> list[int]:
     k = ceil(L / n); count every k-th layer from the top, keep the first n, ascending:
     L=32, n=8 -> [3, 7, ..., 31]; L=80, n=20 -> [3, 7, ..., 79].
     """
+    if n_cross_attention_layers == 0:
+        return []
     k = math.ceil(n_layers / n_cross_attention_layers)
     return list(range(n_layers))[::-1][::k][:n_cross_attention_layers][::-1]

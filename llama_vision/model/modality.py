@@ -1,7 +1,18 @@
 """The modality-extension seam: a modality = a placeholder token, an encoder that turns
-raw inputs into text-width tokens, and a set of gated cross-attention adapters scheduled
-into the decoder. Images are registered this way by the model itself; video (and any
-user modality) is added with `VisionLanguageModel.add_modality` without editing the model.
+raw inputs into text-width tokens, and a way to fuse them into the decoder:
+
+* fusion "cross_attention" (the paper's): gated cross-attention adapters scheduled before
+  decoder layers read the tokens; one placeholder marks where an item sits, and the text
+  after it sees the item (Meta's span rule). Images are registered this way by the model
+  itself; video is added the same way.
+* fusion "projector" (LLaVA's early fusion): the tokens ARE decoder inputs. The prompt holds
+  one placeholder per visual token (the input side expands an item's placeholder to as
+  many as its encoder gives: `tokens_per_item`), and the model puts the encoder's tokens
+  in their place (`DecoderInput.input_embeds` + `embeds_mask`, docs/decoder_input.md), so
+  masks, positions, KV caches and ragged batches treat them as ordinary tokens. No
+  adapter blocks; the text model is unchanged.
+
+Any modality is added with `VisionLanguageModel.add_modality` without editing the model.
 """
 from __future__ import annotations
 
@@ -25,12 +36,31 @@ class MediaTokens:
 
 
 @dataclass
+class FusedEmbeds:
+    """A projector modality's tokens for a batch, ready to replace its placeholders.
+
+    tokens: [M, D] every row's visual tokens in placeholder order (row-major).
+    counts: [B] tokens per row (= the row's placeholders of the modality).
+    """
+
+    tokens: torch.Tensor
+    counts: list[int]
+
+
+FUSIONS = ("cross_attention", "projector")
+
+
+@dataclass
 class Modality:
     """name: key of the modality in `media_inputs`; token_id: its placeholder in the token
     stream (each placeholder marks where one item sits); encode(inputs) -> MediaTokens;
     adapter_attr: state-dict name of its adapter blocks under `text_model`; layers: the
     self-attention layers its blocks run before; order: who runs first at a shared layer;
-    aliases: other ids accepted as the placeholder at the input."""
+    aliases: other ids accepted as the placeholder at the input. fusion: "cross_attention"
+    or "projector" (module docstring; a projector modality has no adapter blocks:
+    adapter_attr "" and layers []).
+    tokens_per_item(item_meta) -> how many placeholders one item takes in the prompt
+    (projector fusion; None for cross-attention, where an item takes one)."""
 
     name: str
     token_id: int
@@ -40,6 +70,8 @@ class Modality:
     order: int = 0
     aliases: tuple[int, ...] = ()
     trainable_modules: list[str] = field(default_factory=list)
+    fusion: str = "cross_attention"
+    tokens_per_item: Callable[[Any], int] | None = None
 
     @property
     def placeholder_ids(self) -> set[int]:

@@ -1,5 +1,11 @@
 """The vision-language model: image encoder -> gated cross-attention adapters -> frozen
-Llama 3 decoder (Meta's CrossAttentionTransformer; state-dict keys are Meta's)."""
+Llama 3 decoder (Meta's CrossAttentionTransformer; state-dict keys are Meta's).
+
+Further modalities plug in through `add_modality`, fused by cross-attention adapters or,
+LLaVA-style, by a projector whose tokens take their placeholders' places in the decoder
+input (llama_vision.model.modality). `vision_num_cross_attention_layers: 0` builds the
+trunk without Meta's image encoder and adapters (a LLaVA-family model adds its projector
+image modality: llama_vision.model.llava)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +18,7 @@ from .args import ModelArgs
 from .cross_attention import NO_END, MediaState, build_adapter_blocks, media_spans
 from .decoder_input import DecoderInput, clip_spans_to_segments, positions_from_segments
 from .init import init_weights
-from .modality import MediaTokens, Modality
+from .modality import FUSIONS, FusedEmbeds, MediaTokens, Modality
 from .text import AdapterSchedule, KVCache, PlaceholderEmbedding, TextDecoder
 from .vision import VisionModel
 
@@ -26,9 +32,12 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.vision_model = VisionModel(args)
+        # (registered before the text model: parameter order is Meta's state-dict order)
+        self.vision_model = VisionModel(args) if args.fusion_schedule else None
         self.text_model = TextDecoder(args)
         self.modalities: dict[str, Modality] = {}
+        if self.vision_model is None:  # a trunk for other image modalities (projector fusion)
+            return
         self.add_modality(
             "image",
             token_id=args.image_token_id,
@@ -56,8 +65,13 @@ class VisionLanguageModel(nn.Module):
         trainable_modules: list[str] | None = None,
         own_placeholder: bool = True,
         seed: int = 0,
+        fusion: str = "cross_attention",
+        tokens_per_item=None,
     ) -> Modality:
-        """Register a modality: `encode(inputs) -> MediaTokens`, adapters before `layers`.
+        """Register a modality: `encode(inputs) -> MediaTokens`, adapters before `layers`
+        (fusion "cross_attention"), or its tokens in its placeholders' places in the decoder
+        input (fusion "projector": no adapters, `layers` empty; `tokens_per_item(meta)` says
+        how many placeholders one item takes; llama_vision.model.modality).
 
         `encoder` (optional) is registered as `self.<encoder_attr>` so its weights are saved
         and trained with the model; adapter blocks go to `text_model.<adapter_attr>` with
@@ -69,24 +83,32 @@ class VisionLanguageModel(nn.Module):
         """
         if name in self.modalities:
             raise ValueError(f"modality {name!r} is already registered")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if fusion == "projector" and layers:
+            raise ValueError(f"a projector modality has no adapter layers, got layers={list(layers)}")
         lo, hi = self.args.vocab_size, self.args.vocab_size + self.args.n_learnable_embeddings
         if not lo <= token_id < hi:
             raise ValueError(f"placeholder id {token_id} for {name!r} must be a learnable-row id in [{lo}, {hi})")
         taken = {m.token_id: m.name for m in self.modalities.values()}
         if token_id in taken:
             raise ValueError(f"placeholder id {token_id} is already used by modality {taken[token_id]!r}")
-        adapter_attr = adapter_attr or f"{name}_cross_attention_layers"
         if encoder is not None:
             encoder_attr = encoder_attr or f"{name}_encoder"
             self.add_module(encoder_attr, encoder)
         ref = self.text_model.output.weight
-        with torch.device(ref.device):
-            blocks = build_adapter_blocks(self.args, len(layers)).to(ref.dtype)
-        if ref.device.type != "meta":
-            # Same weights at every TP degree, seeded by the blocks' state-dict names.
-            init_weights(blocks, seed=seed, prefix=f"text_model.{adapter_attr}.")
-        self.text_model.add_adapters(AdapterSchedule(name, adapter_attr, list(layers), order), blocks)
-        owned = list(trainable_modules or []) or [f"text_model.{adapter_attr}"] + ([encoder_attr] if encoder is not None else [])
+        if fusion == "cross_attention":
+            adapter_attr = adapter_attr or f"{name}_cross_attention_layers"
+            with torch.device(ref.device):
+                blocks = build_adapter_blocks(self.args, len(layers)).to(ref.dtype)
+            if ref.device.type != "meta":
+                # Same weights at every TP degree, seeded by the blocks' state-dict names.
+                init_weights(blocks, seed=seed, prefix=f"text_model.{adapter_attr}.")
+            self.text_model.add_adapters(AdapterSchedule(name, adapter_attr, list(layers), order), blocks)
+            default_owned = [f"text_model.{adapter_attr}"]
+        else:
+            adapter_attr, default_owned = "", []
+        owned = list(trainable_modules or []) or default_owned + ([encoder_attr] if encoder is not None else [])
         if own_placeholder:
             with torch.device(ref.device):
                 placeholder = PlaceholderEmbedding(self.args.dim, token_id).to(ref.dtype)
@@ -99,7 +121,8 @@ class VisionLanguageModel(nn.Module):
                     placeholder.weight.copy_(self.text_model.learnable_embedding(row)[0])
             self.text_model.placeholder_embeddings[name] = placeholder
             owned.append(f"text_model.placeholder_embeddings.{name}")
-        modality = Modality(name, token_id, encode, adapter_attr, list(layers), order, tuple(aliases), owned)
+        modality = Modality(name, token_id, encode, adapter_attr, list(layers), order, tuple(aliases), owned, fusion,
+                            tokens_per_item)
         self.modalities[name] = modality
         return modality
 
@@ -124,9 +147,13 @@ class VisionLanguageModel(nn.Module):
         return MediaTokens(feats.reshape(b, n, t * p, d), valid)
 
     # --- forward ------------------------------------------------------------------------
-    def prepare_media(self, tokens: torch.Tensor, media_inputs: dict[str, Any], *, present_only: bool = False) -> dict[str, MediaState]:
+    def prepare_media(self, tokens: torch.Tensor, media_inputs: dict[str, Any], *,
+                      present_only: bool = False) -> dict[str, MediaState | FusedEmbeds]:
         """Encode each modality once and precompute every adapter's K/V (the per-prompt
-        work; decode steps only read it). tokens [B, S] locate the placeholders.
+        work; decode steps only read it). tokens [B, S] locate the placeholders. A
+        projector modality's state is its tokens in placeholder order (FusedEmbeds), which
+        the forward puts in place of the placeholders of the call that has them (the
+        prefill; decode steps have none).
 
         present_only: run the encoder on the media slots that rows use only (slot n of
         row b is used iff the row has more than n placeholders), the others left at
@@ -144,6 +171,9 @@ class VisionLanguageModel(nn.Module):
                 raise KeyError(f"no modality {name!r} registered; known: {sorted(self.modalities)}")
             mod = self.modalities[name]
             counts = [sum(t in mod.placeholder_ids for t in row) for row in rows]
+            if mod.fusion == "projector":
+                states[name] = self._fused_embeds(mod, mod.encode(inputs), counts)
+                continue
             enc = self._encode_used_slots(mod, inputs, counts) if present_only else mod.encode(inputs)
             b, n = enc.tokens.shape[:2]
             if b != len(rows):
@@ -164,6 +194,46 @@ class VisionLanguageModel(nn.Module):
                 span_end=end.to(flat.device),
             )
         return states
+
+    @staticmethod
+    def _fused_embeds(mod: Modality, enc: MediaTokens, counts: list[int]) -> FusedEmbeds:
+        """A projector modality's encoder output [B, N, L, D] -> its valid tokens in row /
+        slot / token order, which must be as many per row as the row's placeholders."""
+        b = enc.tokens.shape[0]
+        if b != len(counts):
+            raise ValueError(f"{mod.name}: inputs have batch {b}, tokens have {len(counts)} rows")
+        have = enc.valid.reshape(b, -1).sum(1).tolist()
+        for i, (want, got) in enumerate(zip(counts, have)):
+            if want != got:
+                raise ValueError(f"row {i} has {want} {mod.name} placeholder tokens but its {mod.name} inputs give {got} "
+                                 f"tokens (each item takes as many placeholders as it has tokens: the modality's "
+                                 f"tokens_per_item)")
+        return FusedEmbeds(enc.tokens[enc.valid], counts)
+
+    def _fused_input(self, tokens: torch.Tensor, fused: dict[str, FusedEmbeds]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(input_embeds [B, S, D], embeds_mask [B, S]) putting each projector modality's
+        tokens at its placeholders in `tokens` [B, S]; None when no row of this call has
+        any (a decode step, or text-only rows: the plain token path, bitwise)."""
+        embeds = mask = None
+        for name, state in fused.items():
+            mod = self.modalities[name]
+            where = torch.isin(tokens, torch.tensor(sorted(mod.placeholder_ids), device=tokens.device))
+            per_row = where.sum(1).tolist()
+            if not any(per_row):
+                continue
+            if per_row != list(state.counts):
+                raise ValueError(f"{name}: the rows have {per_row} placeholder tokens but were encoded for {list(state.counts)}")
+            if embeds is None:
+                embeds = state.tokens.new_zeros(*tokens.shape, state.tokens.shape[-1])
+                mask = torch.zeros_like(where)
+            embeds = embeds.masked_scatter(where[..., None], state.tokens.to(embeds.dtype))
+            mask = mask | where
+        return None if embeds is None else (embeds, mask)
+
+    @staticmethod
+    def _split_media(media: dict) -> tuple[dict[str, MediaState], dict[str, FusedEmbeds]]:
+        cross = {n: s for n, s in media.items() if not isinstance(s, FusedEmbeds)}
+        return cross, {n: s for n, s in media.items() if isinstance(s, FusedEmbeds)}
 
     @staticmethod
     def _encode_used_slots(mod: Modality, inputs: Any, counts: list[int]) -> MediaTokens:
@@ -197,6 +267,11 @@ class VisionLanguageModel(nn.Module):
         out = {}
         for name, state in media.items():
             mod = self.modalities[name]
+            if isinstance(state, FusedEmbeds):
+                pieces = list(state.tokens.split(list(state.counts)))
+                picked = [int(r) for r in rows.tolist()]
+                out[name] = FusedEmbeds(torch.cat([pieces[r] for r in picked]), [state.counts[r] for r in picked])
+                continue
             start, end = media_spans(token_rows, mod.placeholder_ids, slots=state.span_start.shape[1])
             have = (state.span_start != NO_END).sum(1).cpu()[rows.cpu()]
             want = (start != NO_END).sum(1)
@@ -239,6 +314,11 @@ class VisionLanguageModel(nn.Module):
             if images is not None:
                 inputs["image"] = (images, aspect_ratios)
             media = self.prepare_media(tokens, inputs) if inputs else {}
+        media, fused = self._split_media(media)
+        fused_input = self._fused_input(tokens, fused) if fused else None
+        if fused_input is not None:  # projector modalities: their tokens replace their placeholders
+            layout = DecoderInput(input_embeds=fused_input[0], embeds_mask=fused_input[1])
+            return self._forward_layout(tokens, None, None, None, media, positions, caches, logit_index, layout)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         # With logit_index the last layer computes only the kept position of each row.
@@ -281,6 +361,12 @@ class VisionLanguageModel(nn.Module):
                     inputs["image"] = (images, aspect_ratios)
                 # Packed rows: no encoder work for the image slots padding each row to the most.
                 media = self.prepare_media(tokens, inputs, present_only=segments is not None) if inputs else {}
+            media, fused = self._split_media(media)
+            fused_input = self._fused_input(tokens, fused) if fused else None
+            if fused_input is not None:
+                if layout.input_embeds is not None:
+                    raise ValueError("DecoderInput.input_embeds and projector-modality media both give input embeddings")
+                layout = dataclasses.replace(layout, input_embeds=fused_input[0], embeds_mask=fused_input[1])
             tokens = self._canonical_tokens(tokens)
         if segments is not None:
             # Spans count token indices of the row: clip each to its placeholder's sample.

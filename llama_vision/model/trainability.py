@@ -28,7 +28,8 @@ def trainable_groups(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
         if id(p) in lora:
             groups["lora"].append((pname, p))
             continue
-        owners = [g for g, pre in prefixes.items() if any(pname.startswith(x) for x in pre)]
+        # (a prefix also names a parameter itself, e.g. a modality's `image_newline`)
+        owners = [g for g, pre in prefixes.items() if any(pname.startswith(x) or pname == x[:-1] for x in pre)]
         if len(owners) != 1:
             raise RuntimeError(f"parameter {pname} belongs to {owners or 'no'} trainability group(s)")
         groups[owners[0]].append((pname, p))

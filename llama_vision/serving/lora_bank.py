@@ -155,7 +155,7 @@ class LoraBank:
 
     @torch.no_grad()
     def add(self, name: str, source: str | Path, dtype: torch.dtype | None = None) -> list[str]:
-        from llama_vision.checkpoint.lora import load_adaptors
+        from llama_vision.checkpoint.peft import load_adaptors
 
         source = Path(source)
         if not name or name in self.names:
