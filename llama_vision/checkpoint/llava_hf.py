@@ -1,0 +1,133 @@
+"""transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (a Llama
+trunk) -> our model: the trunk without Meta's image modality plus the LLaVA projector
+modality (llama_vision.model.llava) with a CLIP / SigLIP tower (llama_vision.model.clip_vision).
+
+Keys, in the three layouts LLaVA checkpoints come in (found from the keys):
+
+    ours                                  transformers 5 in memory          LLaVA files (save_pretrained / Hub)
+    text_model.*  (checkpoint/text_only)  model.language_model.*, lm_head    language_model.model.*, language_model.lm_head
+    vision_model.vision_encoder.*         model.vision_tower.*               vision_tower[.vision_model].*
+    vision_model.projector.linear_{1,2}   model.multi_modal_projector.*      multi_modal_projector.*
+    vision_model.image_newline            model.image_newline (NeXT)         image_newline
+
+The text model's q/k rows are un-permuted from rotate-half RoPE as for any HF Llama.
+LLaVA's `<image>` id (`image_token_index`, a row of its vocabulary) becomes our image
+placeholder (`<|image|>`, a learnable row after the vocabulary): `hf_tokens_to_ours`
+rewrites prompts; the vocabulary row itself stays (the projector's tokens replace it at
+every placeholder either way).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from llama_vision.model import build_model
+from llama_vision.model.args import ModelArgs
+from llama_vision.model.clip_vision import ClipVisionConfig, ClipVisionTower
+from llama_vision.model.llava import LlavaConfig, add_llava_modality
+
+from .clip_vision import detect_vision_layout, vision_from_hf
+from .meta import CheckpointMismatchError
+from .text_only import llama_hf_to_meta, text_params_from_hf_config
+
+__all__ = ["hf_tokens_to_ours", "llava_config_from_hf", "llava_from_hf"]
+
+Tensor = torch.Tensor
+
+# (trunk prefix, lm_head key, projector prefix, image_newline key) per layout
+_LAYOUTS = (
+    ("model.language_model.", "lm_head.weight", "model.multi_modal_projector.", "model.image_newline"),
+    ("language_model.model.", "language_model.lm_head.weight", "multi_modal_projector.", "image_newline"),
+)
+_ACTS = {"gelu": "mlp2x_gelu"}
+
+
+def llava_config_from_hf(config: Mapping) -> tuple[dict, ClipVisionConfig, LlavaConfig]:
+    """A LLaVA / LLaVA-NeXT config.json dict -> (our trunk params, the tower's config, the
+    modality's config). Refuses what our LLaVA modality cannot express, naming it."""
+    from llama_vision.data.anyres import AnyResConfig
+
+    model_type = config.get("model_type")
+    if model_type not in ("llava", "llava_next"):
+        raise ValueError(f"model_type {model_type!r}: expected 'llava' or 'llava_next'")
+    text = dict(config.get("text_config") or {})
+    params = text_params_from_hf_config(text, "config.json text_config")
+    params["vision_num_cross_attention_layers"] = 0
+    if text.get("max_position_embeddings"):
+        params["max_seq_len"] = int(text["max_position_embeddings"])
+    tower = ClipVisionConfig.from_hf_config(config)
+    act = config.get("projector_hidden_act", "gelu")
+    if act not in _ACTS:
+        raise ValueError(f"projector_hidden_act {act!r}: only 'gelu' (mlp2x_gelu) is supported")
+    if config.get("multimodal_projector_bias", True) is False:
+        raise ValueError("multimodal_projector_bias: false is not supported (the projector has biases)")
+    anyres = None
+    if model_type == "llava_next":
+        pinpoints = config.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        anyres = AnyResConfig(grid_pinpoints=tuple(tuple(p) for p in pinpoints), crop_size=tower.image_size,
+                              patches_per_side=tower.grid)
+    return params, tower, LlavaConfig(projector=_ACTS[act], anyres=anyres, image_newline=model_type == "llava_next")
+
+
+def _layout(state: Mapping[str, Tensor]) -> tuple[str, str, str, str]:
+    for layout in _LAYOUTS:
+        if f"{layout[0]}embed_tokens.weight" in state:
+            return layout
+    raise CheckpointMismatchError(f"not a LLaVA state dict: no language model embed_tokens under "
+                                  f"{[lay[0] for lay in _LAYOUTS]} (keys: {sorted(state)[:8]}...)")
+
+
+def llava_from_hf(state_dict: Mapping[str, Tensor], config: Mapping, *, dtype: torch.dtype = torch.float32):
+    """An HF LLaVA / LLaVA-NeXT state dict (any of the layouts above) + its config.json
+    dict -> our VisionLanguageModel (eval mode, on the CPU, `dtype`). Strict: every key is
+    used, none missing."""
+    params, tower_cfg, llava_cfg = llava_config_from_hf(config)
+    trunk, head, proj, newline = _layout(state_dict)
+    remaining = dict(state_dict)
+    text = {"model." + k[len(trunk):]: remaining.pop(k) for k in list(remaining) if k.startswith(trunk)}
+    if head in remaining:
+        text["lm_head.weight"] = remaining.pop(head)
+    text_state = llama_hf_to_meta(text, ModelArgs.from_params(params))
+    layout, prefix = detect_vision_layout(remaining)
+    if layout != "hf":
+        raise CheckpointMismatchError(f"the vision tower's keys are in the {layout!r} layout under {prefix!r}, expected transformers'")
+    vision_keys = [k for k in remaining if k.startswith(prefix)]
+    vision_state = vision_from_hf({k: remaining.pop(k) for k in vision_keys}, tower_cfg, prefix=prefix)
+    projector = {k[len(proj):]: remaining.pop(k) for k in list(remaining) if k.startswith(proj)}
+    image_newline = remaining.pop(newline, None)
+    if remaining:
+        raise CheckpointMismatchError(f"unexpected LLaVA keys: {sorted(remaining)[:12]}")
+    if llava_cfg.image_newline and image_newline is None:
+        raise CheckpointMismatchError(f"LLaVA-NeXT checkpoint lacks {newline}")
+
+    with torch.device("meta"):  # shapes only: every tensor comes from the checkpoint
+        model = build_model(params, dtype=dtype, init=False)
+        add_llava_modality(model, ClipVisionTower(tower_cfg).to(dtype), tower_cfg.width, llava_cfg)
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("the LLaVA model has buffers the checkpoint does not hold")
+    model = model.to_empty(device="cpu")
+    state = {f"text_model.{k}": v for k, v in text_state.items()}
+    state.update({f"vision_model.vision_encoder.{k}": v for k, v in vision_state.items()})
+    state.update({f"vision_model.projector.{k}": v for k, v in projector.items()})
+    if image_newline is not None:
+        state["vision_model.image_newline"] = image_newline
+    # Rows past the vocabulary (our placeholders): LLaVA has none. A LLaVA prompt never reads
+    # them (the projector's tokens replace every image placeholder): zeros.
+    state["text_model.learnable_embedding.weight"] = torch.zeros_like(model.text_model.learnable_embedding.weight, device="cpu")
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise CheckpointMismatchError(f"LLaVA conversion: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(want[key].shape):
+            raise CheckpointMismatchError(f"{key}: the checkpoint has shape {list(t.shape)}, the model {list(want[key].shape)}")
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def hf_tokens_to_ours(ids: Tensor, config: Mapping, model) -> Tensor:
+    """An HF LLaVA prompt (image_token_index at every image token) -> our ids (the
+    modality's placeholder there)."""
+    image = int(config.get("image_token_index", config.get("image_token_id", 32000)))
+    return ids.masked_fill(ids == image, model.modalities["image"].token_id)

@@ -1,0 +1,154 @@
+"""Our LLaVA (projector modality + CLIP tower on a Llama trunk) against transformers'
+LlavaForConditionalGeneration, an independent implementation, on a tiny random config after
+weight conversion (llama_vision/checkpoint/llava_hf.py): logits (1e-4) for one image, two
+images, text only and a ragged batch; 16 greedy tokens; the saved (file) layout converts
+the same as the in-memory one."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+
+from llama_vision.checkpoint.llava_hf import hf_tokens_to_ours, llava_from_hf  # noqa: E402
+from llama_vision.generation import Generator  # noqa: E402
+
+ATOL = 1e-4
+IMAGE = 250  # LLaVA's <image> id: a row of its vocabulary
+PIX, PATCH = 28, 7  # 16 patches per image
+
+
+def _config(act: str = "quick_gelu", layer: int = -2) -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=PIX, patch_size=PATCH, hidden_act=act)
+    text = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, vision_feature_layer=layer,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    cfg = _config(**kw)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # non-trivial weights everywhere (HF's init leaves biases at 0)
+        g = torch.Generator().manual_seed(1)
+        for name, p in hf.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    return hf, llava_from_hf(hf.state_dict(), cfg.to_dict()), cfg
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return _pair()
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, PIX, PIX, generator=torch.Generator().manual_seed(seed))
+
+
+def _ours_media(per_row: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row its images [k, 3, H, W] -> (pixel_values [B, N, 1, 3, H, W], image_sizes [B, N, 2])."""
+    n = max(max(len(x) for x in per_row), 1)
+    px = torch.zeros(len(per_row), n, 1, 3, PIX, PIX)
+    sizes = torch.zeros(len(per_row), n, 2, dtype=torch.long)
+    for b, imgs in enumerate(per_row):
+        px[b, : len(imgs), 0] = imgs
+        sizes[b, : len(imgs)] = torch.tensor([PIX, PIX])
+    return px, sizes
+
+
+def _ids(*parts) -> list[int]:
+    """Text ids and images ("I") -> HF ids (an image = 16 <image> tokens, as its processor expands it)."""
+    out = []
+    for part in parts:
+        out += [IMAGE] * (PIX // PATCH) ** 2 if part == "I" else list(part)
+    return out
+
+
+CASES = {
+    "one_image": ([_ids([1, 5], "I", [9, 33, 17, 4])], [1]),
+    "two_images": ([_ids([1], "I", [11, 12], "I", [13, 14, 15])], [2]),
+    "text_only": ([_ids([1, 20, 21, 22, 23])], [0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@torch.no_grad()
+def test_logits_match_transformers(pair, case):
+    hf, ours, cfg = pair
+    (ids,), (k,) = CASES[case]
+    imgs = _images(k, seed=len(case))
+    hf_inputs = {"input_ids": torch.tensor([ids])}
+    if k:
+        hf_inputs["pixel_values"] = imgs
+    want = hf(**hf_inputs).logits
+    tokens = hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours)
+    got = ours(tokens, media_inputs={"image": _ours_media([imgs])} if k else None)
+    torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_ragged_batch_matches_transformers(pair):
+    """Two rows of different lengths (an image row, a text row; right-padded) in one forward."""
+    hf, ours, cfg = pair
+    rows = [_ids([1, 5], "I", [9, 33]), _ids([1, 40, 41])]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    imgs = _images(1, seed=3)
+    want = hf(input_ids=ids, attention_mask=mask, pixel_values=imgs).logits
+    got = ours(hf_tokens_to_ours(ids, cfg.to_dict(), ours), media_inputs={"image": _ours_media([imgs, imgs[:0]])})
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(got[b, : len(r)], want[b, : len(r)].float(), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_greedy_16_tokens_identical(pair):
+    hf, ours, cfg = pair
+    ids = _ids([1, 5], "I", [9, 33])
+    imgs = _images(1, seed=4)
+    want = hf.generate(input_ids=torch.tensor([ids]), pixel_values=imgs, max_new_tokens=16, min_new_tokens=16,
+                       do_sample=False)[0, len(ids):].tolist()
+    tokens = hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours)[0].tolist()
+    got = Generator(ours, streaming_layout=False).generate_from_tensors(
+        [tokens], media_inputs={"image": _ours_media([imgs])}, max_new_tokens=16, stop_tokens=[])[0]
+    assert len(want) == 16 and got == want
+
+
+@torch.no_grad()
+def test_gelu_tower_last_layer_and_the_saved_layout(tmp_path):
+    """Another selection (the last layer, exact GELU), converted from the files
+    save_pretrained writes (language_model.model.*, vision_tower.*) instead of memory."""
+    from safetensors.torch import load_file
+
+    hf, _, cfg = _pair(act="gelu", layer=-1)
+    hf.save_pretrained(tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    state = {k: v for f in files for k, v in load_file(str(f)).items()}
+    assert any(k.startswith("language_model.model.") for k in state), sorted(state)[:5]
+    ours = llava_from_hf(state, json.loads((tmp_path / "config.json").read_text()))
+    (ids,), _ = CASES["two_images"]
+    imgs = _images(2, seed=5)
+    want = hf(input_ids=torch.tensor([ids]), pixel_values=imgs).logits
+    got = ours(hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours), media_inputs={"image": _ours_media([imgs])})
+    torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0)
+
+
+def test_unsupported_configs_and_stray_keys_are_named():
+    from llama_vision.checkpoint.meta import CheckpointMismatchError
+
+    hf, _, cfg = _pair()
+    bad = cfg.to_dict() | {"projector_hidden_act": "relu"}
+    with pytest.raises(ValueError, match="projector_hidden_act 'relu'"):
+        llava_from_hf(hf.state_dict(), bad)
+    state = dict(hf.state_dict()) | {"model.something_else.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointMismatchError, match="something_else"):
+        llava_from_hf(state, cfg.to_dict())
