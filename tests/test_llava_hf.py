@@ -152,3 +152,40 @@ def test_unsupported_configs_and_stray_keys_are_named():
     state = dict(hf.state_dict()) | {"model.something_else.weight": torch.zeros(1)}
     with pytest.raises(CheckpointMismatchError, match="something_else"):
         llava_from_hf(state, cfg.to_dict())
+
+
+@torch.no_grad()
+def test_llava_next_anyres_matches_transformers():
+    """LLaVA-NeXT: AnyRes crops of images of varied sizes (our preprocessing, equal to
+    transformers' PIL processor: test_anyres.py), unpadding and image_newline rows, as
+    many <image> tokens as our tokens_per_item says: logits == LlavaNextForConditionalGeneration's."""
+    import numpy as np
+    from PIL import Image
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from llama_vision.data.anyres import preprocess_anyres
+
+    base = _config()
+    pinpoints = [[PIX, 2 * PIX], [2 * PIX, PIX], [2 * PIX, 2 * PIX]]
+    cfg = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config, image_token_index=IMAGE,
+                          image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    hf = LlavaNextForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    for name, p in hf.named_parameters():
+        p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if "norm" in name or "layrnorm" in name
+                else 0.08 * torch.randn(p.shape, generator=g))
+    ours = llava_from_hf(hf.state_dict(), cfg.to_dict())
+    anyres = ours.vision_model.config.anyres
+    rng = np.random.default_rng(0)
+    for h, w in [(20, 45), (50, 30), (28, 28), (60, 61)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        item = preprocess_anyres(image, anyres)
+        n = ours.modalities["image"].tokens_per_item((h, w))
+        ids = [1, 5] + [IMAGE] * n + [9, 33]
+        want = hf(input_ids=torch.tensor([ids]), pixel_values=item.pixel_values[None],
+                  image_sizes=torch.tensor([[h, w]])).logits
+        px = item.pixel_values[None, None]
+        got = ours(hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours),
+                   media_inputs={"image": (px, torch.tensor([[[h, w]]]))})
+        torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0, msg=lambda m: f"{h}x{w}: {m}")
