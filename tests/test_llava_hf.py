@@ -189,3 +189,21 @@ def test_llava_next_anyres_matches_transformers():
         got = ours(hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours),
                    media_inputs={"image": (px, torch.tensor([[[h, w]]]))})
         torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0, msg=lambda m: f"{h}x{w}: {m}")
+
+
+@torch.no_grad()
+def test_saved_as_our_checkpoint_and_loaded_back(pair, tmp_path):
+    """params.json carries the LLaVA modality (tower, projector, layout): load_model
+    re-creates it and the logits are the converted model's."""
+    from llama_vision.checkpoint import load_model, read_params, save_meta_checkpoint
+
+    _, ours, cfg = pair
+    save_meta_checkpoint(ours, tmp_path / "ckpt")
+    params = read_params(tmp_path / "ckpt")
+    assert params["vision_num_cross_attention_layers"] == 0 and params["llava"]["tower"]["width"] == 32
+    back = load_model(tmp_path / "ckpt")
+    assert back.modalities["image"].fusion == "projector"
+    (ids,), _ = CASES["two_images"]
+    tokens = hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours)
+    media = {"image": _ours_media([_images(2, seed=6)])}
+    assert torch.equal(back(tokens, media_inputs=media), ours(tokens, media_inputs=media))

@@ -71,6 +71,8 @@ def params_to_dict(params: ModelArgs | Mapping | str | Path) -> dict:
             out["fusion_schedule"] = list(out["fusion_schedule"])
         if params.tile_embedding_layout == "grid":
             out.pop("tile_embedding_layout")
+        if out.get("llava") is None:
+            out.pop("llava", None)
         return out
     if isinstance(params, (str, Path)):
         return read_params(params)

@@ -69,6 +69,9 @@ class ModelArgs:
     # Added modalities persisted with the checkpoint (e.g. the VideoConfig fields), so
     # build_model/load_model re-create them: {"video": {...}}.
     video: dict | None = None
+    # The LLaVA projector image modality (llama_vision.model.llava.LlavaConfig.to_params:
+    # its tower, projector and layout), re-added by build_model.
+    llava: dict | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

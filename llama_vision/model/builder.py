@@ -1,5 +1,6 @@
-"""`build_model`: a Meta params.json (+ optional vision-size and video keys) -> an
-initialised VisionLanguageModel, the video modality re-added when the params carry it."""
+"""`build_model`: a Meta params.json (+ optional vision-size, video and llava keys) -> an
+initialised VisionLanguageModel, the video / LLaVA modalities re-added when the params
+carry them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,6 +35,10 @@ def build_model(params: dict | str | Path, *, device: str | torch.device | None 
     try:
         with torch.device(device):
             model = VisionLanguageModel(args)
+            if args.llava is not None:  # the LLaVA image modality: part of the image model
+                from .llava import add_llava_from_params
+
+                add_llava_from_params(model, args.llava)
             if init and device.type != "meta":
                 init_weights(model, seed=seed)
             # Added after the image model is initialised, exactly as a training stage adds

@@ -36,7 +36,7 @@ from torch import nn
 
 from .modality import MediaTokens, Modality
 
-__all__ = ["LlavaConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_modality"]
+__all__ = ["LlavaConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params", "add_llava_modality"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 
@@ -78,6 +78,36 @@ class LlavaConfig:
     token_id: int | None = None
     """Its placeholder id (a learnable-row id >= vocab_size); default: `<|image|>`'s on a
     trunk without Meta's image modality, else the first free learnable row."""
+
+    def to_params(self, tower_config) -> dict:
+        """The params.json `llava` entry (JSON-ready) of this modality with its tower's
+        ClipVisionConfig: what `build_model` re-creates it from."""
+        anyres = None
+        if self.anyres is not None:
+            a = self.anyres
+            anyres = {"grid_pinpoints": [list(p) for p in a.grid_pinpoints], "crop_size": a.crop_size,
+                      "image_mean": list(a.image_mean), "image_std": list(a.image_std), "resample": a.resample,
+                      "rescale_factor": a.rescale_factor, "patches_per_side": a.patches_per_side,
+                      "anyres_max": a.anyres_max, "square_for_multi_image": a.square_for_multi_image}
+        return {"tower": tower_config.to_dict(), "projector": self.projector, "anyres": anyres,
+                "image_newline": self.image_newline, "name": self.name, "token_id": self.token_id}
+
+    @classmethod
+    def from_params(cls, params: dict):
+        """-> (LlavaConfig, ClipVisionConfig) of a params.json `llava` entry."""
+        from llama_vision.data.anyres import AnyResConfig
+
+        from .clip_vision import ClipVisionConfig
+
+        unknown = sorted(set(params) - {"tower", "projector", "anyres", "image_newline", "name", "token_id"})
+        if unknown or "tower" not in params:
+            raise ValueError(f"params `llava`: unknown keys {unknown}" if unknown else "params `llava` needs `tower`")
+        anyres = params.get("anyres")
+        config = cls(projector=params.get("projector", "mlp2x_gelu"),
+                     anyres=AnyResConfig(**anyres) if anyres else None,
+                     image_newline=bool(params.get("image_newline", False)), name=params.get("name", "image"),
+                     token_id=params.get("token_id"))
+        return config, ClipVisionConfig(**params["tower"])
 
 
 class LlavaVisionModel(nn.Module):
@@ -170,4 +200,15 @@ def add_llava_modality(model, tower: nn.Module, tower_dim: int, config: LlavaCon
         encoder_attr=attr, trainable_modules=owned, own_placeholder=False, fusion="projector",
         tokens_per_item=vision.tokens_per_item,
     )
+    tower_config = getattr(tower, "config", None)
+    if hasattr(tower_config, "to_dict"):  # a ClipVisionTower: saved in params.json, re-added by build_model
+        model.args.llava = config.to_params(tower_config)
     return modality
+
+
+def add_llava_from_params(model, params: dict) -> Modality:
+    """Re-create the modality a params.json `llava` entry describes (fresh weights)."""
+    from .clip_vision import ClipVisionTower
+
+    config, tower_config = LlavaConfig.from_params(params)
+    return add_llava_modality(model, ClipVisionTower(tower_config), tower_config.width, config)
