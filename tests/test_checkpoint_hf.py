@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 from transformers.models.mllama import modeling_mllama  # noqa: E402
 
-from test_hf_equivalence import IMG, _hf_inputs, _images, _taps_are_layer_inputs  # noqa: E402
+from _hf_mllama import IMG, hf_inputs, taps_are_layer_inputs, tile_images  # noqa: E402
 
 from llama_vision.checkpoint import (  # noqa: E402
     convert_checkpoint,
@@ -39,7 +39,7 @@ RATIOS = [(1, 3), (2, 2)]
 @pytest.fixture
 def hf_taps_patched():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(modeling_mllama.MllamaVisionEncoder, "forward", _taps_are_layer_inputs)
+        mp.setattr(modeling_mllama.MllamaVisionEncoder, "forward", taps_are_layer_inputs)
         yield
 
 
@@ -92,7 +92,7 @@ def test_meta_hf_meta_identical_except_unreachable_tile_cells(tmp_path):
             assert (b[k][~reach] == 0).all() and (a[k][~reach] != 0).any(), k
         else:
             assert torch.equal(a[k], b[k]), k
-    x = (torch.tensor([TOKENS]), *_images(RATIOS, seed=1))
+    x = (torch.tensor([TOKENS]), *tile_images(RATIOS, seed=1))
     with torch.no_grad():
         assert torch.equal(load_model(meta2)(*x), model(*x))
 
@@ -177,11 +177,11 @@ def _tile_tables_from_meta_grids(hf, args):
 def test_load_transformers_written_dir_matches_transformers(transformers_dir, hf_taps_patched):
     path, hf = transformers_dir
     ours = load_model(path)
-    imgs, ar = _images(RATIOS, seed=4)
+    imgs, ar = tile_images(RATIOS, seed=4)
     got = ours(torch.tensor([TOKENS]), imgs, ar)
-    want = hf(**_hf_inputs(TOKENS, RATIOS, imgs)).logits
+    want = hf(**hf_inputs(TOKENS, RATIOS, imgs)).logits
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)
-    hf_out = hf.generate(**_hf_inputs(TOKENS, RATIOS, imgs), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    hf_out = hf.generate(**hf_inputs(TOKENS, RATIOS, imgs), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     ours_out = Generator(ours).generate_from_tensors([TOKENS], images=imgs, aspect_ratios=ar, max_new_tokens=12, stop_tokens=[])[0]
     assert ours_out == hf_out[0, len(TOKENS) :].tolist()
 
@@ -191,8 +191,8 @@ def test_transformers_reads_what_we_write(tmp_path, hf_taps_patched):
     model = tiny_model(seed=8)
     save_hf_checkpoint(model, tmp_path, max_shard_bytes=300_000)
     hf = MllamaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    imgs, ar = _images(RATIOS, seed=2)
-    torch.testing.assert_close(model(torch.tensor([TOKENS]), imgs, ar), hf(**_hf_inputs(TOKENS, RATIOS, imgs)).logits.float(), atol=1e-4, rtol=0)
+    imgs, ar = tile_images(RATIOS, seed=2)
+    torch.testing.assert_close(model(torch.tensor([TOKENS]), imgs, ar), hf(**hf_inputs(TOKENS, RATIOS, imgs)).logits.float(), atol=1e-4, rtol=0)
 
 
 # --- text-only Llama trunks ------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def _check_trunk_reproduced(vlm, llama_model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert all(b.gate_attn.eq(0).all() and b.gate_ffwd.eq(0).all() for b in vlm.text_model.cross_attention_layers)
     # An image placeholder reads the fresh learnable row: its logits are finite, the adapters still no-ops.
-    imgs, ar = _images([(1, 2)], seed=0)
+    imgs, ar = tile_images([(1, 2)], seed=0)
     with torch.no_grad():
         assert torch.isfinite(vlm(torch.tensor([[IMG, 1, 2]]), imgs, ar)).all()
 

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 from transformers.models.mllama import modeling_mllama  # noqa: E402
 
-from test_hf_equivalence import IMG, _hf_inputs, _images, _taps_are_layer_inputs  # noqa: E402
+from _hf_mllama import IMG, hf_inputs, taps_are_layer_inputs, tile_images  # noqa: E402
 
 import llama_vision  # noqa: E402
 from llama_vision.checkpoint import (  # noqa: E402
@@ -102,7 +102,7 @@ def custom_hf(tmp_path_factory):
 @pytest.fixture
 def hf_taps_patched():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(modeling_mllama.MllamaVisionEncoder, "forward", _taps_are_layer_inputs)
+        mp.setattr(modeling_mllama.MllamaVisionEncoder, "forward", taps_are_layer_inputs)
         yield
 
 
@@ -125,9 +125,9 @@ def test_logits_match_transformers_for_every_aspect_ratio(custom_hf, hf_taps_pat
     _, hf, ours = custom_hf
     for i, ratio in enumerate(RATIOS):
         tokens = _prompt(i)
-        imgs, ar = _images([ratio], seed=20 + i)
+        imgs, ar = tile_images([ratio], seed=20 + i)
         got = ours(torch.tensor([tokens]), imgs, ar)
-        want = hf(**_hf_inputs(tokens, [ratio], imgs)).logits
+        want = hf(**hf_inputs(tokens, [ratio], imgs)).logits
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0, msg=lambda m: f"ratio {ratio}: {m}")
 
 
@@ -140,17 +140,17 @@ def test_per_ratio_tables_alone_match_transformers(tmp_path, hf_taps_patched):
         ours = load_model(tmp_path)
     assert ours.args.tile_embedding_layout == "per_aspect_ratio" and ours.args.fusion_schedule == [1, 3]
     tokens = [t for i in range(len(RATIOS)) for t in (IMG, 30 + i, 7)]
-    imgs, ar = _images(list(RATIOS), seed=8)
+    imgs, ar = tile_images(list(RATIOS), seed=8)
     got = ours(torch.tensor([tokens]), imgs, ar)
-    torch.testing.assert_close(got, hf(**_hf_inputs(tokens, list(RATIOS), imgs)).logits.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, hf(**hf_inputs(tokens, list(RATIOS), imgs)).logits.float(), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
 def test_greedy_16_tokens_match_transformers(custom_hf, hf_taps_patched):
     _, hf, ours = custom_hf
     tokens, ratios = [IMG, 1, 11, 12, 13, IMG, 14, 15], [(1, 3), (4, 1)]
-    imgs, ar = _images(ratios, seed=5)
-    want = hf.generate(**_hf_inputs(tokens, ratios, imgs), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    imgs, ar = tile_images(ratios, seed=5)
+    want = hf.generate(**hf_inputs(tokens, ratios, imgs), max_new_tokens=16, min_new_tokens=16, do_sample=False)
     got = Generator(ours).generate_from_tensors([tokens], images=imgs, aspect_ratios=ar, max_new_tokens=16, stop_tokens=[])[0]
     assert got == want[0, len(tokens) :].tolist()
 
@@ -186,7 +186,7 @@ def test_meta_format_save_keeps_per_ratio_tables_and_reloads_identically(custom_
     with pytest.warns(UserWarning, match="per_aspect_ratio"):
         fresh = load_model(path)  # `ours` may have run the Generator, which re-lays weights out (~1e-7)
     for i, ratio in enumerate(RATIOS):
-        x = (torch.tensor([_prompt(i)]), *_images([ratio], seed=i))
+        x = (torch.tensor([_prompt(i)]), *tile_images([ratio], seed=i))
         assert torch.equal(back(*x), fresh(*x)), ratio
     # ... and back to HF, still the original tensors.
     _assert_tensor_identical(_safetensors(path), _safetensors(convert_checkpoint(meta, tmp_path / "hf", "hf")))
@@ -221,12 +221,12 @@ def test_grid_consistent_hf_checkpoint_stays_grid(tmp_path):
     # Forcing the per-ratio layout holds the same model (bitwise) and exports the same tensors.
     per_ratio = load_model(hf, params_overrides={"tile_embedding_layout": "per_aspect_ratio"})
     for i, ratio in enumerate(RATIOS):
-        x = (torch.tensor([_prompt(i)]), *_images([ratio], seed=i))
+        x = (torch.tensor([_prompt(i)]), *tile_images([ratio], seed=i))
         assert torch.equal(per_ratio(*x), model(*x)), ratio
     _assert_tensor_identical(_safetensors(hf), _safetensors(save_hf_checkpoint(per_ratio, tmp_path / "hf2")))
     # A Meta (grid) checkpoint loads into a per-ratio model: the tables are expanded exactly.
     expanded = load_model(meta, params_overrides={"tile_embedding_layout": "per_aspect_ratio"})
-    x = (torch.tensor([_prompt(0)]), *_images([(2, 2)], seed=3))
+    x = (torch.tensor([_prompt(0)]), *tile_images([(2, 2)], seed=3))
     assert torch.equal(expanded(*x), model(*x))
 
 
@@ -301,7 +301,7 @@ def test_video_adapters_follow_a_custom_schedule(tmp_path):
     g = torch.Generator().manual_seed(0)
     videos = torch.randn(1, 1, 2, 2, 3, 28, 28, generator=g)
     tokens = torch.tensor([[IMG, 513, 1, 2, 3]])
-    imgs, ar = _images([(1, 2)], seed=1)
+    imgs, ar = tile_images([(1, 2)], seed=1)
     media = {"image": (imgs, ar), "video": (videos, torch.tensor([[[1, 2]]]), torch.tensor([[2]]))}
     out = model(tokens, media_inputs=media)
     assert torch.isfinite(out).all()

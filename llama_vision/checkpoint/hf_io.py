@@ -318,6 +318,15 @@ def save_hf_checkpoint(
     if not isinstance(args, ModelArgs):
         args = args_from_params(args)
     tensors = tensors_for_saving(memory_to_file_names(meta_to_hf(dict(state), args)), dtype)
+    return write_hf_dir(tensors, out_dir, hf_config_from_args(args), max_shard_bytes)
+
+
+def write_hf_dir(tensors: Mapping[str, Tensor], out_dir: str | Path, config: dict,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """A transformers checkpoint dir: `tensors` (file key names, ready to save) in one
+    model.safetensors or shards of at most `max_shard_bytes` with their index, and
+    config.json (its `dtype` set from the tensors); every file written atomically, stale
+    shards removed, config.json last (a dir without it is not a checkpoint yet)."""
     groups = _pack(tensors, max_shard_bytes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +348,7 @@ def save_hf_checkpoint(
         atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
     else:
         (out / INDEX_FILE).unlink(missing_ok=True)
-    config = hf_config_from_args(args)
+    config = dict(config)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
