@@ -189,6 +189,16 @@ def test_llava_next_anyres_matches_transformers():
         got = ours(hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours),
                    media_inputs={"image": (px, torch.tensor([[[h, w]]]))})
         torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0, msg=lambda m: f"{h}x{w}: {m}")
+    # exported back (image_newline, pinpoints), transformers reads it as the model it came from
+    import tempfile
+
+    from llama_vision.checkpoint.llava_hf import save_llava_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_llava_hf(ours, tmp)
+        back = LlavaNextForConditionalGeneration.from_pretrained(tmp).eval()
+    again = back(input_ids=torch.tensor([ids]), pixel_values=item.pixel_values[None], image_sizes=torch.tensor([[h, w]])).logits
+    assert torch.equal(again, want)
 
 
 @torch.no_grad()
@@ -207,3 +217,20 @@ def test_saved_as_our_checkpoint_and_loaded_back(pair, tmp_path):
     tokens = hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours)
     media = {"image": _ours_media([_images(2, seed=6)])}
     assert torch.equal(back(tokens, media_inputs=media), ours(tokens, media_inputs=media))
+
+
+@torch.no_grad()
+def test_exported_llava_loads_in_transformers(pair, tmp_path):
+    """Our model -> save_llava_hf -> LlavaForConditionalGeneration.from_pretrained: the
+    same logits as ours (and as the HF model it came from)."""
+    from llama_vision.checkpoint.llava_hf import save_llava_hf
+
+    hf, ours, cfg = pair
+    save_llava_hf(ours, tmp_path / "hf")
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    (ids,), _ = CASES["two_images"]
+    imgs = _images(2, seed=7)
+    want = ours(hf_tokens_to_ours(torch.tensor([ids]), cfg.to_dict(), ours), media_inputs={"image": _ours_media([imgs])})
+    got = back(input_ids=torch.tensor([ids]), pixel_values=imgs).logits
+    torch.testing.assert_close(got.float(), want, atol=ATOL, rtol=0)
+    assert torch.equal(got, hf(input_ids=torch.tensor([ids]), pixel_values=imgs).logits)

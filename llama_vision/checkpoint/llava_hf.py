@@ -31,7 +31,7 @@ from .clip_vision import detect_vision_layout, vision_from_hf
 from .meta import CheckpointMismatchError
 from .text_only import llama_hf_to_meta, text_params_from_hf_config
 
-__all__ = ["hf_tokens_to_ours", "llava_config_from_hf", "llava_from_hf"]
+__all__ = ["hf_tokens_to_ours", "llava_config_from_hf", "llava_from_hf", "llava_to_hf", "save_llava_hf"]
 
 Tensor = torch.Tensor
 
@@ -67,7 +67,9 @@ def llava_config_from_hf(config: Mapping) -> tuple[dict, ClipVisionConfig, Llava
         pinpoints = config.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
         anyres = AnyResConfig(grid_pinpoints=tuple(tuple(p) for p in pinpoints), crop_size=tower.image_size,
                               patches_per_side=tower.grid)
-    return params, tower, LlavaConfig(projector=_ACTS[act], anyres=anyres, image_newline=model_type == "llava_next")
+    image = config.get("image_token_index", config.get("image_token_id", 32000))
+    return params, tower, LlavaConfig(projector=_ACTS[act], anyres=anyres, image_newline=model_type == "llava_next",
+                                      hf_image_token_index=int(image))
 
 
 def _layout(state: Mapping[str, Tensor]) -> tuple[str, str, str, str]:
@@ -131,3 +133,68 @@ def hf_tokens_to_ours(ids: Tensor, config: Mapping, model) -> Tensor:
     modality's placeholder there)."""
     image = int(config.get("image_token_index", config.get("image_token_id", 32000)))
     return ids.masked_fill(ids == image, model.modalities["image"].token_id)
+
+
+def llava_to_hf(model, *, image_token_index: int | None = None) -> tuple[dict[str, Tensor], dict]:
+    """Our LLaVA model (the projector image modality on a trunk without Meta's) -> (state
+    dict in LLaVA's file layout, config.json dict) for transformers'
+    LlavaForConditionalGeneration (LlavaNext... with AnyRes). image_token_index: the
+    vocabulary row that stands for `<image>` in HF prompts (default: the one the model was
+    imported with; a model trained here names one, e.g. a reserved special token of Llama
+    3's tokenizer: its embedding row is never read, the projector's tokens replace it)."""
+    from llama_vision.model.clip_vision import ClipVisionConfig
+
+    from .clip_vision import vision_to_hf
+    from .text_only import llama_hf_config_from_args, llama_meta_to_hf
+
+    vision = model.vision_model
+    params = model.args.llava
+    if model.modalities.get("image") is None or model.modalities["image"].fusion != "projector" or params is None:
+        raise ValueError("llava_to_hf exports a LLaVA model: the projector image modality on a trunk without "
+                         "Meta's image encoder (vision_num_cross_attention_layers: 0), with a ClipVisionTower")
+    config, tower = vision.config, ClipVisionConfig(**params["tower"])
+    if config.projector != "mlp2x_gelu":
+        raise ValueError(f"projector {config.projector!r}: transformers' LLaVA projector is mlp2x_gelu (Linear, GELU, Linear)")
+    if config.anyres is not None and config.anyres.anyres_max is not None:
+        raise ValueError("AnyRes-Max pooling (OneVision) has no LlavaNextForConditionalGeneration counterpart")
+    image = image_token_index if image_token_index is not None else config.hf_image_token_index
+    if image is None or not 0 <= image < model.args.vocab_size:
+        raise ValueError(f"image_token_index {image}: name a row of the {model.args.vocab_size}-token vocabulary for "
+                         f"<image> (e.g. a reserved special token)")
+    state = model.state_dict()
+    text = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.") and "learnable" not in k}
+    out = {}
+    for key, t in llama_meta_to_hf(text, model.args).items():
+        out["language_model." + key if key.startswith("model.") else "language_model.lm_head.weight"] = t
+    prefix = "vision_model.vision_encoder."
+    out.update(vision_to_hf({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, tower,
+                            prefix="vision_tower.vision_model."))
+    for key, t in state.items():
+        if key.startswith("vision_model.projector."):
+            out["multi_modal_projector." + key[len("vision_model.projector."):]] = t
+    if config.image_newline:
+        out["image_newline"] = state["vision_model.image_newline"]
+    next_ = config.anyres is not None
+    hf_config = {
+        "model_type": "llava_next" if next_ else "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"],
+        "text_config": llama_hf_config_from_args(model.args),
+        "vision_config": tower.to_hf_config(),
+        "image_token_index": int(image),
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        **tower.to_hf_llava_selection(),
+    }
+    if next_:
+        hf_config["image_grid_pinpoints"] = [list(p) for p in config.anyres.grid_pinpoints]
+    return out, hf_config
+
+
+def save_llava_hf(model, out_dir, *, image_token_index: int | None = None, dtype: torch.dtype | None = None):
+    """`llava_to_hf` written as a transformers checkpoint dir (config.json + safetensors,
+    sharded above 5 GB)."""
+    from .hf_io import write_hf_dir
+    from .meta import tensors_for_saving
+
+    tensors, config = llava_to_hf(model, image_token_index=image_token_index)
+    return write_hf_dir(tensors_for_saving(tensors, dtype), out_dir, config)

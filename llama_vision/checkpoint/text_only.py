@@ -189,6 +189,40 @@ _HF_LAYER = {
 }
 
 
+def llama_meta_to_hf(state: Mapping[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """Meta text keys (no `text_model.` prefix; the learnable rows are not part of it) ->
+    HF LlamaForCausalLM keys: the inverse of `llama_hf_to_meta` (q/k rows permuted to
+    rotate-half)."""
+    from .hf import permute_to_rotate_half
+
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"]}
+    for i in range(args.n_layers):
+        for hf_key, meta_key in _HF_LAYER.items():
+            t = state[f"layers.{i}.{meta_key}"]
+            if hf_key.startswith("self_attn.q_proj"):
+                t = permute_to_rotate_half(t, args.n_heads)
+            elif hf_key.startswith("self_attn.k_proj"):
+                t = permute_to_rotate_half(t, args.n_kv_heads)
+            out[f"model.layers.{i}.{hf_key}"] = t
+    out["model.norm.weight"] = state["norm.weight"]
+    out["lm_head.weight"] = state["output.weight"]
+    return out
+
+
+def llama_hf_config_from_args(args: ModelArgs) -> dict:
+    """A transformers LlamaConfig dict of `args`' text trunk (the inverse of
+    `text_params_from_hf_config`)."""
+    from .hf import _rope_parameters
+
+    rope = _rope_parameters(args)
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": args.vocab_size,
+            "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "hidden_act": "silu",
+            "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta,
+            "rope_parameters": rope, "rope_scaling": rope if rope["rope_type"] != "default" else None,
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+
+
 def llama_hf_to_meta(sd: Mapping[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """HF LlamaForCausalLM state dict -> Meta text keys (no `text_model.` prefix). Tied
     embeddings (no lm_head) give `output.weight` = the embedding table."""

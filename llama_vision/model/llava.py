@@ -79,6 +79,10 @@ class LlavaConfig:
     """Its placeholder id (a learnable-row id >= vocab_size); default: `<|image|>`'s on a
     trunk without Meta's image modality, else the first free learnable row."""
 
+    hf_image_token_index: int | None = None
+    """The `<image>` id of the transformers LLaVA this model was imported from (a row of
+    its vocabulary), reused when it is exported back."""
+
     def to_params(self, tower_config) -> dict:
         """The params.json `llava` entry (JSON-ready) of this modality with its tower's
         ClipVisionConfig: what `build_model` re-creates it from."""
@@ -90,7 +94,8 @@ class LlavaConfig:
                       "rescale_factor": a.rescale_factor, "patches_per_side": a.patches_per_side,
                       "anyres_max": a.anyres_max, "square_for_multi_image": a.square_for_multi_image}
         return {"tower": tower_config.to_dict(), "projector": self.projector, "anyres": anyres,
-                "image_newline": self.image_newline, "name": self.name, "token_id": self.token_id}
+                "image_newline": self.image_newline, "name": self.name, "token_id": self.token_id,
+                "hf_image_token_index": self.hf_image_token_index}
 
     @classmethod
     def from_params(cls, params: dict):
@@ -99,14 +104,15 @@ class LlavaConfig:
 
         from .clip_vision import ClipVisionConfig
 
-        unknown = sorted(set(params) - {"tower", "projector", "anyres", "image_newline", "name", "token_id"})
+        unknown = sorted(set(params) - {"tower", "projector", "anyres", "image_newline", "name", "token_id",
+                                        "hf_image_token_index"})
         if unknown or "tower" not in params:
             raise ValueError(f"params `llava`: unknown keys {unknown}" if unknown else "params `llava` needs `tower`")
         anyres = params.get("anyres")
         config = cls(projector=params.get("projector", "mlp2x_gelu"),
                      anyres=AnyResConfig(**anyres) if anyres else None,
                      image_newline=bool(params.get("image_newline", False)), name=params.get("name", "image"),
-                     token_id=params.get("token_id"))
+                     token_id=params.get("token_id"), hf_image_token_index=params.get("hf_image_token_index"))
         return config, ClipVisionConfig(**params["tower"])
 
 
