@@ -6,7 +6,8 @@ An *example* (built by :mod:`llama_vision.data.datasets`) is a dict::
     tokens: list[int]            # image positions hold image_token_id
     labels: list[int]            # shifted targets: labels[i] = tokens[i + 1] or -100
     images: list[Tensor]         # one float32 (or uint8) [n_tiles, 3, S, S] per image, in token order
-    aspect_ratios: list[(h, w)]  # tile grid per image
+    aspect_ratios: list[(h, w)]  # tile grid per image (LLaVA: the image's size in pixels)
+    image_token_counts: list[int]  # LLaVA only: placeholders per image (expanded prompts)
     position, skipped            # bookkeeping for resume and skip metrics (optional)
 
 DPO examples hold ``chosen_tokens``/``chosen_labels``/``rejected_tokens``/``rejected_labels``
@@ -43,6 +44,9 @@ def _check_rows(examples: Sequence[Example], tokens_key: str, labels_key: str, i
         if len(tokens) == 0 or len(tokens) != len(labels):
             raise ValueError(f"example {ex['key']!r}: {len(tokens)} tokens but {len(labels)} labels")
         n_tokens = sum(1 for t in tokens if t == image_token_id)
+        counts = ex.get("image_token_counts")  # projector modalities: many placeholders per image
+        if counts is not None and n_tokens == sum(counts) and len(counts) == len(ex["images"]):
+            n_tokens = len(counts)
         if n_tokens != len(ex["images"]) or len(ex["images"]) != len(ex["aspect_ratios"]):
             raise ValueError(
                 f"example {ex['key']!r}: {n_tokens} image tokens (id {image_token_id}) but "
@@ -59,7 +63,9 @@ def _image_tensors(examples: Sequence[Example], max_num_tiles: int) -> tuple[tor
     """
     per_row = [list(ex["images"]) for ex in examples]
     num_images = torch.tensor([len(r) for r in per_row], dtype=torch.long)
-    aspect_ratios = stack_aspect_ratios([[tuple(ar) for ar in ex["aspect_ratios"]] for ex in examples])
+    # Projector-modality examples (image_token_counts) carry image sizes: (0, 0) = no image.
+    absent = 0 if any("image_token_counts" in ex for ex in examples) else 1
+    aspect_ratios = stack_aspect_ratios([[tuple(ar) for ar in ex["aspect_ratios"]] for ex in examples], absent)
     if int(num_images.sum()) == 0:
         return None, aspect_ratios, torch.zeros(aspect_ratios.shape[:2], dtype=torch.long), num_images
     images, num_tiles = stack_images(per_row, max_num_tiles)

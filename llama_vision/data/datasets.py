@@ -180,6 +180,28 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], int]:
     return out, n_images
 
 
+def expand_images(tokens: list[int], target_mask: list[bool], counts: Sequence[int], image_token_id: int,
+                  max_seq_len: int) -> tuple[list[int], list[bool], int]:
+    """Each image placeholder of `tokens` repeated counts[k] times (k-th image; targets
+    off), cut to `max_seq_len` -- before the run of the first image that would be cut
+    (an image's tokens are all or none). -> (tokens, target_mask, images kept)."""
+    out, mask, k, kept = [], [], 0, 0
+    for t, m in zip(tokens, target_mask):
+        if t == image_token_id:
+            if len(out) + counts[k] > max_seq_len:
+                break
+            out += [t] * counts[k]
+            mask += [False] * counts[k]
+            k += 1
+            kept = k
+        else:
+            if len(out) >= max_seq_len:
+                break
+            out.append(t)
+            mask.append(m)
+    return out, mask, kept
+
+
 def truncate(tokens: list[int], target_mask: list[bool], max_seq_len: int, image_token_id: int):
     """Cut to ``max_seq_len``; returns ``(tokens, labels, n_images_kept)`` (see module doc)."""
     tokens, target_mask = tokens[:max_seq_len], target_mask[:max_seq_len]
@@ -300,9 +322,25 @@ class ExampleDataset(IterableDataset):
     def _lm_example(
         self, key: str, tokens: list[int], target_mask: list[bool], image_refs: Sequence[Any]
     ) -> Example:
+        if getattr(self.image_processor, "tokens_per_item", None) is not None:
+            return self._expanded_example(key, tokens, target_mask, image_refs)
         tokens, labels, n_kept = truncate(tokens, target_mask, self.max_seq_len, self.image_token_id)
         images, ratios = self.load_images(image_refs[:n_kept])
         return {"key": key, "tokens": tokens, "labels": labels, "images": images, "aspect_ratios": ratios}
+
+    def _expanded_example(self, key: str, tokens: list[int], target_mask: list[bool], image_refs: Sequence[Any]) -> Example:
+        """A projector-modality example (LLaVA): every image placeholder expanded to as many
+        as the image has tokens (its size decides with AnyRes), then cut to max_seq_len
+        before the first image that no longer fits whole."""
+        n_images = sum(1 for t in tokens if t == self.image_token_id)
+        images, sizes = self.load_images(image_refs[:n_images])
+        counts = [self.image_processor.tokens_per_item(size) for size in sizes]
+        tokens, target_mask, n_kept = expand_images(tokens, target_mask, counts, self.image_token_id, self.max_seq_len)
+        labels = shifted_labels(tokens, target_mask)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipSample(EMPTY_LABELS, f"no labelled token within {self.max_seq_len} tokens")
+        return {"key": key, "tokens": tokens, "labels": labels, "images": images[:n_kept], "aspect_ratios": sizes[:n_kept],
+                "image_token_counts": counts[:n_kept]}
 
     def _example_or_skip(self, record: Record, counter: SkipCounter) -> Example | None:
         if record.error is not None:

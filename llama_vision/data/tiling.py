@@ -524,15 +524,16 @@ def stack_images(
     return images, num_tiles
 
 
-def stack_aspect_ratios(batch: Sequence[Sequence[tuple[int, int]]]) -> torch.Tensor:
+def stack_aspect_ratios(batch: Sequence[Sequence[tuple[int, int]]], absent: int = 1) -> torch.Tensor:
     """Pack per-sample lists of ``(tiles_h, tiles_w)`` grids.
 
     Returns:
-        int64 ``[B, N_max, 2]``; absent images get ``(1, 1)`` (Meta's padding convention,
-        which keeps embedding lookups in range). ``N_max = max(1, longest list)``.
+        int64 ``[B, N_max, 2]``; absent images get ``(absent, absent)``: ``(1, 1)`` by
+        default (Meta's padding convention, which keeps embedding lookups in range; the
+        LLaVA modality's image sizes use ``(0, 0)``). ``N_max = max(1, longest list)``.
     """
     n_max = max([1] + [len(sample) for sample in batch])
-    ratios = torch.ones((len(batch), n_max, 2), dtype=torch.long)
+    ratios = torch.full((len(batch), n_max, 2), absent, dtype=torch.long)
     for i, sample in enumerate(batch):
         for j, (tiles_h, tiles_w) in enumerate(sample):
             ratios[i, j, 0] = tiles_h

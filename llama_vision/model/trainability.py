@@ -48,10 +48,14 @@ def set_trainable(model, decoder: bool = False, vision: bool = True, adapters: b
     unknown = sorted(set(flags) - set(groups))
     if unknown:
         raise ValueError(f"unknown trainability group(s) {unknown}; groups: {sorted(groups)}")
+    # Parameters no forward reaches (a CLIP tower's blocks after its feature layer:
+    # `unused_parameter_names`) never train: no optimizer state, no gradient DDP waits for.
+    unused = {id(p) for m in model.modules() if hasattr(m, "unused_parameter_names")
+              for n in m.unused_parameter_names() for p in [m.get_parameter(n)]}
     counts = {}
     for g, params in groups.items():
         on = bool(flags.get(g, False))
         for _, p in params:
-            p.requires_grad_(on)
-        counts[g] = sum(p.numel() for _, p in params) if on else 0
+            p.requires_grad_(on and id(p) not in unused)
+        counts[g] = sum(p.numel() for _, p in params if id(p) not in unused) if on else 0
     return counts

@@ -84,6 +84,10 @@ def build_training_model(cfg: TrainConfig, tokenizer, *, lazy: bool = False, pre
             load_into(model, cfg.init_from, allow_missing_prefixes=_missing_ok(model, cfg))
         if cfg.init_text_from:
             load_text_trunk_into(model, cfg.init_text_from)
+        if cfg.init_vision_from:
+            with torch.no_grad():
+                for key, t in _vision_tower_state(model, cfg.init_vision_from).items():
+                    model.get_parameter(key).copy_(t)
         if lora is not None:
             apply_lora(model, seed=cfg.seed, **lora)
         _set_stage_trainable(model, cfg)
@@ -138,6 +142,8 @@ def _load_lazily(model, cfg: TrainConfig) -> None:
         state.update(rank_state_dict(model, cfg.init_from, allow_missing_prefixes=_missing_ok(model, cfg)))
     if cfg.init_text_from:
         state.update({f"text_model.{k}": t for k, t in text_trunk_state(model, cfg.init_text_from).items()})
+    if cfg.init_vision_from:
+        state.update(_vision_tower_state(model, cfg.init_vision_from))
     fresh = [n for n, _ in model.named_parameters() if n not in state]
     for name in fresh:
         owner, _, attr = name.rpartition(".")
@@ -164,8 +170,25 @@ def _load_lazily(model, cfg: TrainConfig) -> None:
         full[0] = model.args.n_learnable_embeddings
         row = initial_value("text_model.learnable_embedding.weight", full, cfg.seed)[placeholder.token_id - model.args.vocab_size]
         placeholder.weight.copy_(row.to(placeholder.weight.dtype))
-    source = " + ".join(str(p) for p in (cfg.init_from, cfg.init_text_from) if p) or "initialisation"
+    source = " + ".join(str(p) for p in (cfg.init_from, cfg.init_text_from, cfg.init_vision_from) if p) or "initialisation"
     assign_strict(model, state, source, allow_missing=fresh)
+
+
+def _vision_tower_state(model, path: str) -> dict[str, torch.Tensor]:
+    """init_vision_from: the LLaVA tower's tensors from a local weights file, under the
+    model's keys, in the model's dtypes (strict: the file must hold the whole tower)."""
+    from llama_vision.checkpoint.clip_vision import read_vision_state_dict
+    from llama_vision.model.llava import LlavaConfig
+
+    if model.args.llava is None:
+        raise ValueError("init_vision_from loads a LLaVA model's CLIP / SigLIP tower; this model has no `llava:` "
+                         "modality (Meta's ViT starts from init_from or llama_vision.checkpoint.init_vision_from_openclip)")
+    _, tower = LlavaConfig.from_params(model.args.llava)
+    name = model.args.llava.get("name", "image")
+    prefix = "vision_model.vision_encoder." if name == "image" else f"{name}_encoder.vision_encoder."
+    state, _ = read_vision_state_dict(path, tower)
+    params = dict(model.named_parameters())
+    return {prefix + k: t.to(params[prefix + k].dtype) for k, t in state.items()}
 
 
 @torch.no_grad()

@@ -70,11 +70,15 @@ def _example_dataset(cfg: TrainConfig, kind: str, files, tokenizer, model_args, 
     the DataConfig, or one of its sources)."""
     data = cfg.data
     make_source, dataset_cls = _KINDS[kind]
-    processor = ImageProcessor(
-        tile_size=data.tile_size or model_args.vision_chunk_size,
-        max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
-        output=data.tile_dtype,
-    )
+    llava = getattr(model_args, "llava", None)
+    if llava is not None and llava.get("name", "image") == "image":
+        processor = llava_processor(cfg, model_args)
+    else:
+        processor = ImageProcessor(
+            tile_size=data.tile_size or model_args.vision_chunk_size,
+            max_num_tiles=data.max_num_tiles or model_args.vision_max_num_chunks,
+            output=data.tile_dtype,
+        )
     source = make_source(files)
     return dataset_cls(
         WithoutImages(source) if data.text_only else source,
@@ -90,6 +94,19 @@ def _example_dataset(cfg: TrainConfig, kind: str, files, tokenizer, model_args, 
         block_size=record_block(cfg),
         split=data.split,
     )
+
+
+def llava_processor(cfg: TrainConfig, model_args):
+    """The LLaVA modality's image processor (the model's tower size and layout; images
+    expand to their tokens' placeholders in the examples)."""
+    from llama_vision.data.llava_images import LlavaImageProcessor
+
+    if cfg.data.tile_dtype != "float32":
+        raise ValueError("data.tile_dtype: uint8 is Meta's tiler's (its normalisation table); the LLaVA modality's "
+                         "images are float32: set data.tile_dtype: float32")
+    if cfg.data.packing:
+        raise ValueError("data.packing is not supported with the LLaVA (projector) image modality yet; set data.packing: false")
+    return LlavaImageProcessor.for_params(model_args.llava)
 
 
 def _mixture(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool) -> MixtureDataset:

@@ -274,6 +274,10 @@ class TrainConfig:
     init_text_from: Optional[str] = None
     """A text-only Llama trunk (Meta or HF dir) swapped into the decoder after init_from;
     adapters, vision tower and learnable rows are kept. null: none."""
+    init_vision_from: Optional[str] = None
+    """LLaVA models (params `llava:`): the CLIP / SigLIP tower's weights (a local
+    safetensors / .pt file or HF dir in transformers', open_clip's or our layout, e.g.
+    openai/clip-vit-large-patch14-336) loaded into the tower after init_from. null: none."""
     tokenizer: str = ""
     """tokenizer.model (tiktoken BPE or SentencePiece) or a dir holding one; its n_words must
     equal the model's vocab_size. A file is copied into final/."""
