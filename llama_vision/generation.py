@@ -10,7 +10,7 @@ from torch import nn
 
 from model_parallel import is_linear, tp_broadcast_object, tp_size
 
-from .inputs import pad_rows, prepare_image_batch
+from .inputs import pad_rows, prepare_images
 from .model.modality import FusedEmbeds
 from .utils.pages import copy_releasing
 
@@ -118,7 +118,8 @@ class Generator:
         """Rows of prompt ids (+ PIL images per row) -> new token ids per row (the stop token
         itself is not returned). stop_tokens=None: the tokenizer's end tokens; []: never stop.
         on_token(row, id) streams tokens as they are produced."""
-        image_inputs = prepare_image_batch(self.model, tokens, images, device=self.device)
+        # (a projector image modality expands each image's placeholder to its tokens)
+        tokens, image_inputs = prepare_images(self.model, tokens, images, device=self.device)
         media_inputs = {"image": image_inputs} if image_inputs is not None else {}
         return self._generate(tokens, media_inputs, max_new_tokens, temperature, top_p, seed, stop_tokens, on_token)
 

@@ -52,3 +52,32 @@ def prepare_image_batch(model, rows: list[list[int]], images: list[list[Any]] | 
     if tiles.dtype == torch.uint8:  # a cast alone would skip the normalisation
         return processor.normalize(tiles.to(device), num_tiles, dtype), ars.to(device)
     return tiles.to(device=device, dtype=dtype), ars.to(device)
+
+
+def prepare_images(model, rows: list[list[int]], images: list[list[Any]] | None, device=None):
+    """`prepare_image_batch` for either kind of image modality -> (rows, image inputs or
+    None). Cross-attention (Meta's): the rows as given. Projector (LLaVA): each row's image
+    placeholders expanded to as many as its image has tokens, and the inputs
+    (pixel_values [B, N, C, 3, S, S], image_sizes [B, N, 2], (0, 0) for no image)."""
+    mod = model.modalities["image"]
+    if mod.fusion != "projector":
+        return rows, prepare_image_batch(model, rows, images, device=device)
+    check_media_counts(rows, images, mod.placeholder_ids)
+    if images is None or not any(images):
+        return rows, None
+    from llama_vision.data.datasets import expand_images
+    from llama_vision.data.image import stack_aspect_ratios, stack_images
+    from llama_vision.data.llava_images import LlavaImageProcessor
+
+    processor = LlavaImageProcessor.for_params(model.args.llava)
+    processed = [[processor(im) for im in row] for row in images]
+    expanded = []
+    for row, items in zip(rows, processed):
+        counts = [processor.tokens_per_item(size) for _, size in items]
+        ids = [mod.token_id if t in mod.placeholder_ids else t for t in row]
+        out, _, _ = expand_images(ids, [False] * len(ids), counts, mod.token_id, max_seq_len=len(ids) + sum(counts))
+        expanded.append(out)
+    pixels, _ = stack_images([[p for p, _ in row] for row in processed], processor.max_num_tiles)
+    sizes = stack_aspect_ratios([[size for _, size in row] for row in processed], absent=0)
+    dtype = next(model.vision_model.parameters()).dtype
+    return expanded, (pixels.to(device=device, dtype=dtype), sizes.to(device))

@@ -83,3 +83,26 @@ def test_final_loads_back_as_the_trained_model(run):
     batch = run["batch"]
     media = {"image": (batch.images, batch.aspect_ratios)}
     torch.testing.assert_close(back(batch.tokens, media_inputs=media), model(batch.tokens, media_inputs=media), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_generate_with_pil_images_expands_each_placeholder(run):
+    """Generator.generate on a LLaVA model: one <|image|> per PIL image in the prompt,
+    expanded to the image's 16 tokens (llama_vision.inputs.prepare_images) -- the same
+    answer as the already-expanded prompt with the processor's pixels."""
+    from PIL import Image
+
+    from llama_vision.data.llava_images import LlavaImageProcessor
+    from llama_vision.generation import Generator
+
+    trainer = run["trainer"]
+    model, tok = trainer.model.eval(), trainer.tokenizer
+    gen = Generator(model, tok, streaming_layout=False)
+    p = model.modalities["image"].token_id
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    prompt = [p] + tok.encode("a", bos=True, eos=False)
+    got = gen.generate([prompt], [[image]], max_new_tokens=6, stop_tokens=[])[0]
+    pixels, size = LlavaImageProcessor.for_params(model.args.llava)(image)
+    want = gen.generate_from_tensors([[p] * 16 + prompt[1:]], media_inputs={"image": (pixels[None, None], torch.tensor([[size]]))},
+                                     max_new_tokens=6, stop_tokens=[])[0]
+    assert got == want and size == (30, 40)
