@@ -1,4 +1,5 @@
-"""tools/demo.py --quick end to end (subprocess): metrics.json, loss plots, data reuse."""
+"""tools/demo.py --quick --fusion both end to end (subprocess): metrics.json, loss plots,
+the cross-attention vs projector comparison, data and stage reuse."""
 from __future__ import annotations
 
 import json
@@ -20,16 +21,16 @@ KEYS = (
 
 
 def _run(workdir: Path, timeout: float) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "tools/demo.py"), "--workdir", str(workdir), "--quick"]
+    cmd = [sys.executable, str(REPO / "tools/demo.py"), "--workdir", str(workdir), "--quick", "--fusion", "both"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
 
 
 def test_demo_quick_end_to_end_and_reuse(tmp_path):
     work = tmp_path / "demo"
     t0 = time.time()
-    proc = _run(work, timeout=240)
+    proc = _run(work, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert time.time() - t0 < 240
+    assert time.time() - t0 < 300
 
     metrics = json.loads((work / "metrics.json").read_text())
     for key in KEYS:
@@ -40,7 +41,18 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
     assert metrics["wall_s"] > 0
     for key in ("video_direction_forced_choice_accuracy", "control_video_direction_forced_choice_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
-    assert len(metrics["loss_plots"]) == 3
+    assert len(metrics["loss_plots"]) == 4  # stage 0, image, video, image (projector)
+    # The side-by-side table: both arms on the same frozen trunk, each decoder untouched.
+    arms = metrics["fusion_comparison"]
+    assert set(arms) == {"cross_attention", "projector"}
+    assert arms["cross_attention"]["decoder_tokens_per_image"] == 1 and arms["projector"]["decoder_tokens_per_image"] == 64
+    for arm in arms.values():
+        assert arm["decoder_unchanged"] is True and 0.0 <= arm["image_caption_accuracy"] <= 1.0
+        assert arm["prefill_ms_per_image"] > 0 and arm["image_stage_train_wall_s"] > 0
+    assert arms["cross_attention"]["image_caption_accuracy"] == metrics["image_caption_accuracy"]
+    projector = json.loads((work / "eval" / "images_projector" / "model" / "results.json").read_text())["tasks"]
+    assert projector["shapes_image_captions"]["score"] == arms["projector"]["image_caption_accuracy"]
+    assert "| decoder tokens per image | 1 | 64 |" in proc.stdout
     for png in metrics["loss_plots"]:
         assert Path(png).exists() and Path(png).stat().st_size > 0
     assert (work / "data" / "tokenizer.model").exists()
@@ -67,5 +79,5 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
 def test_demo_help():
     proc = subprocess.run([sys.executable, str(REPO / "tools/demo.py"), "--help"], capture_output=True, text=True, cwd=str(REPO))
     assert proc.returncode == 0
-    for flag in ("--workdir", "--seed", "--quick", "--skip-video", "--steps-scale"):
+    for flag in ("--workdir", "--seed", "--quick", "--skip-video", "--steps-scale", "--fusion"):
         assert flag in proc.stdout

@@ -12,6 +12,9 @@ only (demo_video.yaml); 5) held-out evaluation -> WORKDIR/metrics.json (caption 
 video direction accuracy, the same with every cross-attention gate forced to 0, and whether
 the decoder stayed bitwise unchanged); 6) tools/infer_image.py / infer_video.py on samples.
 A finished stage (same overrides) is reused on a rerun; delete WORKDIR/stageN to retrain it.
+
+  python tools/demo.py --workdir demo_out --fusion projector   # the image stage LLaVA's way
+  python tools/demo.py --workdir demo_out --fusion both        # both arms + a side-by-side table
 """
 from __future__ import annotations
 
@@ -31,10 +34,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny data and a few steps per stage (a smoke test; accuracy targets not expected)")
     p.add_argument("--skip-video", action="store_true", help="stop after the image stage (no video stage / video metrics)")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 2 for better accuracy, 0.5 for speed)")
+    p.add_argument("--fusion", choices=["cross_attention", "projector", "both"], default="cross_attention",
+                   help="how images reach the frozen decoder: Meta's gated cross-attention (default), LLaVA's projector "
+                        "(early fusion), or both arms on the same trunk and data (metrics.json: fusion_comparison)")
     args = p.parse_args(argv)
     if args.steps_scale <= 0:
         p.error("--steps-scale must be positive")
-    opts = DemoOptions(workdir=args.workdir, seed=args.seed, quick=args.quick, skip_video=args.skip_video, steps_scale=args.steps_scale)
+    opts = DemoOptions(workdir=args.workdir, seed=args.seed, quick=args.quick, skip_video=args.skip_video, steps_scale=args.steps_scale,
+                       fusion=args.fusion)
     run_demo(opts)
     return 0
 

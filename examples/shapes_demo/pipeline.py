@@ -12,6 +12,13 @@
    -> ``DIR/metrics.json`` (atomic write).
 6. ``tools/infer_image.py`` / ``tools/infer_video.py`` on a few held-out samples.
 
+``--fusion projector`` trains the image stage LLaVA's way instead (``demo_llava.yaml``: a
+small CLIP-style tower + mlp2x_gelu projector feeding the same frozen stage-0 decoder
+through its input, llama_vision/model/llava.py); ``--fusion both`` trains both arms on the
+same trunk and data. Whenever the projector arm runs, metrics.json gets
+``fusion_comparison``: per arm the caption (and video) accuracy, the image stage's train
+wall time, the decoder tokens an image takes and the prefill time of one image.
+
 Each stage runs ``tools/train.py`` in a subprocess (the same command a user would type).
 """
 from __future__ import annotations
@@ -30,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 TEXT_CFG = REPO / "configs/train/demo_text.yaml"
 IMAGE_CFG = REPO / "configs/train/demo_image.yaml"
 VIDEO_CFG = REPO / "configs/train/demo_video.yaml"
+LLAVA_CFG = REPO / "configs/train/demo_llava.yaml"
+FUSIONS = ("cross_attention", "projector", "both")
 
 DECODER_PREFIXES = ("text_model.layers.", "text_model.tok_embeddings", "text_model.norm", "text_model.output")
 
@@ -60,20 +69,25 @@ class DemoOptions:
     quick: bool = False
     skip_video: bool = False
     steps_scale: float = 1.0
+    fusion: str = "cross_attention"
     n_train_images: int = 4096
     n_test_images: int = 200
     n_train_videos: int = 400
     n_test_videos: int = 80
     text_steps: int = 100
     image_steps: int = 2000
+    projector_steps: int = 2000
     video_steps: int = 300
     n_show: int = 2
 
     def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.quick:
             self.n_train_images, self.n_test_images = 48, 8
             self.n_train_videos, self.n_test_videos = 12, 4
             self.text_steps, self.image_steps, self.video_steps = 8, 4, 3
+            self.projector_steps = 4
             self.n_show = 1
 
 
@@ -153,7 +167,7 @@ def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print, depe
     final = out_dir / "final"
     # Reuse key: the overrides, the config text and the upstream stage's stamp (so a changed
     # config or a retrained previous stage retrains this one).
-    upstream = [o.split("=", 1)[1] for o in overrides if o.startswith("init_from=")]
+    upstream = [o.split("=", 1)[1] for o in overrides if o.startswith(("init_from=", "init_text_from="))]
     up_stamp = Path(upstream[0]).parent / "demo_done.json" if upstream else None
     key = {
         "overrides": overrides,
@@ -207,19 +221,76 @@ def _harness_task(name: str, rows: list[dict], out_dir: Path, max_new_tokens: in
 
 def _score(ckpt: Path, tasks: list, out_dir: Path, control: bool, batch_size: int) -> dict[str, list[dict]]:
     """Run the harness (llama_vision/eval/runner.py, the one scoring path) on ``tasks`` ->
-    predictions.jsonl rows per task; control: every cross-attention gate forced to 0."""
+    predictions.jsonl rows per task; control: no image information (`silence_images`)."""
     import shutil
 
     from llama_vision.eval.runner import evaluate
-    from llama_vision.model import zero_gates
 
     gen = _load(ckpt)
     if control:
-        zero_gates(gen.model)
+        silence_images(gen.model)
     out = out_dir / ("control" if control else "model")
     shutil.rmtree(out, ignore_errors=True)  # a retrained stage: never resume stale predictions
     evaluate(gen, tasks, out_dir, out, batch_size=batch_size, run_info={"ckpt": str(ckpt), "control": control}, log=lambda *_: None)
     return {t.name: [json.loads(x) for x in (out / t.name / "predictions.jsonl").read_text().splitlines()] for t in tasks}
+
+
+def silence_images(model) -> None:
+    """The control: no image information reaches the decoder -- every cross-attention gate
+    at 0 (Meta's adapters), or the projector's output at 0 (LLaVA: its tokens become zero
+    vectors in the decoder input)."""
+    import torch
+
+    from llama_vision.model import zero_gates
+
+    zero_gates(model)
+    projector = getattr(model.vision_model, "projector", None)
+    if projector is not None:
+        last = projector.linear_2 if projector.kind == "mlp2x_gelu" else projector.linear_1
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+
+
+def prefill_ms_per_image(ckpt: Path, test_jsonl: str, n: int = 16) -> float:
+    """Median wall milliseconds of the first token for one held-out image (batch 1: image
+    encoding, the prompt's forward and the pick), over `n` images after a warm-up."""
+    import statistics
+
+    from llama_vision.data.image_io import load_image
+
+    gen = _load(ckpt)
+    root = Path(test_jsonl).parent
+    rows = _read_jsonl(test_jsonl)[: n + 1]
+    prompt = [gen.tokenizer.image_token_id] + gen.tokenizer.encode("", bos=True, eos=False)
+    times = []
+    for i, r in enumerate(rows):
+        image = load_image(str(root / r["image"]))
+        t0 = time.perf_counter()
+        gen.generate([prompt], [[image]], max_new_tokens=1, temperature=0.0)
+        if i:  # the first call warms up
+            times.append(1000 * (time.perf_counter() - t0))
+    return round(statistics.median(times), 2)
+
+
+def decoder_tokens_per_image(ckpt: Path, test_jsonl: str) -> float:
+    """Decoder input positions one held-out image takes on average: 1 (its <|image|>: the
+    image enters through cross-attention) or the projector's tokens (LLaVA)."""
+    import torch
+
+    from llama_vision.checkpoint import load_model
+
+    model = load_model(str(ckpt), device="cpu", dtype=torch.float32)
+    mod = model.modalities["image"]
+    if mod.fusion != "projector":
+        return 1.0
+    from llama_vision.data.llava_images import LlavaImageProcessor
+    from llama_vision.data.image_io import load_image
+
+    processor = LlavaImageProcessor.for_params(model.args.llava)
+    root = Path(test_jsonl).parent
+    sizes = [load_image(str(root / r["image"])).size[::-1] for r in _read_jsonl(test_jsonl)]
+    return sum(processor.tokens_per_item(s) for s in sizes) / len(sizes)
 
 
 def _mean_score(records: list[dict]) -> float:
@@ -349,34 +420,66 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     walls["stage0_wall_s"] = run_stage(
         TEXT_CFG, s0, common + common_quick + [f"max_steps={_steps(opts.text_steps, opts.steps_scale)}",
                                                f"data.paths={json.dumps([data['text_captions']])}"], log, stamp)
-    log("[demo] 3/6 stage 1: image adapters (decoder frozen)")
-    walls["stage1_wall_s"] = run_stage(
-        IMAGE_CFG, s1, common + common_quick + [f"max_steps={_steps(opts.image_steps, opts.steps_scale)}",
-                                               f"data.paths={shards}", f"init_from={s0 / 'final'}"], log, stamp)
-    final = s1 / "final"
-    if not opts.skip_video:
-        log("[demo] 4/6 stage 2: video adapters (everything else frozen)")
-        walls["stage2_wall_s"] = run_stage(
-            VIDEO_CFG, s2, common + common_quick + [f"max_steps={_steps(opts.video_steps, opts.steps_scale)}",
-                                                   f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log, stamp)
-        final = s2 / "final"
+    run_cross, run_proj = opts.fusion in ("cross_attention", "both"), opts.fusion in ("projector", "both")
+    final = None
+    if run_cross:
+        log("[demo] 3/6 stage 1: image adapters (decoder frozen)")
+        walls["stage1_wall_s"] = run_stage(
+            IMAGE_CFG, s1, common + common_quick + [f"max_steps={_steps(opts.image_steps, opts.steps_scale)}",
+                                                   f"data.paths={shards}", f"init_from={s0 / 'final'}"], log, stamp)
+        final = s1 / "final"
+        if not opts.skip_video:
+            log("[demo] 4/6 stage 2: video adapters (everything else frozen)")
+            walls["stage2_wall_s"] = run_stage(
+                VIDEO_CFG, s2, common + common_quick + [f"max_steps={_steps(opts.video_steps, opts.steps_scale)}",
+                                                       f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log, stamp)
+            final = s2 / "final"
+    s1p = work / "stage1_projector"
+    if run_proj:
+        log("[demo] 3/6 stage 1 (projector fusion): CLIP-style tower + mlp2x_gelu projector (decoder frozen)")
+        walls["stage1_projector_wall_s"] = run_stage(
+            LLAVA_CFG, s1p, common + common_quick + [f"max_steps={_steps(opts.projector_steps, opts.steps_scale)}",
+                                                    f"data.paths={shards}", f"init_text_from={s0 / 'final'}"], log, stamp)
+    with_video = run_cross and not opts.skip_video
 
-    log(f"[demo] 5/6 held-out evaluation of {final}")
+    log(f"[demo] 5/6 held-out evaluation of {final or s1p / 'final'}")
     t0 = time.time()
     metrics: dict[str, Any] = {}
-    metrics["image_caption_accuracy"], img_preds = eval_images(final, data["test_images"], control=False)
-    metrics["control_image_caption_accuracy"], ctl_img_preds = eval_images(final, data["test_images"], control=True)
-    if opts.skip_video:
-        metrics["video_direction_accuracy"] = None
-        metrics["control_video_direction_accuracy"] = None
-        metrics.update(dict.fromkeys(FORCED_CHOICE_KEYS))
-        vid_preds = ctl_vid_preds = []
-    else:
-        metrics["video_direction_accuracy"], metrics["video_direction_forced_choice_accuracy"], vid_preds = eval_videos(
-            final, data["test_videos"], control=False)
-        metrics["control_video_direction_accuracy"], metrics["control_video_direction_forced_choice_accuracy"], ctl_vid_preds = (
-            eval_videos(final, data["test_videos"], control=True))
-    metrics["decoder_unchanged"] = decoder_unchanged(s0 / "final", final) and decoder_unchanged(s0 / "final", s1 / "final")
+    arms: dict[str, dict[str, Any]] = {}
+    img_preds = ctl_img_preds = vid_preds = ctl_vid_preds = []
+    if run_cross:
+        cross = arms["cross_attention"] = {}
+        cross["image_caption_accuracy"], img_preds = eval_images(final, data["test_images"], control=False)
+        cross["control_image_caption_accuracy"], ctl_img_preds = eval_images(final, data["test_images"], control=True)
+        if with_video:
+            cross["video_direction_accuracy"], cross["video_direction_forced_choice_accuracy"], vid_preds = eval_videos(
+                final, data["test_videos"], control=False)
+            cross["control_video_direction_accuracy"], cross["control_video_direction_forced_choice_accuracy"], ctl_vid_preds = (
+                eval_videos(final, data["test_videos"], control=True))
+        cross["decoder_unchanged"] = decoder_unchanged(s0 / "final", final) and decoder_unchanged(s0 / "final", s1 / "final")
+        cross["image_stage_train_wall_s"] = stage_wall_s(s1)
+        cross["image_checkpoint"] = str(s1 / "final")
+    if run_proj:
+        proj = arms["projector"] = {}
+        out = work / "eval" / "images_projector"
+        proj["image_caption_accuracy"], proj_preds = eval_images(s1p / "final", data["test_images"], control=False, out_dir=out)
+        proj["control_image_caption_accuracy"], proj_ctl = eval_images(s1p / "final", data["test_images"], control=True, out_dir=out)
+        proj["decoder_unchanged"] = decoder_unchanged(s0 / "final", s1p / "final")
+        proj["image_stage_train_wall_s"] = stage_wall_s(s1p)
+        proj["image_checkpoint"] = str(s1p / "final")
+        if not run_cross:
+            final, img_preds, ctl_img_preds = s1p / "final", proj_preds, proj_ctl
+    main = arms["cross_attention" if run_cross else "projector"]
+    for key in ("image_caption_accuracy", "control_image_caption_accuracy", "decoder_unchanged",
+                "video_direction_accuracy", "control_video_direction_accuracy", *FORCED_CHOICE_KEYS):
+        metrics[key] = main.get(key)
+    if run_proj:
+        for arm in arms.values():
+            ckpt = Path(arm["image_checkpoint"])
+            arm["decoder_tokens_per_image"] = decoder_tokens_per_image(ckpt, data["test_images"])
+            arm["prefill_ms_per_image"] = prefill_ms_per_image(ckpt, data["test_images"], n=2 if opts.quick else 16)
+            arm.setdefault("video_direction_accuracy", None)
+        metrics["fusion_comparison"] = arms
     walls["eval_wall_s"] = time.time() - t0
 
     img_rows = _read_jsonl(data["test_images"])
@@ -394,7 +497,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     t0 = time.time()
     img_root = Path(data["test_images"]).parent
     show_inference(final, img_rows[: opts.n_show], img_root, video=False, num_frames=None, log=log)
-    if not opts.skip_video:
+    if with_video:
         vid_rows = _read_jsonl(data["test_videos"])
         show_inference(final, vid_rows[: opts.n_show], Path(data["test_videos"]).parent, video=True, num_frames=None, log=log)
     walls["infer_wall_s"] = time.time() - t0
@@ -404,10 +507,13 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     metrics["counts"] = data["counts"]
     metrics["steps"] = {
         "stage0": _steps(opts.text_steps, opts.steps_scale),
-        "stage1": _steps(opts.image_steps, opts.steps_scale),
-        "stage2": None if opts.skip_video else _steps(opts.video_steps, opts.steps_scale),
+        "stage1": _steps(opts.image_steps, opts.steps_scale) if run_cross else None,
+        "stage2": _steps(opts.video_steps, opts.steps_scale) if with_video else None,
+        "stage1_projector": _steps(opts.projector_steps, opts.steps_scale) if run_proj else None,
     }
-    metrics["loss_plots"] = [str(p) for p in (s0 / "loss.png", s1 / "loss.png", s2 / "loss.png") if p.exists()]
+    plots = [s0 / "loss.png"] + ([s1 / "loss.png"] if run_cross else []) + ([s2 / "loss.png"] if with_video else []) + (
+        [s1p / "loss.png"] if run_proj else [])
+    metrics["loss_plots"] = [str(p) for p in plots if p.exists()]
     metrics["final_checkpoint"] = str(final)
     metrics["options"] = dataclasses.asdict(opts)
     metrics["samples"] = samples
@@ -415,4 +521,33 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     log("[demo] metrics -> " + str(work / "metrics.json"))
     for k in METRIC_KEYS + FORCED_CHOICE_KEYS:
         log(f"  {k}: {metrics[k]}")
+    if "fusion_comparison" in metrics:
+        log(fusion_table(metrics["fusion_comparison"]))
     return metrics
+
+
+COMPARISON_ROWS = (
+    ("image caption accuracy", "image_caption_accuracy", "{:.3f}"),
+    ("  control (no image information)", "control_image_caption_accuracy", "{:.3f}"),
+    ("video direction accuracy", "video_direction_accuracy", "{:.3f}"),
+    ("image stage train wall (s)", "image_stage_train_wall_s", "{:.0f}"),
+    ("decoder tokens per image", "decoder_tokens_per_image", "{:g}"),
+    ("prefill, 1 image, batch 1 (ms)", "prefill_ms_per_image", "{:.1f}"),
+    ("decoder bitwise unchanged", "decoder_unchanged", "{}"),
+)
+
+
+def fusion_table(arms: dict[str, dict[str, Any]]) -> str:
+    """metrics.json's fusion_comparison as a Markdown table (the README's)."""
+    names = list(arms)
+    lines = ["| | " + " | ".join(n.replace("_", "-") for n in names) + " |", "|---|" + "---|" * len(names)]
+    for label, key, fmt in COMPARISON_ROWS:
+        cells = [("n/a" if arms[n].get(key) is None else fmt.format(arms[n][key])) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_wall_s(out_dir: Path) -> float | None:
+    """The training wall seconds of a stage (from its demo_done.json: also when reused)."""
+    done = out_dir / "demo_done.json"
+    return json.loads(done.read_text()).get("wall_s") if done.exists() else None

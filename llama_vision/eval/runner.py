@@ -35,7 +35,7 @@ from llama_vision.config import config_to_dict
 from llama_vision.data.image_io import ImageLoadError
 from llama_vision.data.video import VideoLoadError
 from llama_vision.inference import prompt_tokens
-from llama_vision.inputs import prepare_image_batch
+from llama_vision.inputs import prepare_images
 
 from .loglikelihood import continuation_logprobs
 from .readers import EvalSample, load_images, read_samples
@@ -205,13 +205,15 @@ def _choose_by_likelihood(gen, task: TaskConfig, sample: EvalSample, media) -> s
     context = _prompt_ids(gen, task, sample, media)
     continuations = [tok.encode(str(c), bos=False, eos=False) for c in sample.choices]
     kind, items = media
+    contexts = [context] * n
     if kind == "video":
         videos, ratios, frames = _video_inputs(gen, [media])["video"]
         inputs = {"video": (videos.expand(n, *videos.shape[1:]), ratios.expand(n, -1, -1), frames.expand(n, -1))}
     else:
-        image_inputs = prepare_image_batch(gen.model, [context] * n, [items] * n, device=gen.device)
+        # (a projector image modality expands each placeholder to the image's tokens)
+        contexts, image_inputs = prepare_images(gen.model, contexts, [items] * n, device=gen.device)
         inputs = {"image": image_inputs} if image_inputs is not None else None
-    scores = continuation_logprobs(gen.model, [context] * n, continuations, inputs)
+    scores = continuation_logprobs(gen.model, contexts, continuations, inputs)
     best = max(range(n), key=lambda i: scores[i][0])
     return option_label(task, best)
 
