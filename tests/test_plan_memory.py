@@ -43,6 +43,25 @@ def _tiny_cfg(*extra: str) -> TrainConfig:
     return load_config(TrainConfig, PRETRAIN, [*TINY, *extra])
 
 
+def _one_real_step(cfg: TrainConfig):
+    """The trainer's model (build, precision policy, AdamW param groups) after one real
+    forward / backward / optimizer step on the CPU -> (model, optimizer)."""
+    from _helpers import tiny_inputs
+    from llama_vision.training.build import build_training_model
+    from llama_vision.training.losses import lm_loss_sum
+    from llama_vision.training.optim import stage_param_groups
+    from llama_vision.training.precision import apply_precision, resolve_precision
+
+    model = apply_precision(build_training_model(cfg, SimpleNamespace(n_words=512)), resolve_precision(cfg, "cpu"))
+    model.train()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(stage_param_groups(model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier), lr=o.lr)
+    tokens, images, ratios = tiny_inputs()
+    lm_loss_sum(model(tokens, images, ratios), torch.randint(0, 512, tokens.shape)).backward()
+    optimizer.step()
+    return model, optimizer
+
+
 def _storage(tensors) -> int:
     """Bytes of the distinct storages behind `tensors`."""
     seen = {}
@@ -59,20 +78,8 @@ def _storage(tensors) -> int:
 def test_weights_grads_and_adam_equal_a_real_models_storage(frozen_dtype):
     """DP = 1 on the CPU: the planner's bytes are those of the trainer's model (build,
     precision policy, AdamW param groups) after one real forward / backward / step."""
-    from _helpers import tiny_inputs
-    from llama_vision.training.build import build_training_model
-    from llama_vision.training.losses import lm_loss_sum
-    from llama_vision.training.optim import stage_param_groups
-    from llama_vision.training.precision import apply_precision, resolve_precision
-
     cfg = _tiny_cfg(f"frozen_param_dtype={frozen_dtype}")
-    model = apply_precision(build_training_model(cfg, SimpleNamespace(n_words=512)), resolve_precision(cfg, "cpu"))
-    model.train()
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(stage_param_groups(model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier), lr=o.lr)
-    tokens, images, ratios = tiny_inputs()
-    lm_loss_sum(model(tokens, images, ratios), torch.randint(0, 512, tokens.shape)).backward()
-    optimizer.step()
+    model, optimizer = _one_real_step(cfg)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -94,22 +101,11 @@ def test_lora_line_is_the_adaptors_real_storage_and_count():
     """LoRA on the trunk (rank 4), everything else frozen: the planner's LoRA share equals
     the adaptors' weights + grads + AdamW state after a real step, and its parameter count
     is r * (in + out) per adapted projection, by hand."""
-    from _helpers import tiny_inputs
-    from llama_vision.training.build import build_training_model
-    from llama_vision.training.losses import lm_loss_sum
     from llama_vision.training.memory_plan import format_plan
-    from llama_vision.training.optim import stage_param_groups
-    from llama_vision.training.precision import apply_precision, resolve_precision
 
     cfg = _tiny_cfg("lora={targets: [trunk_attention, trunk_mlp], rank: 4, alpha: 8}",
                     "trainable={decoder: false, vision: false, adapters: false, lora: true}")
-    model = apply_precision(build_training_model(cfg, SimpleNamespace(n_words=512)), resolve_precision(cfg, "cpu"))
-    model.train()
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(stage_param_groups(model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier), lr=o.lr)
-    tokens, images, ratios = tiny_inputs()
-    lm_loss_sum(model(tokens, images, ratios), torch.randint(0, 512, tokens.shape)).backward()
-    optimizer.step()
+    model, optimizer = _one_real_step(cfg)
     lora = [p for n, p in model.named_parameters() if ".adaptor." in n]
     assert lora and all(p.requires_grad for p in lora)
     state = [t for p in lora for t in optimizer.state[p].values()]

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .tiling import _RESAMPLE  # PIL filters by name (one table for both image paths)
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -80,14 +82,6 @@ LLAVA_ONEVISION_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
     (384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7)
 )
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 _RESAMPLE_NAMES = {int(value): name for name, value in _RESAMPLE.items()}
 
 

@@ -370,21 +370,11 @@ class LlavaJsonSource(_JsonlSource):
                         message = f"{key}: invalid UTF-8 in the element"
                         yield Record(key=key, source=shard, error=BAD_JSON, message=message)
                     else:
-                        yield self._row_record(key, shard, row, root)
+                        yield self._record(key, shard, row, root)
             except JsonArrayError as exc:
                 key = f"{name}:{exc.index}"
                 message = f"{key}: byte {exc.offset}: {exc}; the rest of {name} is not read"
                 yield Record(key=key, source=shard, error=BAD_JSON, message=message)
-
-    def _row_record(self, key: str, shard: str, row: Any, root: str) -> Record:
-        """An array element -> its record (``bad_record`` as for a JSONL line)."""
-        try:
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            fields = self._fields(row, root)
-        except (ValueError, TypeError) as exc:
-            return Record(key=key, source=shard, error=BAD_RECORD, message=f"{key}: {exc}")
-        return Record(key=key, source=shard, fields=fields)
 
     def _fields(self, obj: dict, root: str) -> dict[str, Any]:
         return llava_row_fields(obj, root)

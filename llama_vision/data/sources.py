@@ -282,14 +282,17 @@ class _JsonlSource(ABC):
                 except ValueError as exc:
                     yield Record(key=key, source=shard, error=BAD_JSON, message=f"{key}: {exc}")
                     continue
-                try:
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                    fields = self._fields(obj, root)
-                except (ValueError, TypeError) as exc:
-                    yield Record(key=key, source=shard, error=BAD_RECORD, message=f"{key}: {exc}")
-                    continue
-                yield Record(key=key, source=shard, fields=fields)
+                yield self._record(key, shard, obj, root)
+
+    def _record(self, key: str, shard: str, obj: Any, root: str) -> Record:
+        """One parsed JSON value -> its record (`bad_record` naming the problem)."""
+        try:
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            fields = self._fields(obj, root)
+        except (ValueError, TypeError) as exc:
+            return Record(key=key, source=shard, error=BAD_RECORD, message=f"{key}: {exc}")
+        return Record(key=key, source=shard, fields=fields)
 
     @abstractmethod
     def _fields(self, obj: dict, root: str) -> dict[str, Any]:

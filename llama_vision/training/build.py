@@ -200,7 +200,10 @@ def apply_init(model, init) -> None:
                 p.fill_(init.gates)
     if init.vision_pos_embed_scale != 1.0:
         encoder = model.vision_model.vision_encoder
-        for p in (encoder.positional_embedding, encoder.pre_tile_pos_embed.embedding, encoder.post_tile_pos_embed.embedding):
+        tables = [encoder.positional_embedding]
+        if hasattr(encoder, "pre_tile_pos_embed"):  # Meta's ViT: its tile-position tables too
+            tables += [encoder.pre_tile_pos_embed.embedding, encoder.post_tile_pos_embed.embedding]
+        for p in tables:
             if p.requires_grad:
                 p.mul_(init.vision_pos_embed_scale)
 

@@ -187,9 +187,9 @@ class InitConfig:
     the start); a random encoder behind closed gates gets almost no gradient, so small
     from-scratch runs learn far faster from an open gate (e.g. 1.0, tanh = 0.76)."""
     vision_pos_embed_scale: float = 1.0
-    """Multiplies the ViT's patch- and tile-position embeddings. At the default init (std
-    width^-0.5) position is a few per cent of a patch's content signal, which makes "where is
-    it" slow to learn from scratch."""
+    """Multiplies the ViT's patch- and tile-position embeddings (a LLaVA model's CLIP tower:
+    its position embedding). At the default init (std width^-0.5) position is a few per cent
+    of a patch's content signal, which makes "where is it" slow to learn from scratch."""
 
 
 @dataclass
