@@ -30,12 +30,15 @@ setup(
         "eval": ["pyarrow"],
         # The OpenAI-compatible server (tools/serve.py).
         "serve": ["fastapi>=0.100", "uvicorn>=0.23"],
+        # Data curation on Ray (tools/curate.py; OCR stages also need Debian's tesseract-ocr).
+        "curate": ["ray[data]>=2.40", "faiss-cpu", "imagehash", "opencv-python-headless", "pyarrow", "open_clip_torch"],
         # lmms-eval itself is installed with --no-deps (its pins: av<16, wandb, opencv, ...);
         # these are what its metric, task, evaluator and CLI modules import (its evaluator
         # imports filelock._api, which filelock 4 removed).
         "dev": ["pytest", "hypothesis", "transformers==5.23.0", "open_clip_torch", "pyarrow", "datasets",
                 "loguru", "sacrebleu", "evaluate", "accelerate", "tenacity", "pytz", "filelock<4", "pytablewriter",
-                "fastapi>=0.100", "uvicorn>=0.23", "openai>=1.0", "playwright>=1.40", "peft==0.21.2"],
+                "fastapi>=0.100", "uvicorn>=0.23", "openai>=1.0", "playwright>=1.40", "peft==0.21.2",
+                "ray[data]==2.60.0", "faiss-cpu==1.15.1", "imagehash==4.3.2", "opencv-python-headless==5.0.0.93"],
     },
     package_data={"llama_vision.serving": ["static/*.html"]},
     # `python -m lmms_eval --model llama_vision` runs llama_vision.eval.lmms_eval_model.
