@@ -58,6 +58,18 @@ def decides_per_sample(stage) -> bool:
     return getattr(stage, "keep_fraction", None) is None
 
 
+# Stages whose scan step is one batch function run as Ray tasks (the model-backed ones,
+# actor pools, are built in scan_steps).
+_TASK_STEPS = {
+    "caption_rules": text_rules.caption_rules,
+    "resolution": image_stages.resolution,
+    "video_limits": video_stages.video_limits,
+    "motion": video_stages.motion,
+    "phash_dedup": image_stages.phash_signals,
+    "concept_resample": resample.match_concepts,
+}
+
+
 def scan_steps(cfg: CurationConfig) -> list[ScanStep]:
     """decode, then each stage's scan step in YAML order. ``prior`` (the reason columns of
     the per-sample stages before a step) lets a step skip rows already rejected."""
@@ -68,18 +80,8 @@ def scan_steps(cfg: CurationConfig) -> list[ScanStep]:
     for stage in cfg.stages:
         kw = {"cfg": stage, "prior": tuple(prior)}
         name = stage.name
-        if name == "caption_rules":
-            steps.append(ScanStep(name, text_rules.caption_rules, kwargs=kw))
-        elif name == "resolution":
-            steps.append(ScanStep(name, image_stages.resolution, kwargs=kw))
-        elif name == "video_limits":
-            steps.append(ScanStep(name, video_stages.video_limits, kwargs=kw))
-        elif name == "motion":
-            steps.append(ScanStep(name, video_stages.motion, kwargs=kw))
-        elif name == "phash_dedup":
-            steps.append(ScanStep(name, image_stages.phash_signals, kwargs=kw))
-        elif name == "concept_resample":
-            steps.append(ScanStep(name, resample.match_concepts, kwargs=kw))
+        if name in _TASK_STEPS:
+            steps.append(ScanStep(name, _TASK_STEPS[name], kwargs=kw))
         elif name in ("clip_score", "semantic_dedup"):
             if not clip_done:
                 score = next((s for s in cfg.stages if s.name == "clip_score"), None)
