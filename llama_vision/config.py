@@ -44,6 +44,11 @@ Rules:
   Python drops these at runtime, so :func:`config_keys` reads them from the source with
   ``ast``; it walks the dataclass tree and yields each dotted key with its type, default and
   docstring, and :func:`format_config_help` lays that out for a ``--help`` screen.
+* **Building blocks.** A loader with its own layout (``llama_vision.curation``: a list of
+  stage sections) uses the same two steps as :func:`load_config`:
+  :func:`apply_override` applies one ``a.b=value`` to a raw mapping read with
+  :func:`load_yaml`, and :func:`build_dataclass` turns a mapping into a dataclass with the
+  checks and coercions above, naming keys under a dotted ``prefix``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ from llama_vision.utils.io import atomic_write_text
 __all__ = [
     "ConfigError",
     "ConfigKey",
+    "apply_override",
+    "build_dataclass",
     "class_doc",
     "config_keys",
     "config_to_dict",
@@ -157,8 +164,10 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override to the raw dict in place."""
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override to the raw mapping ``data`` in place (the
+    rules of the module docstring: YAML-parsed value, ``str`` fields keep the text, a
+    mapping value merges into a mapping); ConfigError if ``item`` is malformed."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")) or " " in key:
@@ -189,12 +198,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         raise TypeError(f"load_config expects a dataclass type, got {cls!r}")
     data = load_yaml(path) if path is not None else {}
     for item in overrides:
-        _apply_override(data, item)
-    return _build(cls, data, prefix="")
+        apply_override(data, item)
+    return build_dataclass(cls, data, prefix="")
 
 
-def _build(cls: type[T], data: Any, prefix: str) -> T:
-    """Instantiate dataclass ``cls`` from mapping ``data``; ``prefix`` is the dotted key so far."""
+def build_dataclass(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Instantiate dataclass ``cls`` from mapping ``data`` (raw YAML, overrides applied),
+    type-checked and coerced as the module docstring says; ``prefix`` is the dotted key of
+    ``data`` itself (``"stages[2]."``), so errors name the full key. Raises ConfigError."""
     if isinstance(data, _Override):
         data = data.parsed
     if not isinstance(data, dict):
@@ -331,7 +342,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
-        return _build(tp, value, prefix=key + ".")
+        return build_dataclass(tp, value, prefix=key + ".")
 
     if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -5,9 +5,13 @@ background (plain, gradient, stripes, checks, dots or clouds, in random muted co
 and periods) under 1-3 objects of 5 shapes x 6 saturated colours at random sizes and places.
 The caption names the objects (left to right) and the background.
 
-Faults are injected here from parameters the curation code never sees (the generator's RNG
-and the tables below); each sample carries its ground truth in ``Truth.fault`` (``""`` for a
-clean sample), which only the test reads:
+Faults are injected here from parameters the curation code never sees: the generator's RNG
+and the frozen dataclasses :class:`ImageFaultParams` / :class:`VideoFaultParams` (with
+:class:`SceneParams`, :class:`OverlayParams`, :class:`JunkParams`), whose defaults make the
+*tuning* corpus the configs' defaults were checked on, and :data:`HELD_OUT_IMAGES` /
+:data:`HELD_OUT_VIDEOS`, a second corpus from another seed and other fault parameters that
+no threshold was ever looked at against. Each sample carries its ground truth in
+``Truth.fault`` (``""`` for a clean sample), which only the test reads. The tuning corpus:
 
 images  junk_caption (empty, too short/long, URL, file name, boilerplate, repetition, symbols),
         swapped_caption (another scene's caption, no (colour, shape) in common), exact_dup
@@ -15,11 +19,16 @@ images  junk_caption (empty, too short/long, URL, file name, boilerplate, repeti
         duplicates: rescaled, JPEG quality 25-50, 5% of width and height cut off), always in
         a later shard than their original; bad_resolution (tiny, or extreme aspect), corrupt
         (truncated JPEG, random bytes, empty file), bad_json (a broken metadata member),
-        plus a missing shard in the range and a truncated tar.
+        plus a missing shard in the range and a truncated tar; and clean images with a word
+        burnt in (the OCR metadata check).
 videos  junk_caption, swapped_caption (differs in shape or colour: a direction-only swap is
         invisible to a mean-frame embedding), static (no motion at all), text_overlay (a
         caption banner on every frame), too_short (under the duration limit), low_resolution,
         corrupt (truncated / random bytes).
+
+The held-out corpus draws the same kinds of fault with other parameters (see HELD_OUT_*).
+A corpus is a function of its parameters: the same pixels and captions on every run (the
+MP4 bytes of a tiny clip can differ now and then: libx264 is not bit-exact at 32 x 32).
 
 Also here: the clean *training split* (other scenes from the same generator) and the tiny
 open_clip model trained on it (:func:`train_tiny_clip`), whose weights file the CLIP stages
@@ -50,6 +59,148 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "dotted", "cloudy")
 DIRECTIONS = ("left", "right", "up", "down")
 OVERLAY_WORDS = ("SALE", "LIVE", "HOT DEAL", "TOP 10", "NEWS", "SHOP NOW", "FREE", "WIN")
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _draw(rng: np.random.Generator, value: float | tuple[float, float]) -> float:
+    """A fixed value, or uniform in a (low, high) range (only a range draws from ``rng``)."""
+    return float(rng.uniform(*value)) if isinstance(value, tuple) else float(value)
+
+
+@dataclass(frozen=True)
+class SceneParams:
+    """The scene generator's mix (the curated corpora and the training split share it)."""
+
+    object_size: tuple[float, float] = (0.3, 0.42)  # side, fraction of the canvas's shorter side
+    n_objects_p: tuple[float, float, float] = (0.2, 0.5, 0.3)  # P(1, 2, 3 objects)
+    background_p: tuple[float, ...] | None = None  # over BACKGROUNDS; None: uniform
+
+
+@dataclass(frozen=True)
+class OverlayParams:
+    """A caption banner burnt into a picture (text-overlaid frames, OCR'd images)."""
+
+    words: tuple[str, ...] = OVERLAY_WORDS
+    font_size: tuple[float, float] = (0.18, 0.24)  # of the shorter side
+    place: str = "anywhere"  # banner top uniform over the height; "top" / "bottom": within 12% of that edge
+    align: str = "left"  # text 3 px from the left; "centre"; "right"
+    banner: str = "full"  # a dark band across the width; "box": a dark box just behind the text
+    banner_level: int = 45  # banner colour channels uniform in [0, banner_level)
+    text_colour: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class JunkParams:
+    """What junk captions are made of (one of eight kinds per caption, uniformly)."""
+
+    placeholders: tuple[str, ...] = ("img", "photo", "image", "untitled", "pic")
+    # Format fields: n (1000-99998), a = n % 9, b = n * 7, d = 20190000 + n, s = n * 3 % 999999.
+    url: str = "https://cdn{a}.example-shop.com/images/{n}/product_{b}.jpg"
+    filename: str = "IMG_{d}_{s:06d}.JPG"
+    boilerplate: tuple[str, ...] = (
+        "Click here to buy now! Free shipping on all orders",
+        "stock photo - all rights reserved",
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit",
+        "Subscribe to our newsletter for more great deals",
+    )
+    repeat_word: str = "colour"  # the first object's "colour" or "shape", repeated
+    repeats: tuple[int, int] = (8, 16)  # rng.integers range
+    symbols: str = "#$%&*@!?~^+=<>|{}[]¥©®™§¶•"
+    symbol_count: tuple[int, int] = (12, 30)
+    long_words: tuple[int, int] | int = 90  # words of a far too long caption (a range draws)
+
+
+@dataclass(frozen=True)
+class ImageFaultParams:
+    """Everything the image corpus and its faults are drawn from (defaults: the tuning corpus)."""
+
+    seed: int = 0
+    n_clean: int = 240  # clean-sample slots (some then get a junk or swapped caption)
+    n_shards: int = 6  # plus a missing shard and a truncated one after them
+    side: tuple[int, int] = (68, 101)  # clean image width and height, integers in [low, high)
+    jpeg_quality: int = 92  # of every image but the recompressed copies
+    scene: SceneParams = SceneParams()
+    n_text: int = 12  # clean images with a word burnt in (OCR metadata), resized to text_side first
+    text_side: int = 128
+    overlay: OverlayParams = OverlayParams()
+    n_junk: int = 20  # junk / swapped caption slots (slots that got a burnt-in word stay clean)
+    n_swap: int = 20
+    junk: JunkParams = JunkParams()
+    duplicates: tuple[tuple[str, int], ...] = (("byte copy", 10), ("resized", 7), ("recompressed", 7), ("cropped", 12))
+    resize_up: tuple[float, float] = (1.2, 1.5)  # factor of an upscaled copy ...
+    resize_down: tuple[float, float] = (0.7, 0.85)  # ... or a downscaled one (shorter side kept >= 66)
+    resize_up_p: float = 0.5
+    recompress_quality: tuple[int, int] = (25, 50)  # JPEG quality of a recompressed copy, in [low, high)
+    crop_fraction: float = 0.05  # of the width and of the height cut off a cropped copy
+    crop_place: str = "random"  # the cut split at a random place; "edges": all of it off one side per axis
+    n_bad_resolution: int = 8  # alternately tiny and extreme aspect
+    tiny_side: tuple[int, int] = (16, 26)
+    extreme_long: tuple[int, int] = (200, 260)
+    extreme_short: tuple[int, int] = (36, 50)
+    extreme_tall_p: float = 0.0  # chance an extreme-aspect image is tall rather than wide
+
+
+@dataclass(frozen=True)
+class VideoFaultParams:
+    """Everything the video corpus and its faults are drawn from (defaults: the tuning corpus)."""
+
+    seed: int = 1
+    n_clean: int = 64
+    width: int = 128
+    height: int = 128
+    num_frames: int = 12
+    fps: int = 8
+    crf: int = 18  # libx264
+    scene: SceneParams = SceneParams()
+    object_max_size: float = 0.3  # of the frame's shorter side: objects stay inside along their travel
+    n_objects_p: tuple[float, float] = (0.6, 0.4)  # P(1, 2 objects)
+    travel: float | tuple[float, float] = 0.35  # of the frame, over the clip
+    pan: tuple[float, float] = (0.1, 0.25)  # background pan of half the clips, of the width over the clip
+    faults: tuple[tuple[str, int], ...] = (("static", 10), ("text_overlay", 10), ("swapped_caption", 10),
+                                           ("junk_caption", 6), ("too_short", 4))
+    too_short_frames: int = 2
+    n_low_resolution: int = 3
+    low_resolution: tuple[int, int] = (32, 32)  # width, height
+    sensor_noise: float = 0.0  # sigma of per-frame Gaussian noise on every clip: 0 = a static clip is bit-identical
+    overlay: OverlayParams = OverlayParams()
+    junk: JunkParams = JunkParams()
+    n_shards: int = 2
+
+
+# The held-out corpus: another seed and fault parameters no threshold was chosen against,
+# each a plausible variant of the same fault (not an adversarial one).
+HELD_OUT_SCENE = SceneParams(object_size=(0.27, 0.42), n_objects_p=(0.15, 0.45, 0.4),
+                             background_p=(0.1, 0.1, 0.25, 0.25, 0.15, 0.15))  # more textured backgrounds
+HELD_OUT_OVERLAY = OverlayParams(
+    words=("BREAKING", "GOAL", "REPLAY", "PROMO", "VOTE", "SOLD OUT", "50% OFF", "TRAILER"),
+    font_size=(0.13, 0.19), place="bottom", align="centre", banner="box", banner_level=70,
+    text_colour=(255, 230, 60))  # lower-third captions in yellow on a box behind the text
+HELD_OUT_JUNK = JunkParams(
+    placeholders=("thumbnail", "no title", "dsc", "preview", "banner"),
+    url="www.{a}-photo-hub.net/gallery?id={n}&ref=feed",
+    filename="PXL_{d}_{s:06d}.jpg",
+    boilerplate=(
+        "Copyright 2021 Example Media Ltd. Reproduction prohibited",
+        "Download free vector art and photos for your next project",
+        "Buy now and save 30 percent on every order today",
+        "Royalty free stock image, licensed for editorial use only",
+    ),
+    repeat_word="shape", repeats=(5, 10), symbols="«»¿¡†‡°±×÷‰※◆▲■●★☆→←", symbol_count=(8, 24),
+    long_words=(70, 120))
+HELD_OUT_IMAGES = ImageFaultParams(
+    seed=7, n_clean=120, n_shards=4, side=(76, 121), jpeg_quality=85, scene=HELD_OUT_SCENE, n_text=12,
+    text_side=112, overlay=HELD_OUT_OVERLAY, n_junk=13, n_swap=13, junk=HELD_OUT_JUNK,
+    duplicates=(("byte copy", 10), ("resized", 10), ("recompressed", 10), ("cropped", 12)),
+    resize_up=(1.4, 1.9), resize_down=(0.6, 0.8), recompress_quality=(30, 60), crop_place="edges",
+    n_bad_resolution=10, tiny_side=(30, 60), extreme_long=(270, 380), extreme_short=(64, 86), extreme_tall_p=0.5)
+HELD_OUT_VIDEOS = VideoFaultParams(
+    seed=11, n_clean=40, width=160, height=120, num_frames=18, fps=12, scene=HELD_OUT_SCENE, object_max_size=0.27,
+    n_objects_p=(0.5, 0.5), travel=(0.25, 0.45), pan=(0.05, 0.2),
+    faults=(("static", 10), ("text_overlay", 10), ("swapped_caption", 10), ("junk_caption", 10), ("too_short", 5)),
+    too_short_frames=6, n_low_resolution=5, low_resolution=(48, 36), sensor_noise=2.0, overlay=HELD_OUT_OVERLAY,
+    junk=HELD_OUT_JUNK)
 
 # --------------------------------------------------------------------------- drawing
 
@@ -138,20 +289,22 @@ class Scene:
         return frozenset((o.colour, o.shape) for o in self.objects)
 
 
-def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
+def random_scene(rng: np.random.Generator, n_objects: int | None = None, params: SceneParams = SceneParams()) -> Scene:
     """1-3 objects with distinct (colour, shape), placed without much overlap."""
-    n = n_objects or int(rng.choice([1, 2, 3], p=[0.2, 0.5, 0.3]))
+    n = n_objects or int(rng.choice([1, 2, 3], p=list(params.n_objects_p)))
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
     objects: list[Obj] = []
     for colour, shape in chosen:
         for _ in range(50):
-            size = rng.uniform(0.3, 0.42)
+            size = rng.uniform(*params.object_size)
             cx, cy = rng.uniform(size / 2 + 0.02, 1 - size / 2 - 0.02, 2)
             if all(abs(cx - o.cx) > (size + o.size) / 2.2 or abs(cy - o.cy) > (size + o.size) / 2.2 for o in objects):
                 break
         objects.append(Obj(colour, shape, float(cx), float(cy), float(size)))
-    return Scene(str(rng.choice(BACKGROUNDS)), tuple(sorted(objects, key=lambda o: o.cx)), int(rng.integers(1 << 31)))
+    background = (rng.choice(BACKGROUNDS) if params.background_p is None
+                  else rng.choice(BACKGROUNDS, p=list(params.background_p)))
+    return Scene(str(background), tuple(sorted(objects, key=lambda o: o.cx)), int(rng.integers(1 << 31)))
 
 
 def render_scene(scene: Scene, width: int, height: int, shift: tuple[float, float] = (0.0, 0.0),
@@ -200,16 +353,35 @@ def video_caption(scene: Scene, direction: str, rng: np.random.Generator) -> str
     return f"a video of {things} that {verb} {direction} across a {scene.background} background"
 
 
-def overlay_text(image: Image.Image, rng: np.random.Generator, word: str) -> Image.Image:
+def overlay_text(image: Image.Image, rng: np.random.Generator, word: str,
+                 params: OverlayParams = OverlayParams()) -> Image.Image:
     """Burn a caption banner into the image (as broadcast overlays and memes do)."""
     image = image.copy()
     draw = ImageDraw.Draw(image)
     w, h = image.size
-    size = max(10, int(min(w, h) * rng.uniform(0.18, 0.24)))
+    size = max(10, int(min(w, h) * rng.uniform(*params.font_size)))
     font = ImageFont.load_default(size=size)
-    y0 = int(rng.integers(0, max(1, h - int(size * 1.35))))
-    draw.rectangle([0, y0, w - 1, y0 + int(size * 1.3)], fill=tuple(int(v) for v in rng.integers(0, 45, 3)))
-    draw.text((3, y0 + 1), word, font=font, fill=(255, 255, 255))
+    band = int(size * 1.3)
+    if params.place == "anywhere":
+        y0 = int(rng.integers(0, max(1, h - int(size * 1.35))))
+    elif params.place == "top":
+        y0 = int(rng.integers(0, max(1, int(0.12 * h))))
+    elif params.place == "bottom":
+        low = max(0, h - band - 1 - int(0.12 * h))
+        y0 = int(rng.integers(low, max(low + 1, h - band - 1)))
+    else:
+        raise ValueError(params.place)
+    text_w = draw.textlength(word, font=font)
+    x = {"left": 3, "centre": (w - text_w) / 2, "right": w - text_w - 3}[params.align]
+    x = max(0, int(round(x)))
+    colour = tuple(int(v) for v in rng.integers(0, params.banner_level, 3))
+    if params.banner == "full":
+        draw.rectangle([0, y0, w - 1, y0 + band], fill=colour)
+    elif params.banner == "box":
+        draw.rectangle([max(0, x - 4), y0, min(w - 1, x + int(text_w) + 4), y0 + band], fill=colour)
+    else:
+        raise ValueError(params.banner)
+    draw.text((x, y0 + 1), word, font=font, fill=params.text_colour)
     return image
 
 
@@ -222,31 +394,29 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
 # --------------------------------------------------------------------------- junk captions
 
 
-def junk_caption(rng: np.random.Generator, scene: Scene) -> str:
+def junk_caption(rng: np.random.Generator, scene: Scene, params: JunkParams = JunkParams()) -> str:
     """A caption that a caption rule should reject (drawn from kinds the rules never see)."""
     kind = int(rng.integers(8))
     n = int(rng.integers(1000, 99999))
+    fields = {"n": n, "a": n % 9, "b": n * 7, "d": 20190000 + n, "s": n * 3 % 999999}
     if kind == 0:
         return ""
     if kind == 1:
-        return str(rng.choice(["img", "photo", "image", "untitled", "pic"]))
+        return str(rng.choice(list(params.placeholders)))
     if kind == 2:
-        return f"https://cdn{n % 9}.example-shop.com/images/{n}/product_{n * 7}.jpg"
+        return params.url.format(**fields)
     if kind == 3:
-        return f"IMG_{20190000 + n}_{n * 3 % 999999:06d}.JPG"
+        return params.filename.format(**fields)
     if kind == 4:
-        return str(rng.choice([
-            "Click here to buy now! Free shipping on all orders",
-            "stock photo - all rights reserved",
-            "Lorem ipsum dolor sit amet, consectetur adipiscing elit",
-            "Subscribe to our newsletter for more great deals",
-        ]))
+        return str(rng.choice(list(params.boilerplate)))
     if kind == 5:
-        word = scene.objects[0].colour
-        return " ".join([word] * int(rng.integers(8, 16)))
+        word = getattr(scene.objects[0], params.repeat_word)
+        return " ".join([word] * int(rng.integers(*params.repeats)))
     if kind == 6:
-        return "".join(rng.choice(list("#$%&*@!?~^+=<>|{}[]¥©®™§¶•")) for _ in range(int(rng.integers(12, 30))))
-    words = [str(rng.choice(list(COLOURS) + list(SHAPES) + ["a", "and", "on", "the", "big", "small"])) for _ in range(90)]
+        return "".join(rng.choice(list(params.symbols)) for _ in range(int(rng.integers(*params.symbol_count))))
+    count = int(rng.integers(*params.long_words)) if isinstance(params.long_words, tuple) else params.long_words
+    vocabulary = list(COLOURS) + list(SHAPES) + ["a", "and", "on", "the", "big", "small"]
+    words = [str(rng.choice(vocabulary)) for _ in range(count)]
     return " ".join(words)  # far too long
 
 
@@ -287,19 +457,21 @@ def write_tar(path: Path, samples: list[dict]) -> None:
                 _add(tar, f"{s['key']}.{ext}", data)
 
 
-def make_image_corpus(root: Path, seed: int = 0, n_clean: int = 240, n_shards: int = 6) -> dict:
-    """~290 image-caption samples in ``n_shards`` tar shards plus a missing shard and a
-    truncated one: ``{"pattern", "truth": {key: Truth}, "dup_pairs": [(original key, copy
-    key)], "n_shards", "scenes"}``."""
-    rng = np.random.default_rng(seed)
+def make_image_corpus(root: Path, params: ImageFaultParams = ImageFaultParams()) -> dict:
+    """Image-caption samples in ``params.n_shards`` tar shards plus a missing shard and a
+    truncated one (the defaults: ~290 samples in 6 + 2 shards): ``{"pattern", "truth": {key:
+    Truth}, "dup_pairs": [(original key, copy key)], "n_shards", "scenes", "params"}``."""
+    p = params
+    n_clean, n_shards = p.n_clean, p.n_shards
+    rng = np.random.default_rng(p.seed)
     root.mkdir(parents=True, exist_ok=True)
-    scenes = [random_scene(rng) for _ in range(n_clean)]
-    sizes = [(int(rng.integers(68, 101)), int(rng.integers(68, 101))) for _ in scenes]  # a 5% crop stays >= 64
+    scenes = [random_scene(rng, params=p.scene) for _ in range(n_clean)]
+    sizes = [(int(rng.integers(*p.side)), int(rng.integers(*p.side))) for _ in scenes]  # a 5% crop stays >= 64
     images = [render_scene(s, w, h) for s, (w, h) in zip(scenes, sizes)]
     ocr_words: dict[int, str] = {}
-    for i in rng.choice(n_clean, 12, replace=False):
-        word = str(rng.choice(OVERLAY_WORDS))
-        images[i] = overlay_text(images[i].resize((128, 128)), rng, word)
+    for i in rng.choice(n_clean, p.n_text, replace=False):
+        word = str(rng.choice(list(p.overlay.words)))
+        images[i] = overlay_text(images[i].resize((p.text_side, p.text_side)), rng, word, p.overlay)
         ocr_words[int(i)] = word
     captions = [image_caption(s, rng) for s in scenes]
 
@@ -316,8 +488,11 @@ def make_image_corpus(root: Path, seed: int = 0, n_clean: int = 240, n_shards: i
         return json.dumps({"url": f"https://example.org/{i}.jpg", "width": image.width, "height": image.height,
                            **(extra or {})}).encode()
 
+    def jpg(image: Image.Image) -> bytes:
+        return encode_jpeg(image, p.jpeg_quality)
+
     # Clean samples spread over all shards; faults are drawn per clean-sample slot.
-    n_junk, n_swap = 20, 20
+    n_junk, n_swap = p.n_junk, p.n_swap
     fault_slots = rng.permutation(n_clean)
     junk_ids, swap_ids = set(fault_slots[:n_junk].tolist()), set(fault_slots[n_junk:n_junk + n_swap].tolist())
     junk_ids -= set(ocr_words)
@@ -326,9 +501,9 @@ def make_image_corpus(root: Path, seed: int = 0, n_clean: int = 240, n_shards: i
     jpeg: dict[int, bytes] = {}
     for i in range(n_clean):
         shard = i * n_shards // n_clean
-        jpeg[i] = encode_jpeg(images[i])
+        jpeg[i] = jpg(images[i])
         if i in junk_ids:
-            cap, fault, detail = junk_caption(rng, scenes[i]), "junk_caption", ""
+            cap, fault, detail = junk_caption(rng, scenes[i], p.junk), "junk_caption", ""
         elif i in swap_ids:
             donor = swapped_caption_donor(rng, scenes[i], scenes)
             cap, fault, detail = captions[donor], "swapped_caption", f"from {donor}"
@@ -340,8 +515,8 @@ def make_image_corpus(root: Path, seed: int = 0, n_clean: int = 240, n_shards: i
     # Duplicates of clean samples (not of faulty or text ones), always in a later shard.
     clean_ids = [i for i in range(n_clean) if truth[keys[i]].fault == "" and i not in ocr_words
                  and i * n_shards // n_clean < n_shards - 1]
-    originals = rng.choice(clean_ids, 36, replace=False)
-    kinds = ["byte copy"] * 10 + ["resized"] * 7 + ["recompressed"] * 7 + ["cropped"] * 12
+    kinds = [kind for kind, count in p.duplicates for _ in range(count)]
+    originals = rng.choice(clean_ids, len(kinds), replace=False)
     dup_pairs = []
     for kind, i in zip(kinds, originals):
         i = int(i)
@@ -353,29 +528,41 @@ def make_image_corpus(root: Path, seed: int = 0, n_clean: int = 240, n_shards: i
         else:
             fault = f"{kind}_dup"
             if kind == "resized":  # up, or down but staying above the resolution stage's limit
-                f = rng.uniform(1.2, 1.5) if rng.random() < 0.5 else max(rng.uniform(0.7, 0.85), 66 / min(img.size))
-                data = encode_jpeg(img.resize((round(img.width * f), round(img.height * f)), Image.BICUBIC))
+                f = (rng.uniform(*p.resize_up) if rng.random() < p.resize_up_p
+                     else max(rng.uniform(*p.resize_down), 66 / min(img.size)))
+                data = jpg(img.resize((round(img.width * f), round(img.height * f)), Image.BICUBIC))
             elif kind == "recompressed":
-                data = encode_jpeg(img, quality=int(rng.integers(25, 50)))
-            else:  # 5% of the width and of the height cut off, at a random place
-                dx, dy = round(img.width * 0.05), round(img.height * 0.05)
-                ox, oy = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
-                data = encode_jpeg(img.crop((ox, oy, ox + img.width - dx, oy + img.height - dy)))
+                data = encode_jpeg(img, quality=int(rng.integers(*p.recompress_quality)))
+            elif kind == "cropped":  # crop_fraction of the width and of the height cut off
+                dx, dy = round(img.width * p.crop_fraction), round(img.height * p.crop_fraction)
+                if p.crop_place == "random":  # split between the two sides at a random place
+                    ox, oy = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
+                elif p.crop_place == "edges":  # all of it off one side (left or right, top or bottom)
+                    ox, oy = dx * int(rng.integers(2)), dy * int(rng.integers(2))
+                else:
+                    raise ValueError(p.crop_place)
+                data = jpg(img.crop((ox, oy, ox + img.width - dx, oy + img.height - dy)))
+            else:
+                raise ValueError(kind)
         dup_key = put(shard, {"jpg": data, "txt": captions[i].encode(), "json": meta(i, img)}, fault, detail=kind,
                       original=keys[i])
         dup_pairs.append((keys[i], dup_key))
 
     # Resolution faults: tiny, or extreme aspect ratio (clean captions).
-    for k in range(8):
-        scene = random_scene(rng)
-        w, h = ((int(rng.integers(16, 26)), int(rng.integers(16, 26))) if k % 2 == 0
-                else (int(rng.integers(200, 260)), int(rng.integers(36, 50))))
+    for k in range(p.n_bad_resolution):
+        scene = random_scene(rng, params=p.scene)
+        if k % 2 == 0:
+            w, h = int(rng.integers(*p.tiny_side)), int(rng.integers(*p.tiny_side))
+        else:
+            w, h = int(rng.integers(*p.extreme_long)), int(rng.integers(*p.extreme_short))
+            if p.extreme_tall_p and rng.random() < p.extreme_tall_p:
+                w, h = h, w
         img = render_scene(scene, w, h)
-        put(int(rng.integers(n_shards)), {"jpg": encode_jpeg(img), "txt": image_caption(scene, rng).encode(),
+        put(int(rng.integers(n_shards)), {"jpg": jpg(img), "txt": image_caption(scene, rng).encode(),
                                           "json": meta(-1, img)}, "bad_resolution", detail=f"{w}x{h}")
 
     # Corrupt media and a broken metadata member.
-    good = encode_jpeg(render_scene(random_scene(rng), 80, 80))
+    good = jpg(render_scene(random_scene(rng, params=p.scene), 80, 80))
     noise = bytes(rng.integers(0, 256, 3000, dtype=np.uint8))
     for data, detail in [(good[: len(good) // 2], "truncated"), (noise, "random bytes"), (b"", "empty"),
                          (good[: len(good) // 3], "truncated")]:
@@ -390,28 +577,28 @@ def make_image_corpus(root: Path, seed: int = 0, n_clean: int = 240, n_shards: i
         write_tar(root / f"{shard:06d}.tar", [samples[j] for j in order])
     # A missing shard in the range, and a shard that breaks off mid-member.
     truncated = root / f"{n_shards + 1:06d}.tar"
-    tail_scene = random_scene(rng)
-    tail = [{"key": f"t_{j}", "members": {"jpg": encode_jpeg(render_scene(tail_scene, 70, 70)),
+    tail_scene = random_scene(rng, params=p.scene)
+    tail = [{"key": f"t_{j}", "members": {"jpg": jpg(render_scene(tail_scene, 70, 70)),
                                           "txt": image_caption(tail_scene, rng).encode()}} for j in range(3)]
     write_tar(truncated, tail)
     data = truncated.read_bytes()
     truncated.write_bytes(data[: 512 * 2 + len(tail[0]["members"]["jpg"]) // 2])
     pattern = str(root / f"{{000000..{n_shards + 1:06d}}}.tar")
     return {"pattern": pattern, "truth": truth, "dup_pairs": dup_pairs, "n_shards": n_shards + 2,
-            "scenes": scenes}
+            "scenes": scenes, "params": p}
 
 
 # --------------------------------------------------------------------------- videos
 
 
 def video_frames(scene: Scene, direction: str, num_frames: int, width: int, height: int, static: bool = False,
-                 pan: float = 0.0) -> list[Image.Image]:
-    """Objects travelling ~35% of the frame in ``direction`` (and the background panning by
-    ``pan`` of the width), or every frame identical when ``static``."""
+                 pan: float = 0.0, travel: float = 0.35) -> list[Image.Image]:
+    """Objects travelling ``travel`` of the frame in ``direction`` (and the background panning
+    by ``pan`` of the width), or every frame identical when ``static``."""
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     frames = []
     for t in range(num_frames):
-        s = 0.0 if static else 0.35 * (t / max(1, num_frames - 1) - 0.5)
+        s = 0.0 if static else travel * (t / max(1, num_frames - 1) - 0.5)
         frames.append(render_scene(scene, width, height, shift=(dx * s, dy * s),
                                    background_shift=0.0 if static else pan * t / max(1, num_frames - 1)))
     return frames
@@ -420,12 +607,13 @@ def video_frames(scene: Scene, direction: str, num_frames: int, width: int, heig
 VIDEO_OBJECT_MAX_SIZE = 0.3  # of the frame's side: the object stays inside along its travel
 
 
-def moving_scene(rng: np.random.Generator, direction: str) -> Scene:
-    """A scene whose objects stay inside the frame along their ~35% travel."""
-    base = random_scene(rng, n_objects=int(rng.choice([1, 2], p=[0.6, 0.4])))
+def moving_scene(rng: np.random.Generator, direction: str, params: SceneParams = SceneParams(),
+                 max_size: float = VIDEO_OBJECT_MAX_SIZE, n_objects_p: tuple[float, float] = (0.6, 0.4)) -> Scene:
+    """A scene whose objects stay inside the frame along their travel (up to ~45%)."""
+    base = random_scene(rng, n_objects=int(rng.choice([1, 2], p=list(n_objects_p))), params=params)
     objects = []
     for k, o in enumerate(base.objects):
-        size = min(o.size, VIDEO_OBJECT_MAX_SIZE)
+        size = min(o.size, max_size)
         along = 0.5 if direction in ("left", "right") else None
         cx = 0.5 if along is not None else (0.28 if k == 0 else 0.72) if len(base.objects) > 1 else 0.5
         cy = (0.28 if k == 0 else 0.72) if (along is not None and len(base.objects) > 1) else 0.5
@@ -433,14 +621,21 @@ def moving_scene(rng: np.random.Generator, direction: str) -> Scene:
     return Scene(base.background, tuple(sorted(objects, key=lambda o: o.cx)), base.seed)
 
 
-def encode_mp4(frames: Sequence[Image.Image], fps: int = 8) -> bytes:
+def add_sensor_noise(frames: Sequence[Image.Image], rng: np.random.Generator, sigma: float) -> list[Image.Image]:
+    """Independent Gaussian noise of ``sigma`` (8-bit levels) on every frame: what a real
+    camera gives even when nothing moves."""
+    return [Image.fromarray(np.clip(np.asarray(f, np.float32) + rng.normal(0, sigma, (f.height, f.width, 3)), 0, 255)
+                            .round().astype(np.uint8)) for f in frames]
+
+
+def encode_mp4(frames: Sequence[Image.Image], fps: int = 8, crf: int = 18) -> bytes:
     import av
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(f), format="rgb24")):
                 container.mux(packet)
@@ -449,56 +644,64 @@ def encode_mp4(frames: Sequence[Image.Image], fps: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def make_video_corpus(root: Path, seed: int = 1, n_clean: int = 64, size: int = 128, num_frames: int = 12,
-                      fps: int = 8) -> dict:
-    """~110 video-caption samples in two tar shards: ``{"pattern", "truth"}``."""
-    rng = np.random.default_rng(seed)
+def make_video_corpus(root: Path, params: VideoFaultParams = VideoFaultParams()) -> dict:
+    """Video-caption samples in ``params.n_shards`` tar shards (the defaults: ~110 in two):
+    ``{"pattern", "truth", "params"}``."""
+    p = params
+    rng = np.random.default_rng(p.seed)
     root.mkdir(parents=True, exist_ok=True)
     truth: dict[str, Truth] = {}
-    shards: list[list[dict]] = [[], []]
+    shards: list[list[dict]] = [[] for _ in range(p.n_shards)]
+    faults = [fault for fault, count in p.faults for _ in range(count)]
     specs = []
-    for _ in range(n_clean + 43):  # clean clips, 40 faulty ones, 3 low-resolution ones
+    for _ in range(p.n_clean + len(faults) + p.n_low_resolution):
         direction = str(rng.choice(DIRECTIONS))
-        specs.append((moving_scene(rng, direction), direction))
+        specs.append((moving_scene(rng, direction, p.scene, p.object_max_size, p.n_objects_p), direction))
     scenes = [s for s, _ in specs]
 
     def put(members: dict, fault: str, detail: str = "") -> None:
-        shard = int(rng.integers(2))
+        shard = int(rng.integers(p.n_shards))
         key = f"v{shard}_{len(shards[shard]):04d}"
         shards[shard].append({"key": key, "members": members})
         truth[key] = Truth(key, shard, fault, detail)
 
-    faults = ["static"] * 10 + ["text_overlay"] * 10 + ["swapped_caption"] * 10 + ["junk_caption"] * 6
-    faults += ["too_short"] * 4
-    plan = [""] * n_clean + faults
+    def noisy(frames: list[Image.Image]) -> list[Image.Image]:
+        if not p.sensor_noise:
+            return frames
+        return add_sensor_noise(frames, np.random.default_rng(int(rng.integers(1 << 31))), p.sensor_noise)
+
+    plan = [""] * p.n_clean + faults
     for i, fault in enumerate(plan):
         scene, direction = specs[i]
-        pan = float(rng.choice([0.0, rng.uniform(0.1, 0.25)]))
-        frames = video_frames(scene, direction, 2 if fault == "too_short" else num_frames, size, size,
-                              static=fault == "static", pan=pan)
+        pan = float(rng.choice([0.0, rng.uniform(*p.pan)]))
+        travel = _draw(rng, p.travel)
+        frames = video_frames(scene, direction, p.too_short_frames if fault == "too_short" else p.num_frames,
+                              p.width, p.height, static=fault == "static", pan=pan, travel=travel)
+        frames = noisy(frames)
         if fault == "text_overlay":
-            word = str(rng.choice(OVERLAY_WORDS))
-            banner_rng_seed = int(rng.integers(1 << 31))
-            frames = [overlay_text(f, np.random.default_rng(banner_rng_seed), word) for f in frames]
+            word = str(rng.choice(list(p.overlay.words)))
+            banner_rng_seed = int(rng.integers(1 << 31))  # the same banner on every frame
+            frames = [overlay_text(f, np.random.default_rng(banner_rng_seed), word, p.overlay) for f in frames]
         caption = video_caption(scene, direction, rng)
         if fault == "swapped_caption":
             donor = swapped_caption_donor(rng, scene, scenes)
             caption = video_caption(scenes[donor], direction, rng)
         elif fault == "junk_caption":
-            caption = junk_caption(rng, scene)
-        put({"mp4": encode_mp4(frames, fps), "txt": caption.encode()}, fault)
-    for k in range(3):  # low resolution
+            caption = junk_caption(rng, scene, p.junk)
+        put({"mp4": encode_mp4(frames, p.fps, p.crf), "txt": caption.encode()}, fault)
+    for k in range(p.n_low_resolution):
         scene, direction = specs[len(plan) + k]
-        put({"mp4": encode_mp4(video_frames(scene, direction, num_frames, 32, 32), fps),
-             "txt": video_caption(scene, direction, rng).encode()}, "low_resolution")
-    ok = encode_mp4(video_frames(scenes[0], "left", num_frames, size, size), fps)
+        frames = noisy(video_frames(scene, direction, p.num_frames, *p.low_resolution, travel=_draw(rng, p.travel)))
+        put({"mp4": encode_mp4(frames, p.fps, p.crf), "txt": video_caption(scene, direction, rng).encode()},
+            "low_resolution")
+    ok = encode_mp4(video_frames(scenes[0], "left", p.num_frames, p.width, p.height), p.fps, p.crf)
     for data, detail in [(ok[: len(ok) // 2], "truncated"), (bytes(rng.integers(0, 256, 5000, dtype=np.uint8)), "random bytes"),
                          (ok[:64], "header only")]:
         put({"mp4": data, "txt": b"a red circle moves left over a plain background."}, "corrupt", detail)
     for shard, samples in enumerate(shards):
         order = rng.permutation(len(samples))
         write_tar(root / f"{shard:06d}.tar", [samples[j] for j in order])
-    return {"pattern": str(root / "{000000..000001}.tar"), "truth": truth}
+    return {"pattern": str(root / f"{{000000..{p.n_shards - 1:06d}}}.tar"), "truth": truth, "params": p}
 
 
 # --------------------------------------------------------------------------- training split

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from llama_vision.config import ConfigError, _apply_override, _build, config_to_dict, load_yaml
+from llama_vision.config import ConfigError, apply_override, build_dataclass, config_to_dict, load_yaml
 
 __all__ = [
     "ClipConfig",
@@ -210,8 +210,8 @@ class OcrConfig:
     upscale: float = 1.0
     """Images are scaled by this before OCR (tesseract needs text ~20 px high)."""
     border: float = 0.4
-    """A black margin of this fraction of the image's longer side is added before OCR
-    (tesseract misses text that runs to the edge)."""
+    """A white margin of this fraction of the image's longer side is added around each
+    binarised page (curation.ocr: tesseract misses text that runs to the edge)."""
     concurrency: int = 1
     """Actors in the pool."""
     num_cpus: float = 1.0
@@ -393,17 +393,17 @@ def load_curation_config(path: str | Path, overrides: Sequence[str] = ()) -> Cur
             raise ConfigError(f"override {item!r}: the stage list is the YAML's; choose a subset with --stages "
                               "and set a stage's parameters with <stage>.<key>=value")
         if head in by_name and "=" in rest:
-            _apply_override(by_name[head], rest)
+            apply_override(by_name[head], rest)
         elif head in STAGE_CONFIGS and "=" in rest:
             raise ConfigError(f"override {item!r}: stage {head!r} is not in {path}'s stages")
         else:
-            _apply_override(raw, item)
+            apply_override(raw, item)
     top = {k: v for k, v in raw.items() if k != "stages"}
-    cfg = _build(CurationConfig, top, prefix="")
+    cfg = build_dataclass(CurationConfig, top, prefix="")
     stages = []
     for i, entry in enumerate(entries):
         try:
-            stage = _build(STAGE_CONFIGS[entry["name"]], entry, prefix=f"stages[{i}].")
+            stage = build_dataclass(STAGE_CONFIGS[entry["name"]], entry, prefix=f"stages[{i}].")
         except ConfigError as exc:  # name the stage too: overrides address it by name
             raise ConfigError(f"{exc} (stage '{entry['name']}' in {path})") from None
         if cfg.modality not in STAGE_MODALITIES[stage.name]:

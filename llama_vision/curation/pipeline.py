@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Sequence
@@ -45,10 +44,6 @@ from .layout import OutputLayout, progress_bar
 from .report import build_report, write_plots
 from .stages import in_flight_columns, scan_steps
 from .write import write_outputs
-
-#: Testing hook: SIGKILL the driver right after this many shards were committed (the
-#: resume test kills a run mid-scan exactly where a crash would).
-CRASH_AFTER_SHARDS_ENV = "LLAMA_VISION_CURATE_CRASH_AFTER_SHARDS"
 
 
 # --------------------------------------------------------------------------- Ray
@@ -135,7 +130,6 @@ def scan(cfg: CurationConfig, shards: list[str], pending: list[int], layout: Out
     ds = ds.map_batches(cache.write_parts, batch_size=None, batch_format="numpy",
                         fn_kwargs={"work": str(layout.work), "fingerprint": cfg.fingerprint(),
                                    "skip_columns": in_flight_columns()})
-    crash_after = int(os.environ.get(CRASH_AFTER_SHARDS_ENV, "0") or 0)
     committed: set[int] = set()
     with progress_bar(len(pending), "scan", progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -143,8 +137,6 @@ def scan(cfg: CurationConfig, shards: list[str], pending: list[int], layout: Out
                 if done and int(shard_id) not in committed:
                     committed.add(int(shard_id))
                     bar.update(1)
-                    if crash_after and len(committed) >= crash_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
     missing = [i for i in pending if not cache.is_done(layout.work, i)]
     if missing:  # cannot happen unless a part went missing under us
         raise RuntimeError(f"scan finished but shards {missing[:5]} were not committed")
@@ -185,4 +177,4 @@ def run_curation(cfg: CurationConfig, inputs: str | Sequence[str], output: str |
     return report
 
 
-__all__ = ["CRASH_AFTER_SHARDS_ENV", "init_ray", "local_ray_system_config", "run_curation", "scan"]
+__all__ = ["init_ray", "local_ray_system_config", "run_curation", "scan"]
