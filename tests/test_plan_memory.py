@@ -34,9 +34,11 @@ from llama_vision.training.memory_plan import (
 from llama_vision.training.train_config import TrainConfig
 
 PRETRAIN = ROOT / "configs/train/tiny_image_pretrain.yaml"
+LLAVA_PRETRAIN = ROOT / "configs/train/tiny_llava_pretrain.yaml"
 # Peak RSS is reset through /proc/self/clear_refs and read from /proc/self/status: Linux.
 linux_only = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 TINY = [f"model={ROOT / 'configs/model/tiny.yaml'}", "model_overrides={vocab_size: 512}"]
+TINY_LLAVA = [f"model={ROOT / 'configs/model/tiny_llava.yaml'}", "model_overrides={vocab_size: 512}"]
 
 
 def _tiny_cfg(*extra: str) -> TrainConfig:
@@ -56,10 +58,28 @@ def _one_real_step(cfg: TrainConfig):
     model.train()
     o = cfg.optim
     optimizer = torch.optim.AdamW(stage_param_groups(model.named_parameters(), o.lr, o.weight_decay, o.gate_lr_multiplier), lr=o.lr)
-    tokens, images, ratios = tiny_inputs()
-    lm_loss_sum(model(tokens, images, ratios), torch.randint(0, 512, tokens.shape)).backward()
+    if model.modalities["image"].fusion == "projector":  # a LLaVA model: one image, its tokens' placeholders
+        tokens, media = _llava_inputs(model)
+        logits = model(tokens, media_inputs=media)
+    else:
+        tokens, images, ratios = tiny_inputs()
+        logits = model(tokens, images, ratios)
+    lm_loss_sum(logits, torch.randint(0, 512, tokens.shape)).backward()
     optimizer.step()
     return model, optimizer
+
+
+def _llava_inputs(model, rows: int = 1, seq: int = 24, images_per_row: int = 1, seed: int = 0):
+    """(tokens [rows, seq] holding each image's placeholders, media_inputs) for a LLaVA
+    model: `images_per_row` square images of the tower's size per row."""
+    g = torch.Generator().manual_seed(seed)
+    p, n = model.modalities["image"].token_id, model.vision_model.tokens_per_item()
+    size = model.vision_model.vision_encoder.image_size
+    tokens = torch.randint(0, 500, (rows, seq), generator=g)
+    for i in range(images_per_row):
+        tokens[:, 1 + i * (n + 2): 1 + i * (n + 2) + n] = p
+    pixels = torch.randn(rows, images_per_row, 1, 3, size, size, generator=g)
+    return tokens, {"image": (pixels, torch.full((rows, images_per_row, 2), size))}
 
 
 def _storage(tensors) -> int:
@@ -95,6 +115,56 @@ def test_weights_grads_and_adam_equal_a_real_models_storage(frozen_dtype):
     assert plan.grads == _storage(p.grad for p in trainable)
     assert plan.optimizer == _storage(state)
     assert plan.fsdp_transient == 0 and plan.dp == 1 and plan.data_parallel == "none"
+
+
+@pytest.mark.parametrize("trainable,frozen_dtype", [
+    ("{decoder: false, vision: false, adapters: true}", "fp32"),  # LLaVA stage 1: the projector
+    ("{decoder: true, vision: false, adapters: true}", "bf16"),  # LLaVA-1.5 stage 2: projector + LLM
+    ("{decoder: false, vision: true, adapters: true}", "bf16"),  # the tower too (Carrot, OneVision)
+])
+def test_llava_weights_grads_and_adam_equal_a_real_models_storage(trainable, frozen_dtype):
+    """A LLaVA model (CLIP tower + mlp2x_gelu projector, no cross-attention) at DP = 1 on
+    the CPU: the planner's bytes are the trainer's model's after a real step, as for
+    Meta's model. (At DP = 2 under FSDP: tests/test_training_cluster.py's DP family
+    compares them with each rank's shards.)"""
+    cfg = load_config(TrainConfig, LLAVA_PRETRAIN, [*TINY_LLAVA, f"trainable={trainable}", f"frozen_param_dtype={frozen_dtype}"])
+    model, optimizer = _one_real_step(cfg)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert all(p.grad is not None for p in trainable_params) and frozen
+    state = [t for s in optimizer.state.values() for t in s.values()]
+    assert len(state) == 3 * len(trainable_params)
+
+    plan = plan_memory(cfg, gpus=1, device="cpu")
+    assert plan.frozen_weights == _storage(frozen)
+    assert plan.trainable_weights == _storage(trainable_params)
+    assert plan.grads == _storage(p.grad for p in trainable_params)
+    assert plan.optimizer == _storage(state)
+    assert plan.batch.tower is not None and plan.batch.tower.tokens_per_image == 16
+
+
+def test_llava_recipes_plan_with_the_towers_fsdp_units(capsys):
+    """The 8B LLaVA recipes plan on 8 GPUs under FSDP (they failed on Meta's ViT layout):
+    the tower's blocks are units of their own (the all-gather holds one block, not the
+    tower), the plan names the tower's crops, and the CLI prints it."""
+    from llama_vision.training.memory_plan import fsdp_unit_names
+
+    spec = importlib.util.spec_from_file_location("plan_memory_cli", ROOT / "tools/plan_memory.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    for name, tower_px in (("llava_pretrain", 336), ("llava_sft", 336), ("carrot_lora", 384)):
+        cfg = load_config(TrainConfig, ROOT / "configs/train" / f"{name}.yaml")
+        model = build_meta_model(cfg, 1, "cuda")
+        owner, _ = fsdp_unit_names(model)
+        assert owner["vision_model.vision_encoder.blocks.3.mlp.fc1.weight"] == "vision_model.vision_encoder.blocks.3"
+        assert owner["vision_model.projector.linear_1.weight"] == "vision_model.projector"
+        one, eight = plan_memory(cfg, gpus=1, device="cuda", model=model), plan_memory(cfg, gpus=8, device="cuda", model=model)
+        assert eight.data_parallel == "fsdp" and eight.fsdp_transient > 0
+        assert eight.weights == pytest.approx(one.weights / 8, rel=0.01)
+        assert eight.batch.tower.image_size == tower_px and eight.activation_parts["decoder"] > 0
+        assert cli.main(["--config", str(ROOT / "configs/train" / f"{name}.yaml"), "--gpus", "8"]) == 0
+        out = capsys.readouterr().out
+        assert "TP 1 x DP 8, FSDP" in out and f"image(s) x 1 crop(s) of {tower_px} px through the LLaVA tower" in out
 
 
 def test_lora_line_is_the_adaptors_real_storage_and_count():
@@ -258,6 +328,49 @@ def test_activation_estimate_matches_the_tensors_autograd_saves(trainable, image
         got = _saved_bytes(model, lambda: lm_loss_sum(model(tokens, images, ratios), labels))
     est = estimate_activations(model.args, shape, trainable=frozenset(trainable), device_type="cpu")
     assert est.saved == pytest.approx(got, rel=0.03)
+
+
+@pytest.mark.parametrize("trainable,images_per_row,over", [
+    ({"adapters"}, 1, {}),  # LLaVA stage 1: the frozen tower keeps nothing, the decoder passes the gradient on
+    ({"vision", "adapters"}, 1, {}),
+    ({"vision"}, 1, {}),
+    ({"decoder", "vision", "adapters"}, 1, {}),
+    ({"vision", "adapters"}, 2, {}),
+    ({"vision", "adapters"}, 1, {"projector": "linear"}),
+    ({"vision", "adapters"}, 1, {"tower": {"kind": "siglip", "act": "gelu_tanh", "feature_select": "full",
+                                           "feature_layer": -1, "post_layernorm": True}}),
+    ({"vision", "adapters"}, 2, {"tower": {"width": 64, "heads": 4, "mlp_dim": 256, "image_size": 56}}),
+])
+def test_llava_activation_estimate_matches_the_tensors_autograd_saves(trainable, images_per_row, over):
+    """A LLaVA model (float32 on the CPU, no checkpointing): the estimate is within 3% of
+    the real saved tensors, and its tower + projector share (the difference a trainable
+    tower makes) within 1%."""
+    import llama_vision
+    from llama_vision.model import set_trainable
+    from llama_vision.training.activation_memory import BatchShape, TowerShape, estimate_activations
+    from llama_vision.training.losses import lm_loss_sum
+
+    base = yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text())
+    llava = {**base["llava"], **{k: v for k, v in over.items() if k != "tower"}}
+    llava["tower"] = {**llava["tower"], **over.get("tower", {})}
+    seq = 40 + images_per_row * (llava["tower"]["image_size"] // llava["tower"]["patch_size"]) ** 2
+
+    def run(groups):
+        torch.manual_seed(0)
+        model = llama_vision.build_model({**base, "vocab_size": 512, "llava": llava})
+        model.train()
+        set_trainable(model, **{g: g in groups for g in ("decoder", "vision", "adapters")})
+        tokens, media = _llava_inputs(model, rows=2, seq=seq, images_per_row=images_per_row)
+        got = _saved_bytes(model, lambda: lm_loss_sum(model(tokens, media_inputs=media), torch.randint(0, 500, tokens.shape)))
+        shape = BatchShape(2, seq, images=2 * images_per_row, images_per_row=images_per_row, tiles=1,
+                           tower=TowerShape.of(model.vision_model))
+        return got, estimate_activations(model.args, shape, trainable=frozenset(groups), device_type="cpu")
+
+    got, est = run(trainable)
+    assert est.saved == pytest.approx(got, rel=0.03)
+    if "vision" in trainable:  # what training the tower adds
+        got_frozen, est_frozen = run(trainable - {"vision"})
+        assert est.saved - est_frozen.saved == pytest.approx(got - got_frozen, rel=0.01)
 
 
 def test_activation_checkpointing_and_tp_shrink_the_estimate():

@@ -411,6 +411,12 @@ class ClipVisionTower(nn.Module):
     def image_size(self) -> int:
         return self.config.image_size
 
+    def block_modules(self) -> list[nn.Module]:
+        """The transformer blocks, in the order forward runs them (all `layers`, the unused
+        ones after the selected layer too): the pieces a wrapper may treat one at a time
+        (training.parallelize: one FSDP unit each). Describes the structure only."""
+        return list(self.blocks)
+
     def unused_parameter_names(self) -> list[str]:
         """Parameters forward never reads under this config (blocks after the selected layer,
         ln_post without post_layernorm): kept for strict checkpoint loading, to be frozen."""

@@ -130,6 +130,13 @@ class LlavaVisionModel(nn.Module):
         self.projector = Projector(tower_dim, text_dim, config.projector)
         self.image_newline = nn.Parameter(torch.zeros(text_dim)) if config.image_newline else None
 
+    def block_modules(self) -> list[nn.Module]:
+        """The pieces forward runs one after another over every crop of the batch: the
+        tower, then the projector (image_newline, if any, stays with this module). What a
+        wrapper may treat one at a time (training.parallelize: one FSDP unit each, the
+        tower's own `block_modules()` inside it). Describes the structure only."""
+        return [self.vision_encoder, self.projector]
+
     def tokens_per_item(self, image_size: tuple[int, int] | None = None) -> int:
         """Placeholders one image takes in the prompt: the tower's tokens per crop without
         AnyRes; with it, what `pack_anyres_features` gives for an image of `image_size`

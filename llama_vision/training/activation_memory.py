@@ -35,6 +35,22 @@ through it; checkpointed units keep only their input, f * D (or f * W), and reco
   ln_post inputs f*W per token; projection input lin((1 + taps) * W) per real token
   (P = grid^2 + 1 per tile) when the projection trains; the projection's output (the
   media tokens every adapter's wk / wv read) c*D per media token, once.
+* LLaVA tower (a projector modality, llama_vision.model.llava; replicated at TP > 1: it
+  runs whole on every rank), per token of the n = g^2 (+1 CLIP class token) tokens of
+  each crop, Wt = the tower's width, Mt = its MLP width, Ht = its heads, only when the
+  tower trains (otherwise no input of it needs a gradient and it keeps nothing). Per
+  block (ClipBlock; the selected layer's blocks run, those after it do not):
+  f*(2Wt + 4 + Ht) (both LayerNorms' inputs and stats, SDPA's logsumexp) + c*(4Wt + Mt)
+  (q, k, v, the attention output out_proj reads, fc1's output) + the activation's
+  (QuickGELU: its sigmoid and product, c*2Mt; GELU / tanh-GELU: fc2's input, c*Mt) + both
+  LayerNorms' outputs (the q/k/v and fc1 inputs: f*2Wt; under autocast the linears' own
+  bf16 copies, lin(Wt, 3) + lin(Wt, 1)). Stem: the pixels lin(3p^2) per patch, CLIP's
+  ln_pre input and stats f*(Wt + 2) per token, ln_post's likewise under post_layernorm.
+  Projector per crop: linear_1's input (the tower's output storage, all n tokens; its bf16
+  copy under autocast) when it trains; its output c*D (GELU's input, mlp2x_gelu) when a
+  gradient flows, linear_2's input c*D when it trains. The placement of its tokens in the
+  decoder input: the index of every valid token (int64 x 3) and the masked_scatter /
+  where masks (a byte per text token each).
 * perceiver layer (video aggregator), per media token of a group: f*2 + lin(D, 2) +
   c*2Dl (K/V, Dl = D / tp); per latent: f*(2D + 4 + H) + lin(D, 3) + c*(2Dl + 4F') +
   c*(M + Q) (float mask over the group's M media + Q latent keys).
@@ -55,9 +71,12 @@ rotations (complex64), the boolean masks (once per forward), and
 activations = inputs + sum(stored per unit) + media + autocast copies + transient.
 
 Checked against the real thing on the CPU (float32): the saved-tensor bytes of a forward
-on tiny configs (tests/test_plan_memory.py, `torch.autograd.graph.saved_tensors_hooks`)
-and the RSS of a whole training step on a ~50M-parameter config. The bf16-autocast / CUDA
-coefficients follow the same code paths but have not been measured on a GPU.
+on tiny configs (tests/test_plan_memory.py, `torch.autograd.graph.saved_tensors_hooks`;
+Meta's ViT, and a LLaVA CLIP / SigLIP tower + projector without AnyRes) and the RSS of a
+whole training step on a ~50M-parameter config. AnyRes (LLaVA-NeXT / OneVision) is sized
+for its largest grid (the most crops and tokens an image can take) and its packing is not
+counted: not checked. The bf16-autocast / CUDA coefficients follow the same code paths but
+have not been measured on a GPU.
 """
 from __future__ import annotations
 
@@ -67,7 +86,7 @@ from dataclasses import dataclass, field
 from llama_vision.model.args import ModelArgs
 from llama_vision.model.modality import every_kth
 
-__all__ = ["KINDS", "ActivationEstimate", "BatchShape", "VideoShape", "estimate_activations"]
+__all__ = ["KINDS", "ActivationEstimate", "BatchShape", "TowerShape", "VideoShape", "estimate_activations"]
 
 F32 = 4
 #: Activation-checkpointing kinds (config `activation_checkpointing`).
@@ -98,13 +117,59 @@ class VideoShape:
 
 
 @dataclass(frozen=True)
+class TowerShape:
+    """The image encoder of a LLaVA-style projector modality (llama_vision.model.llava): a
+    CLIP / SigLIP tower (`ClipVisionConfig` fields) and its projector. Each image is
+    `crops` crops of image_size^2 pixels (1 without AnyRes); each crop runs `blocks` blocks
+    over `positions` tokens and gives `features` tokens to the projector; an image takes
+    `tokens_per_image` placeholders of the decoder input."""
+
+    crops: int
+    image_size: int
+    patch_size: int
+    in_channels: int
+    width: int
+    heads: int
+    mlp_dim: int
+    blocks: int  # blocks that run: the selected layer's
+    positions: int  # tokens through the blocks per crop: g^2 (+1 class token)
+    features: int  # tokens per crop out of the tower
+    tokens_per_image: int
+    act: str = "quick_gelu"
+    pre_layernorm: bool = True  # CLIP's ln_pre
+    post_layernorm: bool = False
+    projector: str = "mlp2x_gelu"
+
+    @classmethod
+    def of(cls, vision) -> "TowerShape":
+        """The shape of a `LlavaVisionModel` (its tower a ClipVisionTower), for its largest
+        image: without AnyRes one crop and the tower's tokens; with AnyRes the grid that
+        takes the most crops, and the most placeholders any image can take."""
+        from llama_vision.data.anyres import num_anyres_crops
+
+        t = vision.vision_encoder.config
+        anyres, newline = vision.config.anyres, vision.image_newline is not None
+        crops, tokens = 1, t.num_tokens
+        if anyres is not None:
+            sizes = [tuple(p) for p in anyres.grid_pinpoints]
+            crops = max(num_anyres_crops(size, anyres.grid_pinpoints, anyres.crop_size) for size in sizes)
+            tokens = max(anyres.num_image_tokens(size, image_newline=newline) for size in sizes)
+        return cls(crops=crops, image_size=t.image_size, patch_size=t.patch_size, in_channels=t.in_channels,
+                   width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, blocks=t.selected_layer, positions=t.num_positions,
+                   features=t.num_tokens, tokens_per_image=tokens, act=t.act, pre_layernorm=t.has_class_token,
+                   post_layernorm=t.post_layernorm, projector=vision.projector.kind)
+
+
+@dataclass(frozen=True)
 class BatchShape:
     """One micro-batch on one data-parallel rank. rows x seq_len text tokens through the
     decoder (DPO: chosen and rejected rows, 2 per pair); `images` images encoded, each of
     `tiles` tile slots (the encoder runs every slot); each row attends to
     `images_per_row` images; `kv_rows`: rows whose cross-attention K/V are materialised
     (DPO's rejected rows read copies of the chosen rows' K/V: 2 x pairs; default rows);
-    `packed`: rows hold several samples (data.packing), so self-attention runs masked."""
+    `packed`: rows hold several samples (data.packing), so self-attention runs masked;
+    `tower`: the images go through a LLaVA projector modality's tower (each image then
+    `tower.crops` crops, `tiles` unused) instead of Meta's ViT and adapters."""
 
     rows: int
     seq_len: int
@@ -114,6 +179,7 @@ class BatchShape:
     video: VideoShape | None = None
     kv_rows: int | None = None
     packed: bool = False  # packed rows: block-diagonal causal self-attention under a mask
+    tower: TowerShape | None = None  # a LLaVA model's image encoder
 
 
 @dataclass
@@ -170,7 +236,9 @@ def estimate_activations(
     unknown = set(checkpointed) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown activation-checkpointing kind(s) {sorted(unknown)}; kinds: {list(KINDS)}")
-    if tp < 1 or args.n_heads % tp or args.vision_heads % tp:
+    tower = shape.tower
+    meta_vit = (shape.images > 0 and tower is None) or shape.video is not None  # Meta's ViT runs (a LLaVA tower is replicated)
+    if tp < 1 or args.n_heads % tp or (meta_vit and args.vision_heads % tp):
         raise ValueError(f"tp={tp} must divide n_heads={args.n_heads} and vision_heads={args.vision_heads}")
     b = _Bytes(autocast)
     c = b.c
@@ -185,11 +253,19 @@ def estimate_activations(
     def add(name: str, value: float) -> None:
         parts[name] = parts.get(name, 0.0) + value
 
-    has_images = shape.images > 0 and shape.images_per_row > 0 and shape.tiles > 0
+    llava = tower is not None and shape.images > 0 and shape.images_per_row > 0
+    has_images = shape.images > 0 and shape.images_per_row > 0 and shape.tiles > 0 and tower is None
     video = shape.video
     add("inputs", tokens * 16)  # tokens + labels, int64
     if has_images:
         add("inputs", shape.images * shape.tiles * args.vision_in_channels * args.vision_chunk_size**2 * F32)
+    if llava:
+        add("inputs", shape.images * tower.crops * tower.in_channels * tower.image_size**2 * F32)
+        saved, tower_units = _llava_tower(b, tower, shape.images * tower.crops, d, vis, ada, "vision" in checkpointed)
+        add("vision", saved)
+        units.extend(tower_units)
+        if vis or ada:  # the projector's tokens placed in the decoder input: index, masked_scatter, where
+            add("media", shape.images * tower.tokens_per_image * 24 + 2 * tokens)
     if video is not None:
         add("inputs", video.videos * video.frames * video.tiles * args.vision_in_channels * args.vision_chunk_size**2 * F32)
 
@@ -225,7 +301,9 @@ def estimate_activations(
 
     # --- decoder with its adapters -------------------------------------------------------
     media_present = has_images or video is not None
-    g = dec or (media_present and (ada or vid))
+    # A LLaVA model's tokens enter at the decoder input: a gradient flows through every
+    # layer when the projector or the tower trains.
+    g = dec or (media_present and (ada or vid)) or (llava and (ada or vis))
     image_layers = set(args.fusion_schedule) if has_images else set()
     video_layers = set(every_kth(list(args.fusion_schedule), video.every_k_image_layers)) if video is not None else set()
     add("inputs", tokens * 4 * hd)  # RoPE rotations, complex64 [B, S, head_dim / 2]
@@ -334,6 +412,35 @@ def _vision(args: ModelArgs, b: _Bytes, images: int, tiles: int, tp: int, trains
     if proj_trains:
         parts["vision"] = parts.get("vision", 0.0) + images * tiles * p_tok * b.lin(args.vision_output_dim)
     return parts, units
+
+
+def _llava_tower(b: _Bytes, t: TowerShape, crops: int, d: int, trains: bool, proj_trains: bool,
+                 checkpointed: bool) -> tuple[float, list[_Unit]]:
+    """Saved bytes of a LLaVA tower + projector over `crops` crops (module docstring), and
+    the tower's blocks as units."""
+    c, w, m = b.c, t.width, t.mlp_dim
+    n_tok = crops * t.positions
+    saved = 0.0
+    units: list[_Unit] = []
+    if trains:
+        grid2 = (t.image_size // t.patch_size) ** 2
+        saved += crops * grid2 * b.lin(t.in_channels * t.patch_size**2)  # the conv's input
+        norms = int(t.pre_layernorm) + int(t.post_layernorm)
+        saved += n_tok * norms * F32 * (w + 2)  # ln_pre / ln_post inputs and stats
+        per_token = F32 * (4 + t.heads) + c * (4 * w + m)  # LayerNorm stats, logsumexp; q, k, v, attention out, fc1 out
+        per_token += c * m * (2 if t.act == "quick_gelu" else 1)  # QuickGELU: sigmoid + product; GELU: fc2's input
+        if b.autocast:  # norm inputs f32; q/k/v and fc1 each keep a bf16 copy of their norm's output
+            per_token += F32 * 2 * w + b.lin(w, 3) + b.lin(w, 1)
+        else:  # norm inputs, ln_1's output (q/k/v share it), ln_2's output (fc1)
+            per_token += F32 * 4 * w
+        unit = _Unit("vision", n_tok * per_token, n_tok * F32 * w)
+        units.extend([unit] * t.blocks)
+        saved += t.blocks * (unit.ckpt if checkpointed else unit.full)
+    if proj_trains:  # linear_1's input: the tower's output (its whole storage, a class token too), or its bf16 copy
+        saved += crops * t.features * c * w if b.autocast else n_tok * F32 * w
+    if (proj_trains or trains) and t.projector == "mlp2x_gelu":
+        saved += crops * t.features * c * d * (2 if proj_trains else 1)  # GELU's input (+ linear_2's)
+    return saved, units
 
 
 def _vision_nograd(args: ModelArgs, b: _Bytes, images: int, tiles: int, tp: int) -> float:

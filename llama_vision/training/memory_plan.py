@@ -24,21 +24,21 @@ GPU (rank 0 of the DP group under fsdp; the largest ZeRO-1 shard under zero1):
   weights.
 * fsdp transient (fsdp, DP > 1): the all-gathered (unsharded, TP-local) parameters while
   a unit computes. Units are the trainer's (`parallelize.fsdp_units`: each decoder layer,
-  adapter block, ViT layer and perceiver layer; the token embeddings, the output head and
-  the vision projection; then the vision model, the video aggregator and the decoder
-  holding what is left). Counted: the enclosing units (those with units inside: gathered
-  while their children run) and the root's own parameters, + the two largest other units
-  (one computing, one prefetched) + the largest unit's unsharded gradients before their
-  reduce-scatter.
+  adapter block, ViT layer and perceiver layer, a LLaVA model's tower blocks; the vision
+  projection or a LLaVA tower and projector, the token embeddings and the output head;
+  then the vision model, the video aggregator and the decoder holding what is left).
+  Counted: the enclosing units (those with units inside: gathered while their children
+  run) and the root's own parameters, + the two largest other units (one computing, one
+  prefetched) + the largest unit's unsharded gradients before their reduce-scatter.
 * dpo reference (stage dpo): the reference policy's copy of the trainable tensors,
   placed like them.
 * activations: `activation_memory.estimate_activations` for one micro-batch of
   micro_batch_size rows (DPO: pairs; data.max_tokens_per_batch: that budget of
   full-length rows) of data.max_seq_len tokens, each with `images_per_sample` images
-  (packed rows: images per row) of data.max_num_tiles tile slots (video stages: one clip
-  of video.num_frames frames), with the kinds of activation checkpointing that take effect
-  on this model (the trainer's `parallelize.apply_activation_checkpointing` is asked), at
-  this TP degree. Its module docstring holds the per-token formula:
+  (packed rows: images per row) of data.max_num_tiles tile slots (a LLaVA model: the
+  tower's crops, AnyRes its largest grid; video stages: one clip of video.num_frames
+  frames), with the kinds of activation checkpointing that take effect on this model (the
+  trainer's `parallelize.apply_activation_checkpointing` is asked), at this TP degree. Its module docstring holds the per-token formula:
   inputs + stored per unit + media + autocast copies + max(loss head, one layer's backward).
 
 total = weights + grads + optimizer + fsdp transient + dpo reference + activations: all
@@ -63,7 +63,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .activation_memory import KINDS, BatchShape, VideoShape, estimate_activations
+from .activation_memory import KINDS, BatchShape, TowerShape, VideoShape, estimate_activations
 from .train_config import TrainConfig
 
 __all__ = [
@@ -77,6 +77,7 @@ __all__ = [
     "checkpoint_kinds",
     "format_plan",
     "fsdp_unit_names",
+    "llava_tower_shape",
     "param_specs",
     "per_rank_state",
     "plan_memory",
@@ -263,7 +264,7 @@ def build_meta_model(cfg: TrainConfig, tp: int | None = None, device: str = "cud
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         tokenizer = SimpleNamespace(n_words=int(vocab))
-    shape_only = dataclasses.replace(cfg, init_from=None, init_text_from=None)
+    shape_only = dataclasses.replace(cfg, init_from=None, init_text_from=None, init_vision_from=None)
     # fork_rng: building seeds the global RNG (the same weights at every TP degree).
     with torch.random.fork_rng(devices=[]), simulated_tp(tp), torch.device("meta"):
         model = build_training_model(shape_only, tokenizer)
@@ -396,9 +397,25 @@ def batch_shape(cfg: TrainConfig, model: nn.Module, images_per_sample: int = 1) 
         return BatchShape(rows, seq, video=video, packed=packed)
     if cfg.data.text_only or images_per_sample == 0:
         return BatchShape(rows, seq, packed=packed)
+    tower = llava_tower_shape(model)
+    if tower is not None:  # a LLaVA model: each image is the tower's crops, not Meta's tiles
+        return BatchShape(rows, seq, images=pairs * images_per_sample, images_per_row=images_per_sample, tiles=tower.crops,
+                          kv_rows=rows, packed=packed, tower=tower)
     tiles = cfg.data.max_num_tiles or args.vision_max_num_chunks
     return BatchShape(rows, seq, images=pairs * images_per_sample, images_per_row=images_per_sample, tiles=tiles,
                       kv_rows=rows, packed=packed)
+
+
+def llava_tower_shape(model: nn.Module) -> TowerShape | None:
+    """The TowerShape of a model whose image modality is a LLaVA projector modality (its
+    `vision_model` a LlavaVisionModel), else None."""
+    image = model.modalities.get("image")
+    if image is None or image.fusion != "projector":
+        return None
+    vision = model.vision_model
+    if not hasattr(getattr(vision, "vision_encoder", None), "config"):
+        raise ValueError(f"the planner sizes LLaVA towers that are ClipVisionTowers, got {type(vision.vision_encoder).__name__}")
+    return TowerShape.of(vision)
 
 
 def plan_memory(
@@ -480,7 +497,13 @@ def _describe_batch(plan: MemoryPlan) -> str:
     if b is None:
         return ""
     what = f"{b.rows} x {b.seq_len} tokens"
-    if b.images:
+    if b.images and b.tower is not None:
+        t = b.tower
+        what += (f", {b.images} image(s) x {t.crops} crop(s) of {t.image_size} px through the LLaVA tower, "
+                 f"{t.tokens_per_image} tokens each")
+        if t.crops > 1:
+            what += " (AnyRes: its largest grid; packing not counted)"
+    elif b.images:
         what += f", {b.images} image(s) x {b.tiles} tiles"
     if b.video is not None:
         what += f", {b.video.videos} video(s) x {b.video.frames} frames x {b.video.tiles} tiles"
