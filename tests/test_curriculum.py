@@ -271,7 +271,7 @@ def test_two_processes_run_a_two_stage_curriculum_and_agree_to_skip_it(base, dat
     from llama_vision.training.metrics import read_metrics
 
     out = tmp_path / "dp2"
-    # zero1: FSDP does not yet take text-only micro-batches beside image ones on a LLaVA model
+    # zero1 here (FSDP on LLaVA models: tests/test_training_cluster.py)
     overrides = _overrides(data, out, **{"overrides.micro_batch_size": 1, "overrides.data_parallel": "zero1"})
     run_torchrun(Path(__file__), json.dumps(overrides), nproc=2, timeout=300)
     assert _statuses(out) == {"caption": "skipped (done)", "single_image": "skipped (done)", "onevision": "not selected"}

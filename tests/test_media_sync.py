@@ -65,3 +65,46 @@ def test_dummy_media_run_the_media_modules_and_change_nothing():
 def test_blank_batch_has_no_target():
     blank = blank_batch(_text_batch(512))
     assert type(blank) is VideoBatch and blank.num_targets == 0 and len(blank) == 1
+
+
+def test_a_llava_models_dummy_image_runs_tower_and_projector_and_changes_nothing():
+    """A projector image modality's dummy (one blank image, no placeholder anywhere) goes
+    through the tower and projector into the decoder input with weight 0: the text-only
+    loss bitwise, the trunk's gradients unchanged, exact zero gradients for tower and
+    projector (they ran: FSDP's backward reaches them in the same order as on an image
+    rank). Without `unattended_images` such an image is an error, as before."""
+    import llama_vision
+    from _helpers import tiny_params
+    from llama_vision.model.clip_vision import ClipVisionConfig, ClipVisionTower
+    from llama_vision.model.llava import add_llava_modality
+    from llama_vision.training.media_sync import projector_blank, unattended_images
+
+    torch.manual_seed(0)
+    model = llama_vision.build_model(tiny_params(vision_num_cross_attention_layers=0))
+    tower = ClipVisionTower(ClipVisionConfig(image_size=28, patch_size=14, width=24, layers=1, heads=2, mlp_dim=48,
+                                             feature_layer=-1))
+    add_llava_modality(model, tower, 24)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = _text_batch(model.args.vocab_size)
+    plain_loss, plain = _loss_and_grads(model, batch, every_table=False)
+    assert projector_blank(model) == (1, 28)
+    dummy = with_dummy_media(batch, [True, False], tile_size=0, projector=projector_blank(model))
+    assert dummy.images.shape == (2, 1, 1, 3, 28, 28) and dummy.aspect_ratios[:, 0].tolist() == [[28, 28], [0, 0]]
+    try:
+        _loss_and_grads(model, dummy, every_table=True)
+    except ValueError as e:
+        assert "placeholder" in str(e)
+    else:
+        raise AssertionError("an image without placeholders must be an error outside unattended_images")
+    with unattended_images(model):
+        loss, grads = _loss_and_grads(model, dummy, every_table=True)
+    assert torch.equal(loss, plain_loss)
+    for n, g in plain.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=0, msg=n)
+    reached = set(grads) - set(plain)
+    for prefix in ("vision_model.vision_encoder.", "vision_model.projector."):
+        assert any(n.startswith(prefix) for n in reached), prefix
+    for n in reached:
+        assert not grads[n].any(), n
+    assert model.unattended_media is False

@@ -123,11 +123,16 @@ def chat(shapes_corpus, tmp_path_factory):
     return {**sets, "mixed": str(root / "mixed.jsonl")}
 
 
-def _mixed_overrides(corpus, chat, out, micro_batch_size):
+def _mixed_overrides(corpus, chat, out, micro_batch_size, **extra):
     return tiny_train_overrides(corpus, out, **{
         "max_steps": 4, "checkpoint_every": 100, "save_final": "false", "data.shuffle": "false", "init_from": "null",
         "optim.warmup_steps": 1, "micro_batch_size": micro_batch_size, "data.paths": f'["{chat["mixed"]}"]',
-        "data.image_root": str(Path(chat["mixed"]).parent)})
+        "data.image_root": str(Path(chat["mixed"]).parent), **extra})
+
+
+# The mixed set on a tiny LLaVA model, everything training (its dummy image under FSDP goes
+# through the tower and projector into the decoder's input with weight 0: media_sync).
+LLAVA_MIXED = {"model": str(ROOT / "configs/model/tiny_llava.yaml"), **LLAVA_ALL}
 
 
 def test_data_parallel_family(shapes_corpus, chat, tmp_path):
@@ -141,12 +146,13 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
     for mode in ("fsdp", "zero1"):
         runs.append({"config": SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / f"mixed_{mode}", 1) + [f"data_parallel={mode}"],
                      "dump": str(tmp_path / f"mixed_{mode}" / "dump")})
+    runs.append({"config": LLAVA_SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / "llava_mixed", 1, **LLAVA_MIXED),
+                 "dump": str(tmp_path / "llava_mixed" / "dump")})
     validation = {"max_steps": 2, "eval_every": 2, "data.eval_paths": f'["{shapes_corpus["shards"]}"]'}
     runs.append({"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "val_dp2", micro_batch_size=4, **validation)})
     # LLaVA (FSDP): stage 1 (only the projector trains, decoder and tower frozen) resumed at
     # DP=2, and under ZeRO-1; everything training (decoder, tower, projector) with every
-    # activation-checkpointing switch on. (Every row has an image: see docs/llava.md's
-    # "Not yet" for FSDP on text-only rows beside image rows.)
+    # activation-checkpointing switch on. (Text-only rows beside image rows: llava_mixed.)
     runs += _resume_runs(LLAVA_PRETRAIN, shapes_corpus, tmp_path, "llava", **_llava(chat, micro_batch_size=2))
     runs.append({"config": LLAVA_PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "llava_zero1", **_llava(
         chat, micro_batch_size=2, data_parallel="zero1")), "dump": str(tmp_path / "llava_zero1" / "dump")})
@@ -204,6 +210,14 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
                 assert held <= 0.55 * whole
                 frozen = [(local, whole) for local, whole, trains in r["numel"].values() if not trains]
                 assert sum(local for local, _ in frozen) <= 0.51 * sum(whole for _, whole in frozen)
+
+    # LLaVA under FSDP, ranks with text-only and image micro-batches: == one process.
+    one = _fit(LLAVA_SFT, _mixed_overrides(shapes_corpus, chat, tmp_path / "llava_mixed_dp1", 2, **LLAVA_MIXED))
+    want_params, want_state = _trained(one)
+    assert {int(s["step"]) for n, s in want_state.items() if n.startswith("vision_model.vision_encoder.")} == {3}
+    assert _losses(tmp_path / "llava_mixed") == pytest.approx(_losses(tmp_path / "llava_mixed_dp1"), rel=1e-5, abs=0)
+    _assert_same_state(_load_dump(tmp_path / "llava_mixed" / "dump")[0], (want_params, want_state), atol=2e-5,
+                       skip=("k_proj.bias",))
 
     _assert_llava_data_parallel(shapes_corpus, chat, tmp_path)
 

@@ -45,6 +45,9 @@ class FusedEmbeds:
 
     tokens: torch.Tensor
     counts: list[int]
+    unattended: torch.Tensor | None = None
+    """[K, D] tokens of items whose rows have no placeholder (VisionLanguageModel.
+    unattended_media: FSDP's dummy media), kept in the graph with weight 0; else None."""
 
 
 FUSIONS = ("cross_attention", "projector")

@@ -36,6 +36,12 @@ class VisionLanguageModel(nn.Module):
         self.vision_model = VisionModel(args) if args.fusion_schedule else None
         self.text_model = TextDecoder(args)
         self.modalities: dict[str, Modality] = {}
+        # Projector-modality items may come without placeholders while this is set: they are
+        # encoded and kept in the autograd graph with weight 0 (every output bitwise as
+        # without them). What FSDP's dummy media need (training.media_sync): a data-parallel
+        # rank with no image then runs the tower, the projector and the decoder's input in
+        # the same order, forward and backward, as the ranks that have images.
+        self.unattended_media = False
         if self.vision_model is None:  # a trunk for other image modalities (projector fusion)
             return
         self.add_modality(
@@ -172,7 +178,7 @@ class VisionLanguageModel(nn.Module):
             mod = self.modalities[name]
             counts = [sum(t in mod.placeholder_ids for t in row) for row in rows]
             if mod.fusion == "projector":
-                states[name] = self._fused_embeds(mod, mod.encode(inputs), counts)
+                states[name] = self._fused_embeds(mod, mod.encode(inputs), counts, self.unattended_media)
                 continue
             enc = self._encode_used_slots(mod, inputs, counts) if present_only else mod.encode(inputs)
             b, n = enc.tokens.shape[:2]
@@ -196,19 +202,24 @@ class VisionLanguageModel(nn.Module):
         return states
 
     @staticmethod
-    def _fused_embeds(mod: Modality, enc: MediaTokens, counts: list[int]) -> FusedEmbeds:
+    def _fused_embeds(mod: Modality, enc: MediaTokens, counts: list[int], unattended: bool = False) -> FusedEmbeds:
         """A projector modality's encoder output [B, N, L, D] -> its valid tokens in row /
-        slot / token order, which must be as many per row as the row's placeholders."""
+        slot / token order, which must be as many per row as the row's placeholders
+        (`unattended`: or none, for a row without placeholders: FusedEmbeds.unattended)."""
         b = enc.tokens.shape[0]
         if b != len(counts):
             raise ValueError(f"{mod.name}: inputs have batch {b}, tokens have {len(counts)} rows")
         have = enc.valid.reshape(b, -1).sum(1).tolist()
-        for i, (want, got) in enumerate(zip(counts, have)):
-            if want != got:
+        spare = [unattended and want == 0 and got > 0 for want, got in zip(counts, have)]
+        for i, (want, got, unused) in enumerate(zip(counts, have, spare)):
+            if want != got and not unused:
                 raise ValueError(f"row {i} has {want} {mod.name} placeholder tokens but its {mod.name} inputs give {got} "
                                  f"tokens (each item takes as many placeholders as it has tokens: the modality's "
                                  f"tokens_per_item)")
-        return FusedEmbeds(enc.tokens[enc.valid], counts)
+        if not any(spare):
+            return FusedEmbeds(enc.tokens[enc.valid], counts)
+        rows = torch.tensor(spare, device=enc.valid.device)[:, None, None]
+        return FusedEmbeds(enc.tokens[enc.valid & ~rows], counts, unattended=enc.tokens[enc.valid & rows])
 
     def _fused_input(self, tokens: torch.Tensor, fused: dict[str, FusedEmbeds]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(input_embeds [B, S, D], embeds_mask [B, S]) putting each projector modality's
@@ -219,6 +230,14 @@ class VisionLanguageModel(nn.Module):
             mod = self.modalities[name]
             where = torch.isin(tokens, torch.tensor(sorted(mod.placeholder_ids), device=tokens.device))
             per_row = where.sum(1).tolist()
+            if state.unattended is not None and state.unattended.numel():
+                # unattended items (VisionLanguageModel.unattended_media): into the graph with
+                # weight 0, through the input embeddings like placed tokens (so their backward
+                # runs after the decoder's, as on a rank that places them)
+                if embeds is None:
+                    embeds = state.unattended.new_zeros(*tokens.shape, state.unattended.shape[-1])
+                    mask = torch.zeros_like(where)
+                embeds = embeds + 0 * state.unattended.sum()
             if not any(per_row):
                 continue
             if per_row != list(state.counts):

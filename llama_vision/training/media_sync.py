@@ -14,6 +14,13 @@ The same holds for the learnable embedding table, which the decoder reads only f
 holding a new token id (an image placeholder): if any rank's micro-batch has one, every
 rank reads it (zero rows of gradient where it has none); if none has, nobody does.
 
+A LLaVA model's image modality (projector fusion) takes its dummy differently: one blank
+image in row 0 at the tower's size, with no placeholder anywhere; the model encodes it and
+adds its tokens, times 0, to the decoder's input embeddings (VisionLanguageModel.
+unattended_media, switched on by `unattended_images`), so the tower and projector run
+forward and backward after the decoder, as on the ranks whose rows hold images, and every
+output and gradient stays exactly as without it.
+
 The dummy's FLOPs are not counted (flops.py counts images by `num_images`, which stays 0).
 A micro-batch no rank has media in runs no media module anywhere: nothing to agree on.
 """
@@ -27,7 +34,8 @@ import torch
 import model_parallel as mp
 from llama_vision.data.batch import PreferenceBatch
 
-__all__ = ["blank_batch", "embedding_tables", "media_present", "uniform_media", "with_dummy_media"]
+__all__ = ["blank_batch", "embedding_tables", "media_present", "projector_blank", "unattended_images", "uniform_media",
+           "with_dummy_media"]
 
 def media_present(batch, vocab_size: int) -> list[bool]:
     """[has images, has videos, has a new token id (>= vocab_size: the learnable table)]
@@ -38,10 +46,29 @@ def media_present(batch, vocab_size: int) -> list[bool]:
     return [lm.images is not None, getattr(lm, "videos", None) is not None, new_ids]
 
 
-def with_dummy_media(batch, want: list[bool], tile_size: int):
-    """`batch` plus a blank, unattended input for every modality in `want` it lacks."""
+def projector_blank(model) -> tuple[int, int] | None:
+    """(crops, size) of the dummy image of `model`'s image modality when it is a LLaVA
+    projector (one blank size x size image, cut into as many crops as AnyRes gives it); None
+    for Meta's cross-attention image modality."""
+    vision = getattr(model, "vision_model", None)
+    mod = getattr(model, "modalities", {}).get("image")
+    if mod is None or mod.fusion != "projector":
+        return None
+    from llama_vision.data.anyres import num_anyres_crops
+
+    anyres = vision.config.anyres
+    size = vision.vision_encoder.config.image_size if anyres is None else anyres.crop_size
+    crops = 1 if anyres is None else num_anyres_crops((size, size), anyres.grid_pinpoints, anyres.crop_size)
+    return crops, size
+
+
+def with_dummy_media(batch, want: list[bool], tile_size: int, projector: tuple[int, int] | None = None):
+    """`batch` plus a blank, unattended input for every modality in `want` it lacks.
+    projector: (crops, size) of a LLaVA image modality's dummy (projector_blank): one blank
+    image in row 0 that no row has placeholders for; the model keeps its tokens in the graph
+    with weight 0 (VisionLanguageModel.unattended_media, set by `unattended_images`)."""
     if isinstance(batch, PreferenceBatch):
-        chosen = with_dummy_media(batch.chosen, want, tile_size)
+        chosen = with_dummy_media(batch.chosen, want, tile_size, projector)
         # The pair shares one images tensor (encoded once for both continuations).
         rejected = dataclasses.replace(
             batch.rejected, images=chosen.images, aspect_ratios=chosen.aspect_ratios, num_tiles=chosen.num_tiles
@@ -49,7 +76,13 @@ def with_dummy_media(batch, want: list[bool], tile_size: int):
         return PreferenceBatch(chosen, rejected)
     rows = len(batch)
     changes = {}
-    if want[0] and batch.images is None:
+    if want[0] and batch.images is None and projector is not None:
+        crops, size = projector
+        sizes = torch.zeros(rows, 1, 2, dtype=torch.long)
+        sizes[0, 0] = size  # (height, width): only row 0's slot is a real image
+        changes.update(images=torch.zeros(rows, 1, crops, 3, size, size), aspect_ratios=sizes,
+                       num_tiles=torch.zeros(rows, 1, dtype=torch.long))
+    elif want[0] and batch.images is None:
         changes.update(
             images=torch.zeros(rows, 1, 1, 3, tile_size, tile_size),
             aspect_ratios=torch.ones(rows, 1, 2, dtype=torch.long),
@@ -66,14 +99,16 @@ def with_dummy_media(batch, want: list[bool], tile_size: int):
     return dataclasses.replace(batch, **changes) if changes else batch
 
 
-def uniform_media(micro: list, tile_size: int, vocab_size: int, device: torch.device) -> list[tuple[object, bool]]:
+def uniform_media(micro: list, tile_size: int, vocab_size: int, device: torch.device,
+                  projector: tuple[int, int] | None = None) -> list[tuple[object, bool]]:
     """The micro-batches of this rank, each with a dummy input for every modality that
     some DP rank's micro-batch at the same index has, and whether any rank's has a new
     token id (then every rank must read the learnable table: `embedding_tables`). One
-    all-reduce over DP for all of them."""
+    all-reduce over DP for all of them. projector: see with_dummy_media."""
     present = torch.tensor([media_present(b, vocab_size) for b in micro], dtype=torch.uint8, device=device)
     anywhere = mp.all_reduce_max(present, "dp").tolist()
-    return [(with_dummy_media(b, [bool(x) for x in want[:2]], tile_size), bool(want[2])) for b, want in zip(micro, anywhere)]
+    return [(with_dummy_media(b, [bool(x) for x in want[:2]], tile_size, projector), bool(want[2]))
+            for b, want in zip(micro, anywhere)]
 
 
 def blank_batch(like=None):
@@ -88,6 +123,18 @@ def blank_batch(like=None):
     )
     cls = type(like) if like is not None and not isinstance(like, PreferenceBatch) else Batch
     return cls(**fields)
+
+
+@contextmanager
+def unattended_images(model, on: bool = True):
+    """Within: projector-modality items without placeholders are encoded and kept in the
+    graph with weight 0 (VisionLanguageModel.unattended_media) if `on`."""
+    before = model.unattended_media
+    model.unattended_media = on
+    try:
+        yield
+    finally:
+        model.unattended_media = before
 
 
 @contextmanager

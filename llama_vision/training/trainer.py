@@ -32,7 +32,7 @@ from .flops import step_flops, step_shape_from_batch, trainable_from_model
 from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, global_batch_line, peak_flops_for_device
 from .objectives import build_objective
 from .optim import build_stage_optimizer
-from .media_sync import embedding_tables, uniform_media
+from .media_sync import embedding_tables, projector_blank, unattended_images, uniform_media
 from .parallelize import parallelize, uses_fsdp
 from .precision import apply_precision, resolve_precision
 from .profiling import StepProfiler, peak_memory_bytes, reset_peak_memory
@@ -70,6 +70,7 @@ class Trainer:
         tp_dims = {n: plan.get(n) for n, _ in self.model.named_parameters()}
         self.tp_dims = {id(p): tp_dims[n] for n, p in self.model.named_parameters() if p.requires_grad}
         self._tile_size = cfg.data.tile_size or self.model.args.vision_chunk_size
+        self._projector_blank = projector_blank(self.model)  # a LLaVA model's dummy image (media_sync)
         on_gpu_bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu_bf16 else nullcontext
         self.objective = build_objective(cfg, self.model, self.autocast)
@@ -134,7 +135,8 @@ class Trainer:
             fingerprint = torch.cat([batch_fingerprint(b) for b in micro]).to(self.device)
             mp.assert_same_across_tp(fingerprint, f"step {self.step + 1}: the batch (samples {micro[0].keys[:4]}...)")
         # Under FSDP every rank must run the same modules (media_sync).
-        plans = uniform_media(micro, self._tile_size, self.model.args.vocab_size, self.device) if self.fsdp else [(b, False) for b in micro]
+        plans = (uniform_media(micro, self._tile_size, self.model.args.vocab_size, self.device, self._projector_blank)
+                 if self.fsdp else [(b, False) for b in micro])
         # Normalise by the global number of targets (tokens, or pairs for DPO); the same
         # collective sums the model FLOPs of the step over the replicas.
         flops = step_flops(self.model.args, [s for b in micro for s in step_shape_from_batch(b)], self._flop_groups).total
@@ -143,7 +145,7 @@ class Trainer:
         count = totals[0].float()
         total = torch.zeros((), device=self.device)
         for batch, every_table in plans:
-            with embedding_tables(self.model, every_table):
+            with embedding_tables(self.model, every_table), unattended_images(self.model, self.fsdp and self._projector_blank is not None):
                 # uint8 tiles (data.tile_dtype) are normalised on the device, after the copy.
                 loss_sum = self.objective.loss_sum(batch.to(self.device, non_blocking=True).normalized())
                 # A text-only micro-batch under a frozen decoder touches nothing trainable:
@@ -243,7 +245,8 @@ class Trainer:
                 validating = self.validating and self.step % cfg.eval_every == 0
                 if validating:  # in the same metrics row as this step's training metrics
                     loader = build_eval_loader(cfg, self.tokenizer, self.model.args)
-                    last.update(validate(self.objective, loader, self.device, cfg.eval_max_batches, fsdp=self.fsdp, tile_size=self._tile_size))
+                    last.update(validate(self.objective, loader, self.device, cfg.eval_max_batches, fsdp=self.fsdp, tile_size=self._tile_size,
+                                                projector=self._projector_blank))
                 scoring = bool(self.harness) and (self.step % cfg.eval_harness.every == 0 or self.step == cfg.max_steps)
                 if scoring:
                     last.update(run_harness(self.model, self.tokenizer, self.harness, cfg.eval_harness, self.out, self.step,

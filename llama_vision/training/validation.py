@@ -17,7 +17,7 @@ from llama_vision.data.batch import IGNORE_INDEX
 
 from .data import build_loader
 from .losses import lm_loss_sum
-from .media_sync import blank_batch, embedding_tables, uniform_media
+from .media_sync import blank_batch, embedding_tables, unattended_images, uniform_media
 
 __all__ = ["build_eval_loader", "eval_enabled", "validate"]
 
@@ -43,20 +43,22 @@ def build_eval_loader(cfg, tokenizer, model_args):
 
 
 @torch.no_grad()
-def validate(objective, loader, device: torch.device, max_batches: int = 0, *, fsdp: bool = False, tile_size: int = 0) -> dict:
+def validate(objective, loader, device: torch.device, max_batches: int = 0, *, fsdp: bool = False, tile_size: int = 0,
+             projector: tuple[int, int] | None = None) -> dict:
     """-> {"val_loss", "val_token_accuracy", "val_targets"} over the held-out set.
 
     `objective` is the stage's LMObjective (its `logits(batch)`); the model is put in eval
     mode for the pass and back in train mode after it. fsdp: the DP ranks run the same
     modules batch by batch (media_sync), a rank whose share ran out running target-free
-    blank batches until every rank's has."""
+    blank batches until every rank's has; tile_size / projector: the dummy images'
+    (media_sync.with_dummy_media)."""
     model = objective.model
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, targets
     try:
-        for batch, every_table in _held_out(loader, max_batches, device, fsdp, tile_size, model.args.vocab_size):
+        for batch, every_table in _held_out(loader, max_batches, device, fsdp, tile_size, model.args.vocab_size, projector):
             batch = batch.to(device).normalized()  # uint8 tiles (data.tile_dtype): on the device
-            with embedding_tables(model, every_table):
+            with embedding_tables(model, every_table), unattended_images(model, fsdp and projector is not None):
                 logits = objective.logits(batch).float()
             labels = batch.labels
             mask = labels != IGNORE_INDEX
@@ -70,7 +72,7 @@ def validate(objective, loader, device: torch.device, max_batches: int = 0, *, f
     return {"val_loss": nll / n, "val_token_accuracy": correct / n, "val_targets": int(targets)}
 
 
-def _held_out(loader, max_batches: int, device, fsdp: bool, tile_size: int, vocab_size: int):
+def _held_out(loader, max_batches: int, device, fsdp: bool, tile_size: int, vocab_size: int, projector=None):
     """(batch, read every embedding table) pairs of this rank's share; under FSDP in step
     with the other DP ranks (one small all-reduce per batch)."""
     it, last = iter(loader), None
@@ -85,4 +87,4 @@ def _held_out(loader, max_batches: int, device, fsdp: bool, tile_size: int, voca
             return
         batch = blank_batch(last) if batch is None else batch
         last = batch
-        yield uniform_media([batch], tile_size, vocab_size, device)[0]
+        yield uniform_media([batch], tile_size, vocab_size, device, projector)[0]
