@@ -10,7 +10,7 @@ from torch import nn
 
 from model_parallel import is_linear, tp_broadcast_object, tp_size
 
-from .inputs import pad_rows, prepare_images
+from .inputs import pad_rows, prepare_images, prepare_videos
 from .model.modality import FusedEmbeds
 from .utils.pages import copy_releasing
 
@@ -114,13 +114,20 @@ class Generator:
         seed: int | None = None,
         stop_tokens: list[int] | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        videos: list[list[Any]] | None = None,
     ) -> list[list[int]]:
         """Rows of prompt ids (+ PIL images per row) -> new token ids per row (the stop token
         itself is not returned). stop_tokens=None: the tokenizer's end tokens; []: never stop.
-        on_token(row, id) streams tokens as they are produced."""
+        on_token(row, id) streams tokens as they are produced. videos: per row, its videos
+        (paths or frames) for a LLaVA model's projector video modality, one video
+        placeholder each (llama_vision.inputs.prepare_videos)."""
         # (a projector image modality expands each image's placeholder to its tokens)
         tokens, image_inputs = prepare_images(self.model, tokens, images, device=self.device)
         media_inputs = {"image": image_inputs} if image_inputs is not None else {}
+        if videos is not None:
+            tokens, video_inputs = prepare_videos(self.model, tokens, videos, device=self.device)
+            if video_inputs is not None:
+                media_inputs["video"] = video_inputs
         return self._generate(tokens, media_inputs, max_new_tokens, temperature, top_p, seed, stop_tokens, on_token)
 
     @torch.inference_mode()

@@ -81,3 +81,61 @@ def prepare_images(model, rows: list[list[int]], images: list[list[Any]] | None,
     sizes = stack_aspect_ratios([[size for _, size in row] for row in processed], absent=0)
     dtype = next(model.vision_model.parameters()).dtype
     return expanded, (pixels.to(device=device, dtype=dtype), sizes.to(device))
+
+
+def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None, device=None, num_frames: int | None = None):
+    """Videos per row for the LLaVA projector video modality (llama_vision.model.llava
+    `add_llava_video_modality`) -> (rows with each video placeholder expanded to the video's
+    tokens_per_item, (frames [B, V, F, 3, S, S], frame_counts [B, V]) or None). A video is a
+    file path (decoded, `num_frames` frames sampled uniformly: default the modality's
+    `num_frames`), uint8 frames [F, H, W, 3] (array or tensor, used as they are) or a list
+    of PIL images; every frame is processed like the tower's images
+    (LlavaImageProcessor.for_video_params)."""
+    mod = model.modalities.get("video")
+    if mod is None or mod.fusion != "projector":
+        if videos is not None and any(videos):
+            raise ValueError("this model has no projector video modality (params.json `llava` has no `video` entry)")
+        return rows, None
+    check_media_counts(rows, videos, mod.placeholder_ids, what="video")
+    if videos is None or not any(videos):
+        return rows, None
+    import os
+
+    import numpy as np
+
+    from llama_vision.data.datasets import expand_images
+    from llama_vision.data.llava_images import LlavaImageProcessor
+    from llama_vision.data.video import VideoProcessor, frames_to_pil
+
+    llava = model.args.llava
+    frame = LlavaImageProcessor.for_video_params(llava)
+    n = num_frames or llava["video"].get("num_frames", 8)
+
+    def clip(video) -> torch.Tensor:
+        if isinstance(video, (str, os.PathLike)):
+            out, _, info = VideoProcessor(n, frame.image_size, 1, image_processor=frame)(video)
+            return out[: info.valid, 0]
+        pil = video if isinstance(video, (list, tuple)) else frames_to_pil(
+            video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video))
+        if not pil:
+            raise ValueError("a video needs at least one frame")
+        return torch.cat([frame(im)[0] for im in pil])
+
+    clips = [[clip(v) for v in row] for row in videos]
+    expanded = []
+    for row, items in zip(rows, clips):
+        counts = [mod.tokens_per_item(c.shape[0]) for c in items]
+        ids = [mod.token_id if t in mod.placeholder_ids else t for t in row]
+        out, _, _ = expand_images(ids, [False] * len(ids), counts, mod.token_id, max_seq_len=len(ids) + sum(counts))
+        expanded.append(out)
+    v = max(len(r) for r in clips)
+    f = max(c.shape[0] for r in clips for c in r)
+    side = frame.image_size
+    dtype = next(model.vision_model.parameters()).dtype
+    pixels = torch.zeros(len(rows), v, f, 3, side, side, dtype=dtype)
+    counts = torch.zeros(len(rows), v, dtype=torch.long)
+    for b, items in enumerate(clips):
+        for i, c in enumerate(items):
+            pixels[b, i, : c.shape[0]] = c.to(dtype)
+            counts[b, i] = c.shape[0]
+    return expanded, (pixels.to(device), counts.to(device))

@@ -1,5 +1,5 @@
-"""transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (a Llama
-trunk) -> our model: the trunk without Meta's image modality plus the LLaVA projector
+"""transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration /
+LlavaOnevisionForConditionalGeneration (a Llama trunk) -> our model: the trunk without Meta's image modality plus the LLaVA projector
 modality (llama_vision.model.llava) with a CLIP / SigLIP tower (llama_vision.model.clip_vision).
 
 Keys, in the three layouts LLaVA checkpoints come in (found from the keys):
@@ -15,6 +15,11 @@ LLaVA's `<image>` id (`image_token_index`, a row of its vocabulary) becomes our 
 placeholder (`<|image|>`, a learnable row after the vocabulary): `hf_tokens_to_ours`
 rewrites prompts; the vocabulary row itself stays (the projector's tokens replace it at
 every placeholder either way).
+
+OneVision (`llava_onevision`, import only): NeXT's keys and AnyRes with `anyres_max_N`
+pooling and padded squares for multi-image samples, plus its video path as our projector
+video modality (llama_vision.model.llava.add_llava_video_modality, the same tower /
+projector / image_newline); `video_token_index` becomes the video placeholder.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 from llama_vision.model import build_model
 from llama_vision.model.args import ModelArgs
 from llama_vision.model.clip_vision import ClipVisionConfig, ClipVisionTower
-from llama_vision.model.llava import LlavaConfig, add_llava_modality
+from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig, add_llava_modality, add_llava_video_modality
 
 from .clip_vision import detect_vision_layout, vision_from_hf
 from .meta import CheckpointMismatchError
@@ -49,8 +54,8 @@ def llava_config_from_hf(config: Mapping) -> tuple[dict, ClipVisionConfig, Llava
     from llama_vision.data.anyres import AnyResConfig
 
     model_type = config.get("model_type")
-    if model_type not in ("llava", "llava_next"):
-        raise ValueError(f"model_type {model_type!r}: expected 'llava' or 'llava_next'")
+    if model_type not in ("llava", "llava_next", "llava_onevision"):
+        raise ValueError(f"model_type {model_type!r}: expected 'llava', 'llava_next' or 'llava_onevision'")
     text = dict(config.get("text_config") or {})
     params = text_params_from_hf_config(text, "config.json text_config")
     params["vision_num_cross_attention_layers"] = 0
@@ -67,9 +72,22 @@ def llava_config_from_hf(config: Mapping) -> tuple[dict, ClipVisionConfig, Llava
         pinpoints = config.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
         anyres = AnyResConfig(grid_pinpoints=tuple(tuple(p) for p in pinpoints), crop_size=tower.image_size,
                               patches_per_side=tower.grid)
+    elif model_type == "llava_onevision":
+        ratio = str(config.get("vision_aspect_ratio", "anyres_max_9"))
+        if not ratio.startswith("anyres_max_") or not ratio[len("anyres_max_"):].isdigit():
+            raise ValueError(f"vision_aspect_ratio {ratio!r}: only 'anyres_max_N' is supported")
+        pinpoints = config.get("image_grid_pinpoints") or [[384 * h, 384 * w] for w in range(1, 7) for h in range(1, 7)]
+        mean = (0.5, 0.5, 0.5) if tower.kind == "siglip" else None
+        anyres = AnyResConfig(grid_pinpoints=tuple(tuple(p) for p in pinpoints), crop_size=tower.image_size,
+                              patches_per_side=tower.grid, anyres_max=int(ratio[len("anyres_max_"):]),
+                              square_for_multi_image=True, **({"image_mean": mean, "image_std": mean} if mean else {}))
     image = config.get("image_token_index", config.get("image_token_id", 32000))
-    return params, tower, LlavaConfig(projector=_ACTS[act], anyres=anyres, image_newline=model_type == "llava_next",
+    return params, tower, LlavaConfig(projector=_ACTS[act], anyres=anyres, image_newline=model_type != "llava",
                                       hf_image_token_index=int(image))
+
+
+def _hf_video_token(config: Mapping) -> int:
+    return int(config.get("video_token_index", config.get("video_token_id", 151647)))
 
 
 def _layout(state: Mapping[str, Tensor]) -> tuple[str, str, str, str]:
@@ -106,6 +124,8 @@ def llava_from_hf(state_dict: Mapping[str, Tensor], config: Mapping, *, dtype: t
     with torch.device("meta"):  # shapes only: every tensor comes from the checkpoint
         model = build_model(params, dtype=dtype, init=False)
         add_llava_modality(model, ClipVisionTower(tower_cfg).to(dtype), tower_cfg.width, llava_cfg)
+        if config.get("model_type") == "llava_onevision":  # its video path: the same tower / projector
+            add_llava_video_modality(model, LlavaVideoConfig(hf_video_token_index=_hf_video_token(config)))
     if any(True for _ in model.buffers()):
         raise RuntimeError("the LLaVA model has buffers the checkpoint does not hold")
     model = model.to_empty(device="cpu")
@@ -117,6 +137,8 @@ def llava_from_hf(state_dict: Mapping[str, Tensor], config: Mapping, *, dtype: t
     # Rows past the vocabulary (our placeholders): LLaVA has none. A LLaVA prompt never reads
     # them (the projector's tokens replace every image placeholder): zeros.
     state["text_model.learnable_embedding.weight"] = torch.zeros_like(model.text_model.learnable_embedding.weight, device="cpu")
+    for name, row in model.text_model.placeholder_embeddings.named_parameters():  # (OneVision's video row: likewise)
+        state[f"text_model.placeholder_embeddings.{name}"] = torch.zeros_like(row, device="cpu")
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
@@ -129,10 +151,14 @@ def llava_from_hf(state_dict: Mapping[str, Tensor], config: Mapping, *, dtype: t
 
 
 def hf_tokens_to_ours(ids: Tensor, config: Mapping, model) -> Tensor:
-    """An HF LLaVA prompt (image_token_index at every image token) -> our ids (the
-    modality's placeholder there)."""
+    """An HF LLaVA prompt (image_token_index at every image token; OneVision:
+    video_token_index at every video token) -> our ids (the modalities' placeholders)."""
     image = int(config.get("image_token_index", config.get("image_token_id", 32000)))
-    return ids.masked_fill(ids == image, model.modalities["image"].token_id)
+    out = ids.masked_fill(ids == image, model.modalities["image"].token_id)
+    video = model.modalities.get("video")
+    if config.get("model_type") == "llava_onevision" and video is not None and video.fusion == "projector":
+        out = out.masked_fill(ids == _hf_video_token(config), video.token_id)
+    return out
 
 
 def llava_to_hf(model, *, image_token_index: int | None = None) -> tuple[dict[str, Tensor], dict]:

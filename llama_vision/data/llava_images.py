@@ -7,7 +7,8 @@ the datasets use for Meta's tiler (`ImageProcessor`):
 
 Without AnyRes an image is one S x S crop, LLaVA-1.5's way: `square="pad"` pads it to a
 square with the mean colour first (LLaVA's `expand2square`, what its training used),
-`"crop"` resizes the short side to S and centre-crops (transformers' CLIPImageProcessor);
+`"crop"` resizes the short side to S and centre-crops (transformers' CLIPImageProcessor),
+`"resize"` resizes to S x S as it is (OneVision's video frames: `for_video_params`);
 then bicubic to S x S and CLIP / SigLIP normalisation. With AnyRes: the overview and the
 grid crops of llama_vision.data.anyres (equal to transformers' PIL processors).
 
@@ -36,8 +37,9 @@ class LlavaImageProcessor:
     def __init__(self, image_size: int, num_tokens: int, *, anyres: AnyResConfig | None = None,
                  image_newline: bool = False, square: str = "pad",
                  image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD):
-        if square not in ("pad", "crop"):
-            raise ValueError(f"square must be 'pad' (LLaVA's expand2square) or 'crop' (resize + centre crop), got {square!r}")
+        if square not in ("pad", "crop", "resize"):
+            raise ValueError(f"square must be 'pad' (LLaVA's expand2square), 'crop' (resize + centre crop) or 'resize' "
+                             f"(to S x S as it is), got {square!r}")
         if anyres is not None and anyres.crop_size != image_size:
             raise ValueError(f"AnyRes crop_size {anyres.crop_size} != the tower's image size {image_size}")
         self.image_size, self.num_tokens, self.anyres = image_size, num_tokens, anyres
@@ -61,6 +63,21 @@ class LlavaImageProcessor:
         return cls(tower.image_size, tower.num_tokens, anyres=config.anyres, image_newline=config.image_newline,
                    image_mean=mean, image_std=std, **kw)
 
+    @classmethod
+    def for_video_params(cls, llava: dict) -> "LlavaImageProcessor":
+        """The per-frame processor of the projector video modality (`llava: {video: ...}`):
+        one S x S crop per frame, resized as it is (no AnyRes, no padding: OneVision's video
+        processor), the tower's normalisation (SigLIP: 0.5, else CLIP's; AnyRes' if set)."""
+        from llama_vision.model.llava import LlavaConfig
+
+        config, tower = LlavaConfig.from_params(llava)
+        siglip = (0.5, 0.5, 0.5)
+        if config.anyres is not None:
+            mean, std = config.anyres.image_mean, config.anyres.image_std
+        else:
+            mean, std = (siglip, siglip) if tower.kind == "siglip" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return cls(tower.image_size, tower.num_tokens, square="resize", image_mean=mean, image_std=std)
+
     def tokens_per_item(self, image_size: Sequence[int]) -> int:
         if self.anyres is None:
             return self.num_tokens
@@ -79,7 +96,7 @@ class LlavaImageProcessor:
             canvas = Image.new("RGB", (max(height, width),) * 2, tuple(int(round(m * 255)) for m in self.mean))
             canvas.paste(pil, ((max(height, width) - width) // 2, (max(height, width) - height) // 2))
             pil = canvas
-        else:
+        elif self.square == "crop":
             scale = side / min(height, width)
             pil = pil.resize((max(side, round(width * scale)), max(side, round(height * scale))), Image.BICUBIC)
             left, top = (pil.width - side) // 2, (pil.height - side) // 2

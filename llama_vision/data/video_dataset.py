@@ -4,9 +4,16 @@ the clip decoded by decord, uniformly sampled and tiled per frame.
 
 Corrupt, zero-byte, audio-only or missing files are skipped and counted (``bad_video`` /
 ``missing_video``) like bad images; training never stops on them.
+
+For a LLaVA model with the projector video modality (params ``llava: {video: ...}``:
+llama_vision.model.llava.add_llava_video_modality) the frames are one S x S crop each,
+resized / normalised like the tower's images (``LlavaImageProcessor.for_video_params``),
+the ``<|video|>`` placeholder is expanded to the video's ``tokens_per_item`` and batches are
+:class:`ProjectorVideoBatch` (``media_inputs() == {"video": (frames, frame_counts)}``).
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -17,7 +24,7 @@ import torch
 
 from .batch import Batch
 from .collate import collate_examples
-from .datasets import EMPTY_TEXT, ExampleDataset, SkipSample, shifted_labels
+from .datasets import EMPTY_LABELS, EMPTY_TEXT, ExampleDataset, SkipSample, shifted_labels
 from .sources import Record, WebDatasetSource, _JsonlSource
 from .tiling import CLIP_MEAN, CLIP_STD, ImageProcessor, normalize_tiles
 from .video import VideoLoadError, VideoProcessor
@@ -93,13 +100,56 @@ def collate_video_examples(examples: Sequence[dict], pad_id: int, max_num_tiles:
     return VideoBatch(**base.__dict__, videos=videos, video_aspect_ratios=ratios, video_frames=frames)
 
 
+@dataclass
+class ProjectorVideoBatch(Batch):
+    """A Batch plus the projector video modality's inputs: frames [B, V, F, 3, S, S]
+    (float32; padded frames and absent videos exact zeros) and valid frame counts [B, V]
+    (0: no video). (Fields named apart from VideoBatch's: Meta's video FLOP counting and
+    media padding do not apply to it.)"""
+
+    frames: torch.Tensor | None = None
+    frame_counts: torch.Tensor | None = None
+
+    def media_inputs(self) -> dict:
+        return {} if self.frames is None else {"video": (self.frames, self.frame_counts)}
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor | None = None) -> "ProjectorVideoBatch":
+        move = (lambda t: None if t is None else fn(t))  # noqa: E731
+        return replace(super()._map(fn, images), frames=move(self.frames), frame_counts=move(self.frame_counts))
+
+
+def collate_projector_video_examples(examples: Sequence[dict], pad_id: int, image_token_id: int) -> ProjectorVideoBatch:
+    """Examples whose videos are [F, 3, S, S] clips (the projector path) -> ProjectorVideoBatch."""
+    base = collate_examples(examples, pad_id, 1, image_token_id)
+    per_row = [ex["videos"] for ex in examples]
+    if not any(per_row):
+        return ProjectorVideoBatch(**base.__dict__)
+    first = next(x for r in per_row for x in r)
+    v = max(len(r) for r in per_row)
+    frames = torch.zeros(len(examples), v, *first.shape, dtype=first.dtype)
+    counts = torch.zeros(len(examples), v, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        for i, (clip, n) in enumerate(zip(ex["videos"], ex["video_frames"])):
+            frames[b, i, :n] = clip[:n]
+            counts[b, i] = n
+    return ProjectorVideoBatch(**base.__dict__, frames=frames, frame_counts=counts)
+
+
 class VideoCaptionDataset(ExampleDataset):
-    def __init__(self, source, tokenizer, processor: VideoProcessor, video_token_id: int, **kwargs):
+    """tokens_per_video(frames) (the projector video modality's `tokens_per_item`): each
+    `<|video|>` expanded to that many placeholders and clips [F, 3, S, S] (one crop per
+    frame); None: Meta's video modality (one placeholder per video, tiled frames)."""
+
+    def __init__(self, source, tokenizer, processor: VideoProcessor, video_token_id: int,
+                 tokens_per_video: Callable[[int], int] | None = None, **kwargs):
         super().__init__(source, tokenizer, processor.image_processor, **kwargs)
         self.video_processor = processor
         self.video_token_id = video_token_id
+        self.tokens_per_video = tokens_per_video
 
     def collate_fn(self):
+        if self.tokens_per_video is not None:
+            return partial(collate_projector_video_examples, pad_id=self.tokenizer.pad_id, image_token_id=self.image_token_id)
         return partial(collate_video_examples, pad_id=self.tokenizer.pad_id,
                        max_num_tiles=self.video_processor.max_num_tiles, image_token_id=self.image_token_id)
 
@@ -138,6 +188,8 @@ class VideoCaptionDataset(ExampleDataset):
         tok = self.tokenizer
         videos = record.fields.get("videos") or []
         caption = tok.encode(text.strip(), bos=False, eos=False)
+        if self.tokens_per_video is not None:
+            return self._projector_example(record, videos, caption)
         prefix = [self.video_token_id] * len(videos) + [tok.bos_id]
         tokens = (prefix + caption + [tok.eos_id])[: self.max_seq_len]
         labels = shifted_labels(tokens, ([False] * len(prefix) + [True] * (len(caption) + 1))[: len(tokens)])
@@ -146,12 +198,51 @@ class VideoCaptionDataset(ExampleDataset):
                 "videos": clips, "video_ratios": ratios, "video_frames": frames}
 
 
+    def _projector_example(self, record: Record, videos: list, caption: list[int]) -> dict:
+        tok = self.tokenizer
+        clips, _, frames = self.load_videos(videos)
+        prefix = [self.video_token_id] * sum(self.tokens_per_video(n) for n in frames) + [tok.bos_id]
+        if len(prefix) >= self.max_seq_len:  # a video's tokens are all or none: nothing left to learn
+            raise SkipSample(EMPTY_LABELS, f"the videos take {len(prefix) - 1} tokens, max_seq_len is {self.max_seq_len}")
+        tokens = (prefix + caption + [tok.eos_id])[: self.max_seq_len]
+        labels = shifted_labels(tokens, ([False] * len(prefix) + [True] * (len(caption) + 1))[: len(tokens)])
+        return {"key": record.key, "tokens": tokens, "labels": labels, "images": [], "aspect_ratios": [],
+                "videos": [c[:, 0] for c in clips], "video_ratios": [(1, 1)] * len(clips), "video_frames": frames}
+
+
+def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, dp_size: int, loop: bool):
+    """The projector video modality's dataset (module docstring)."""
+    from llama_vision.data.llava_images import LlavaImageProcessor
+    from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig
+
+    data, llava = cfg.data, model_args.llava
+    if data.tile_dtype != "float32":
+        raise ValueError("data.tile_dtype: uint8 is Meta's tiler's; the LLaVA video modality's frames are float32")
+    video = LlavaVideoConfig(**llava["video"])
+    _, tower = LlavaConfig.from_params(llava)
+    frame = LlavaImageProcessor.for_video_params(llava)
+    side = math.ceil(math.isqrt(tower.num_tokens) / 2)
+    newline = 1 if llava.get("image_newline") else 0
+    processor = VideoProcessor(num_frames=cfg.video.num_frames, tile_size=tower.image_size, max_num_tiles=1,
+                               image_processor=frame)
+    token_id = video.token_id if video.token_id is not None else model_args.vocab_size + 1
+    return VideoCaptionDataset(
+        source, tokenizer, processor, video_token_id=token_id, tokens_per_video=lambda n: n * side * side + newline,
+        max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
+        shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop, block_size=cfg.micro_batch_size,
+        split=data.split,
+    )
+
+
 def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool = True) -> VideoCaptionDataset:
     data, v = cfg.data, cfg.video
+    source = WebDatasetSource(data.paths) if data.kind == "video_wds" else JsonlVideoSource(data.paths, data.image_root)
+    llava = getattr(model_args, "llava", None)
+    if llava is not None and llava.get("video") is not None:
+        return _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank, dp_size, loop)
     tile_size = data.tile_size or model_args.vision_chunk_size
     processor = VideoProcessor(num_frames=v.num_frames, tile_size=tile_size, max_num_tiles=v.tiles_per_frame,
                                image_processor=ImageProcessor(tile_size, v.tiles_per_frame, output=data.tile_dtype))
-    source = WebDatasetSource(data.paths) if data.kind == "video_wds" else JsonlVideoSource(data.paths, data.image_root)
     return VideoCaptionDataset(
         source, tokenizer, processor,
         video_token_id=model_args.vocab_size + 1,

@@ -25,9 +25,15 @@ row N image slots, each with C crops (1 without AnyRes; AnyRes: the overview fir
 row-major crops, unused crops zero), image_sizes (height, width) of the original image,
 (0, 0) for an empty slot. The tower and projector run once over every real crop of the
 batch.
+
+Video, LLaVA-OneVision's way (`add_llava_video_modality`, docs/llava.md "Video"): a second
+projector modality "video" encoded by the same tower / projector / image_newline
+(`LlavaVisionModel.forward(frames, frame_counts=...)`): each frame's token grid pooled
+bilinearly to half its side, a video's frames concatenated, one image_newline after them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +42,8 @@ from torch import nn
 
 from .modality import MediaTokens, Modality
 
-__all__ = ["LlavaConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params", "add_llava_modality"]
+__all__ = ["LlavaConfig", "LlavaVideoConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params",
+           "add_llava_modality", "add_llava_video_modality", "pool_video_tokens"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 
@@ -105,7 +112,7 @@ class LlavaConfig:
         from .clip_vision import ClipVisionConfig
 
         unknown = sorted(set(params) - {"tower", "projector", "anyres", "image_newline", "name", "token_id",
-                                        "hf_image_token_index"})
+                                        "hf_image_token_index", "video"})  # (video: LlavaVideoConfig's)
         if unknown or "tower" not in params:
             raise ValueError(f"params `llava`: unknown keys {unknown}" if unknown else "params `llava` needs `tower`")
         anyres = params.get("anyres")
@@ -148,7 +155,20 @@ class LlavaVisionModel(nn.Module):
             raise ValueError("AnyRes: the number of an image's tokens depends on its size: pass image_size=(h, w)")
         return anyres.num_image_tokens(image_size, image_newline=self.image_newline is not None)
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> MediaTokens:
+    def video_tokens_per_item(self, frames: int) -> int:
+        """Placeholders one video of `frames` frames takes (OneVision's layout):
+        frames * ceil(g/2)^2 pooled tokens, + 1 for the image_newline when the model has one."""
+        side = math.ceil(_grid_side(self.vision_encoder.num_tokens) / 2)
+        return int(frames) * side * side + (1 if self.image_newline is not None else 0)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, *,
+                frame_counts: torch.Tensor | None = None) -> MediaTokens:
+        """Images: (pixel_values [B, N, C, 3, H, W], image_sizes [B, N, 2]). Videos (the
+        projector video modality, `add_llava_video_modality`): (frames [B, V, F, 3, H, W],
+        frame_counts=[B, V]) -> MediaTokens [B, V, T, D] (one forward, so a wrapper's hooks
+        on this module run for either)."""
+        if frame_counts is not None:
+            return self._forward_video(pixel_values, frame_counts)
         from llama_vision.data.anyres import num_anyres_crops, pack_anyres_features
 
         if pixel_values.dim() != 6 or image_sizes.shape != pixel_values.shape[:2] + (2,):
@@ -183,6 +203,88 @@ class LlavaVisionModel(nn.Module):
             out[row, i, : t.shape[0]] = t
             valid[row, i, : t.shape[0]] = True
         return MediaTokens(out, valid)
+
+
+    def _forward_video(self, frames: torch.Tensor, frame_counts: torch.Tensor) -> MediaTokens:
+        """LLaVA-OneVision's `get_video_features`: every real frame through the tower and the
+        projector (as one batch), each frame's g x g grid bilinearly pooled to ceil(g/2)^2
+        tokens, a video's frames concatenated, then one image_newline (if the model has it)."""
+        if frames.dim() != 6 or tuple(frame_counts.shape) != tuple(frames.shape[:2]):
+            raise ValueError(f"expected frames [B, V, F, 3, H, W] and frame_counts [B, V], got {list(frames.shape)} "
+                             f"and {list(frame_counts.shape)}")
+        b, v, f = frames.shape[:3]
+        counts = frame_counts.tolist()
+        slots = [(row, i, int(counts[row][i])) for row in range(b) for i in range(v) if counts[row][i] > 0]
+        for row, i, c in slots:
+            if c > f:
+                raise ValueError(f"video ({row}, {i}) has {c} frames but only {f} frame slots were given")
+        dim = self.projector.linear_1.out_features
+        if not slots:
+            empty = frames.new_zeros(b, v, 0, dim)
+            return MediaTokens(empty, torch.zeros(b, v, 0, dtype=torch.bool, device=frames.device))
+        batch = torch.cat([frames[row, i, :c] for row, i, c in slots])  # [M, 3, H, W]: real frames only
+        tokens = pool_video_tokens(self.projector(self.vision_encoder(batch)))  # [M, p*p, D]
+        items = []
+        for t in tokens.split([c for _, _, c in slots]):
+            t = t.reshape(-1, dim)
+            if self.image_newline is not None:
+                t = torch.cat([t, self.image_newline[None].to(t.dtype)])
+            items.append(t)
+        longest = max(t.shape[0] for t in items)
+        out = tokens.new_zeros(b, v, longest, dim)
+        valid = torch.zeros(b, v, longest, dtype=torch.bool, device=tokens.device)
+        for (row, i, _), t in zip(slots, items):
+            out[row, i, : t.shape[0]] = t
+            valid[row, i, : t.shape[0]] = True
+        return MediaTokens(out, valid)
+
+
+def _grid_side(num_tokens: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"video pooling needs a square token grid per frame, the tower gives {num_tokens} tokens")
+    return side
+
+
+def pool_video_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """[M, g*g, D] per-frame tokens -> [M, ceil(g/2)^2, D]: OneVision's `apply_pooling`
+    (bilinear interpolation of the grid, align_corners=False)."""
+    m, n, d = tokens.shape
+    g = _grid_side(n)
+    grid = tokens.view(m, g, g, d).permute(0, 3, 1, 2).contiguous()
+    side = math.ceil(g / 2)
+    pooled = nn.functional.interpolate(grid, size=[side, side], mode="bilinear")
+    return pooled.permute(0, 2, 3, 1).reshape(m, side * side, d)
+
+
+VIDEO_POOLS = ("bilinear2x",)
+
+
+@dataclass
+class LlavaVideoConfig:
+    """The projector video modality (LLaVA-OneVision's video path) of a LLaVA model: it
+    reuses the image modality's tower, projector and image_newline (the same modules)."""
+
+    pool: str = "bilinear2x"
+    """Per-frame token pooling: `bilinear2x` (OneVision: g x g -> ceil(g/2) x ceil(g/2))."""
+    num_frames: int = 8
+    """Frames the input side samples uniformly per video (data, generation)."""
+    name: str = "video"
+    token_id: int | None = None
+    """Its placeholder (a learnable row): default vocab_size + 1 (Meta's <|video|> row) if
+    free, else the first free learnable row."""
+    hf_video_token_index: int | None = None
+    """The `<video>` id of the transformers OneVision model this was imported from."""
+
+    def __post_init__(self) -> None:
+        if self.pool not in VIDEO_POOLS:
+            raise ValueError(f"video pool must be one of {VIDEO_POOLS}, got {self.pool!r}")
+        if self.num_frames < 1:
+            raise ValueError(f"video num_frames must be >= 1, got {self.num_frames}")
+
+    def to_params(self) -> dict:
+        return {"pool": self.pool, "num_frames": self.num_frames, "name": self.name, "token_id": self.token_id,
+                "hf_video_token_index": self.hf_video_token_index}
 
 
 def add_llava_modality(model, tower: nn.Module, tower_dim: int, config: LlavaConfig | None = None) -> Modality:
@@ -224,4 +326,39 @@ def add_llava_from_params(model, params: dict) -> Modality:
     from .clip_vision import ClipVisionTower
 
     config, tower_config = LlavaConfig.from_params(params)
-    return add_llava_modality(model, ClipVisionTower(tower_config), tower_config.width, config)
+    modality = add_llava_modality(model, ClipVisionTower(tower_config), tower_config.width, config)
+    if params.get("video") is not None:
+        add_llava_video_modality(model, LlavaVideoConfig(**params["video"]))
+    return modality
+
+
+def add_llava_video_modality(model, config: LlavaVideoConfig | None = None) -> Modality:
+    """Give a LLaVA model (its projector image modality at `model.vision_model`) the
+    projector video modality: inputs `(frames [B, V, F, 3, H, W], frame_counts [B, V])`
+    (absent videos / frames zero, count 0), `tokens_per_item(frames)` placeholders per
+    video. The image modality's tower, projector and image_newline encode it (they train
+    as "vision" / "adapters"); it has no parameters of its own (its placeholder needs no
+    input row: the video's tokens replace every placeholder). Saved in params.json as
+    `llava: {video: {...}}`."""
+    config = config or LlavaVideoConfig()
+    vision = model.vision_model
+    image = model.modalities.get("image")
+    if not isinstance(vision, LlavaVisionModel) or image is None or image.fusion != "projector":
+        raise ValueError("the projector video modality needs a LLaVA model (the projector image modality at vision_model)")
+    _grid_side(vision.vision_encoder.num_tokens)
+    args = model.args
+    taken = {m.token_id for m in model.modalities.values()}
+    if config.token_id is not None:
+        token_id = config.token_id
+    else:
+        free = [t for t in range(args.vocab_size, args.vocab_size + args.n_learnable_embeddings) if t not in taken]
+        if not free:
+            raise ValueError("no free learnable row for the video placeholder (raise n_learnable_embeddings)")
+        token_id = args.vocab_size + 1 if args.vocab_size + 1 in free else free[0]
+    modality = model.add_modality(
+        config.name, token_id=token_id, encode=lambda inputs: vision(inputs[0], frame_counts=inputs[1]), layers=[],
+        own_placeholder=False, fusion="projector", tokens_per_item=vision.video_tokens_per_item,
+    )
+    if args.llava is not None:
+        args.llava = {**args.llava, "video": {**config.to_params(), "token_id": token_id}}
+    return modality

@@ -162,7 +162,8 @@ def _load_lazily(model, cfg: TrainConfig) -> None:
     for m in video_modules:
         name = next(n for n, mod in model.named_modules() if mod is m)
         init_weights(m, seed=0, prefix=name + ".")
-    placeholder = model.text_model.placeholder_embeddings["video"] if video else None
+    # (Meta's video modality has a placeholder row; a LLaVA model's projector video has none)
+    placeholder = model.text_model.placeholder_embeddings["video"] if video and "video" in model.text_model.placeholder_embeddings else None
     if placeholder is not None and not placeholder.weight.is_meta:
         # add_modality starts it as the freshly initialised learnable table's row.
         table = model.text_model.learnable_embedding
