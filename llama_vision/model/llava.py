@@ -196,14 +196,7 @@ class LlavaVisionModel(nn.Module):
         else:
             items = [pack_anyres_features(t, size, anyres.grid_pinpoints, anyres.crop_size, self.image_newline,
                                           anyres.anyres_max) for t, (_, _, size) in zip(per_image, slots)]
-        longest = max(t.shape[0] for t in items)
-        out = tokens.new_zeros(b, n, longest, dim)
-        valid = torch.zeros(b, n, longest, dtype=torch.bool, device=tokens.device)
-        for (row, i, _), t in zip(slots, items):
-            out[row, i, : t.shape[0]] = t
-            valid[row, i, : t.shape[0]] = True
-        return MediaTokens(out, valid)
-
+        return _padded(items, [(row, i) for row, i, _ in slots], b, n)
 
     def _forward_video(self, frames: torch.Tensor, frame_counts: torch.Tensor) -> MediaTokens:
         """LLaVA-OneVision's `get_video_features`: every real frame through the tower and the
@@ -230,13 +223,20 @@ class LlavaVisionModel(nn.Module):
             if self.image_newline is not None:
                 t = torch.cat([t, self.image_newline[None].to(t.dtype)])
             items.append(t)
-        longest = max(t.shape[0] for t in items)
-        out = tokens.new_zeros(b, v, longest, dim)
-        valid = torch.zeros(b, v, longest, dtype=torch.bool, device=tokens.device)
-        for (row, i, _), t in zip(slots, items):
-            out[row, i, : t.shape[0]] = t
-            valid[row, i, : t.shape[0]] = True
-        return MediaTokens(out, valid)
+        return _padded(items, [(row, i) for row, i, _ in slots], b, v)
+
+
+def _padded(items: list[torch.Tensor], places: list[tuple[int, int]], b: int, n: int) -> MediaTokens:
+    """Each item's tokens [L_k, D] at its (row, slot) of zero-padded MediaTokens [B, N, max L_k, D]
+    (`valid` marks each item's own)."""
+    longest = max(t.shape[0] for t in items)
+    ref = items[0]
+    out = ref.new_zeros(b, n, longest, ref.shape[-1])
+    valid = torch.zeros(b, n, longest, dtype=torch.bool, device=ref.device)
+    for (row, i), t in zip(places, items):
+        out[row, i, : t.shape[0]] = t
+        valid[row, i, : t.shape[0]] = True
+    return MediaTokens(out, valid)
 
 
 def _grid_side(num_tokens: int) -> int:
