@@ -319,3 +319,21 @@ def test_video_wds_shards_feed_the_projector_path(video_run):
     assert isinstance(batch, ProjectorVideoBatch) and batch.frames.shape == (2, 1, 4, 3, 28, 28)
     assert ((batch.tokens == video.token_id).sum(1) == video.tokens_per_item(4)).all()
     assert ds.skipped() == {"bad_video": 1}
+
+
+def test_memory_plan_sizes_the_frames_through_the_tower(video_run):
+    """tools/plan_memory on a projector video stage: every frame is one crop through the
+    image tower (the planner's video shape is Meta's otherwise)."""
+    from llama_vision.training.memory_plan import plan_memory
+
+    trainer = video_run["trainer"]
+    plan = plan_memory(trainer.cfg, gpus=1, device="cpu", model=trainer.model)
+    b = plan.batch
+    assert b.video is None and b.tower is not None
+    assert (b.images, b.images_per_row, b.tiles, b.tower.crops, b.tower.tokens_per_image) == (16, 4, 1, 1, 4)
+    import dataclasses
+
+    cfg = trainer.cfg
+    half = plan_memory(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, num_frames=2)), gpus=1, device="cpu",
+                       model=trainer.model)
+    assert plan.activation_parts["vision"] == 2 * half.activation_parts["vision"] > 0  # the tower's share: per frame

@@ -389,6 +389,14 @@ def batch_shape(cfg: TrainConfig, model: nn.Module, images_per_sample: int = 1) 
     if cfg.data.kind in ("video_jsonl", "video_wds"):
         if "video" not in model.modalities:
             raise ValueError(f"data.kind {cfg.data.kind} needs a video stage (stage {cfg.stage} builds no video modality)")
+        tower = llava_tower_shape(model)
+        if model.modalities["video"].fusion == "projector" and tower is not None:
+            # LLaVA-OneVision: every frame is one crop through the image tower, its g x g
+            # features pooled to ceil(g/2)^2 tokens (the pooling's own buffers not counted)
+            frames, side = cfg.video.num_frames, -(-math.isqrt(tower.features) // 2)
+            frame = dataclasses.replace(tower, crops=1, tokens_per_image=side * side)
+            return BatchShape(rows, seq, images=rows * frames, images_per_row=frames, tiles=1, kv_rows=rows,
+                              packed=packed, tower=frame)
         vc = model.modalities["video"].encode.cfg
         v = cfg.video
         video = VideoShape(rows, v.num_frames, v.tiles_per_frame, vc.frames_per_group, vc.n_latents, vc.depth,
