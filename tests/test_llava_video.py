@@ -337,3 +337,24 @@ def test_memory_plan_sizes_the_frames_through_the_tower(video_run):
     half = plan_memory(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, num_frames=2)), gpus=1, device="cpu",
                        model=trainer.model)
     assert plan.activation_parts["vision"] == 2 * half.activation_parts["vision"] > 0  # the tower's share: per frame
+
+
+@torch.no_grad()
+def test_export_to_onevision_round_trips_through_from_pretrained(pair, tmp_path):
+    """ours (imported from OneVision) -> save_llava_hf -> LlavaOnevisionForConditionalGeneration
+    .from_pretrained: the same logits as the original transformers model on a video prompt
+    and an image prompt (AnyRes-Max, image_newline)."""
+    from llama_vision.checkpoint.llava_hf import save_llava_hf
+
+    hf, ours, cfg = pair
+    save_llava_hf(ours, tmp_path / "ov")
+    assert json.loads((tmp_path / "ov" / "config.json").read_text())["model_type"] == "llava_onevision"
+    back = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "ov").eval()
+    ids = torch.tensor([[1, 5] + _video_ids() + [9, 33]])
+    clip = _video(6)
+    torch.testing.assert_close(back(input_ids=ids, pixel_values_videos=clip[None]).logits,
+                               hf(input_ids=ids, pixel_values_videos=clip[None]).logits, atol=1e-5, rtol=0)
+    state, ref = back.state_dict(), hf.state_dict()
+    assert state.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(state[k], ref[k], atol=0, rtol=0, msg=k)

@@ -16,7 +16,7 @@ placeholder (`<|image|>`, a learnable row after the vocabulary): `hf_tokens_to_o
 rewrites prompts; the vocabulary row itself stays (the projector's tokens replace it at
 every placeholder either way).
 
-OneVision (`llava_onevision`, import only): NeXT's keys and AnyRes with `anyres_max_N`
+OneVision (`llava_onevision`, import and export): NeXT's keys and AnyRes with `anyres_max_N`
 pooling and padded squares for multi-image samples, plus its video path as our projector
 video modality (llama_vision.model.llava.add_llava_video_modality, the same tower /
 projector / image_newline); `video_token_index` becomes the video placeholder.
@@ -161,13 +161,16 @@ def hf_tokens_to_ours(ids: Tensor, config: Mapping, model) -> Tensor:
     return out
 
 
-def llava_to_hf(model, *, image_token_index: int | None = None) -> tuple[dict[str, Tensor], dict]:
+def llava_to_hf(model, *, image_token_index: int | None = None,
+                video_token_index: int | None = None) -> tuple[dict[str, Tensor], dict]:
     """Our LLaVA model (the projector image modality on a trunk without Meta's) -> (state
     dict in LLaVA's file layout, config.json dict) for transformers'
-    LlavaForConditionalGeneration (LlavaNext... with AnyRes). image_token_index: the
-    vocabulary row that stands for `<image>` in HF prompts (default: the one the model was
-    imported with; a model trained here names one, e.g. a reserved special token of Llama
-    3's tokenizer: its embedding row is never read, the projector's tokens replace it)."""
+    LlavaForConditionalGeneration (LlavaNext... with AnyRes; LlavaOnevision... with
+    AnyRes-Max, the projector video modality riding along). image_token_index /
+    video_token_index: the vocabulary rows that stand for `<image>` / `<video>` in HF
+    prompts (default: the ones the model was imported with; a model trained here names
+    them, e.g. reserved special tokens of Llama 3's tokenizer: their embedding rows are
+    never read, the projector's tokens replace them)."""
     from llama_vision.model.clip_vision import ClipVisionConfig
 
     from .clip_vision import vision_to_hf
@@ -181,12 +184,21 @@ def llava_to_hf(model, *, image_token_index: int | None = None) -> tuple[dict[st
     config, tower = vision.config, ClipVisionConfig(**params["tower"])
     if config.projector != "mlp2x_gelu":
         raise ValueError(f"projector {config.projector!r}: transformers' LLaVA projector is mlp2x_gelu (Linear, GELU, Linear)")
-    if config.anyres is not None and config.anyres.anyres_max is not None:
-        raise ValueError("AnyRes-Max pooling (OneVision) has no LlavaNextForConditionalGeneration counterpart")
+    onevision = config.anyres is not None and config.anyres.anyres_max is not None
+    video = model.modalities.get("video")
+    if video is not None and video.fusion == "projector" and not onevision:
+        raise ValueError("a projector video modality exports as LLaVA-OneVision, which needs AnyRes with anyres_max")
     image = image_token_index if image_token_index is not None else config.hf_image_token_index
     if image is None or not 0 <= image < model.args.vocab_size:
         raise ValueError(f"image_token_index {image}: name a row of the {model.args.vocab_size}-token vocabulary for "
                          f"<image> (e.g. a reserved special token)")
+    video_index = None
+    if onevision:
+        video_index = video_token_index if video_token_index is not None else (params.get("video") or {}).get(
+            "hf_video_token_index")
+        if video_index is None or not 0 <= video_index < model.args.vocab_size or video_index == image:
+            raise ValueError(f"video_token_index {video_index}: OneVision needs a row of the {model.args.vocab_size}-token "
+                             f"vocabulary for <video>, not <image>'s {image} (e.g. a reserved special token)")
     state = model.state_dict()
     text = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.") and "learnable" not in k}
     out = {}
@@ -201,9 +213,12 @@ def llava_to_hf(model, *, image_token_index: int | None = None) -> tuple[dict[st
     if config.image_newline:
         out["image_newline"] = state["vision_model.image_newline"]
     next_ = config.anyres is not None
+    kind = "llava_onevision" if onevision else "llava_next" if next_ else "llava"
     hf_config = {
-        "model_type": "llava_next" if next_ else "llava",
-        "architectures": ["LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"],
+        "model_type": kind,
+        "architectures": [{"llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                           "llava_next": "LlavaNextForConditionalGeneration",
+                           "llava": "LlavaForConditionalGeneration"}[kind]],
         "text_config": llama_hf_config_from_args(model.args),
         "vision_config": tower.to_hf_config(),
         "image_token_index": int(image),
@@ -213,14 +228,18 @@ def llava_to_hf(model, *, image_token_index: int | None = None) -> tuple[dict[st
     }
     if next_:
         hf_config["image_grid_pinpoints"] = [list(p) for p in config.anyres.grid_pinpoints]
+    if onevision:
+        hf_config["vision_aspect_ratio"] = f"anyres_max_{config.anyres.anyres_max}"
+        hf_config["video_token_index"] = int(video_index)
     return out, hf_config
 
 
-def save_llava_hf(model, out_dir, *, image_token_index: int | None = None, dtype: torch.dtype | None = None):
+def save_llava_hf(model, out_dir, *, image_token_index: int | None = None, video_token_index: int | None = None,
+                  dtype: torch.dtype | None = None):
     """`llava_to_hf` written as a transformers checkpoint dir (config.json + safetensors,
     sharded above 5 GB)."""
     from .hf_io import write_hf_dir
     from .meta import tensors_for_saving
 
-    tensors, config = llava_to_hf(model, image_token_index=image_token_index)
+    tensors, config = llava_to_hf(model, image_token_index=image_token_index, video_token_index=video_token_index)
     return write_hf_dir(tensors_for_saving(tensors, dtype), out_dir, config)
