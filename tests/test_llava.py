@@ -171,3 +171,58 @@ def test_llava_trunk_groups_read_as_llava_stages():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"vision_model.projector.{n}" for n, _ in model.vision_model.projector.named_parameters()} | {
         "text_model.learnable_embedding.weight"}
+
+
+def test_packed_projector_rows_equal_unpacked_logits_and_gradients():
+    """data.packing on LLaVA rows: several samples (with 0, 1 or 2 images, each image's
+    placeholder expanded to its 4 tokens) in one packed row give every sample the logits and
+    the summed gradients it has unpacked; absent image slots stay (0, 0)-sized."""
+    import torch.nn.functional as F
+
+    from llama_vision.data.batch import IGNORE_INDEX
+    from llama_vision.data.collate import collate_examples
+    from llama_vision.data.packing import collate_packed
+    from llama_vision.model.decoder_input import DecoderInput
+
+    model = _llava_trunk().train()
+    p = model.modalities["image"].token_id
+    g = torch.Generator().manual_seed(5)
+
+    def sample(key, parts):
+        tokens, images = [], []
+        for part in parts:
+            if part == "img":
+                tokens += [p] * PatchTower.num_tokens
+                images.append(torch.randn(1, 3, PIX, PIX, generator=g))
+            else:
+                tokens += [int(t) for t in torch.randint(3, 200, (part,), generator=g)]
+        labels = [IGNORE_INDEX if t == p else t for t in tokens[1:]] + [IGNORE_INDEX]
+        return {"key": key, "tokens": tokens, "labels": labels, "images": images, "aspect_ratios": [(PIX, PIX)] * len(images),
+                "image_token_counts": [PatchTower.num_tokens] * len(images)}
+
+    rows = [[sample("a", ["img", 6]), sample("b", [5])], [sample("c", [3, "img", 2, "img", 4]), sample("d", [7])]]
+    packed = collate_packed(rows, pad_id=0, max_num_tiles=1, image_token_id=p)
+    flat = [ex for row in rows for ex in row]
+    unpacked = collate_examples(flat, pad_id=0, max_num_tiles=1, image_token_id=p)
+    assert packed.aspect_ratios.tolist() == [[[PIX, PIX], [0, 0]], [[PIX, PIX], [PIX, PIX]]]
+
+    def run(batch, layout):
+        model.zero_grad(set_to_none=True)
+        logits = model(batch.tokens, batch.images, batch.aspect_ratios, decoder_input=layout)
+        F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").backward()
+        return logits.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    for q in model.parameters():
+        q.requires_grad_(True)
+    logits_p, grads_p = run(packed, DecoderInput(positions=packed.positions, segment_ids=packed.segment_ids))
+    logits_u, grads_u = run(unpacked, DecoderInput(lengths=unpacked.lengths))
+    k = 0
+    for r, row in enumerate(rows):
+        off = 0
+        for ex in row:
+            n = len(ex["tokens"])
+            torch.testing.assert_close(logits_p[r, off:off + n], logits_u[k, :n], atol=1e-5, rtol=0)
+            off, k = off + n, k + 1
+    assert any(n.startswith("vision_model.projector.") for n in grads_p)
+    for n, gu in grads_u.items():
+        torch.testing.assert_close(grads_p[n], gu, atol=1e-5, rtol=0, msg=n)

@@ -92,6 +92,9 @@ def collate_packed(
         if ex["labels"][-1] != IGNORE_INDEX:
             raise ValueError(f"example {ex['key']!r}: its last label is {ex['labels'][-1]}, not {IGNORE_INDEX}; "
                              f"packed, it would be trained to predict the next sample's first token")
+    # Projector-modality examples (LLaVA) carry their images' placeholder counts; their
+    # absent slots are sized (0, 0) (collate._image_tensors), so the rows keep saying so.
+    projector = any("image_token_counts" in ex for ex in flat)
     tok_rows, lab_rows, seg_rows, pos_rows, row_media, img_seg_rows = [], [], [], [], [], []
     for row in rows:
         tok, lab, seg, pos, images, ratios, img_seg = [], [], [], [], [], [], []
@@ -108,7 +111,10 @@ def collate_packed(
         lab_rows.append(lab)
         seg_rows.append(seg)
         pos_rows.append(pos)
-        row_media.append({"images": images, "aspect_ratios": ratios})
+        media = {"images": images, "aspect_ratios": ratios}
+        if projector:
+            media["image_token_counts"] = [c for ex in row for c in ex.get("image_token_counts", [])]
+        row_media.append(media)
         img_seg_rows.append(img_seg)
     lengths = torch.tensor([len(t) for t in tok_rows], dtype=torch.long)
     width = int(lengths.max())

@@ -104,8 +104,6 @@ def llava_processor(cfg: TrainConfig, model_args):
     if cfg.data.tile_dtype != "float32":
         raise ValueError("data.tile_dtype: uint8 is Meta's tiler's (its normalisation table); the LLaVA modality's "
                          "images are float32: set data.tile_dtype: float32")
-    if cfg.data.packing:
-        raise ValueError("data.packing is not supported with the LLaVA (projector) image modality yet; set data.packing: false")
     return LlavaImageProcessor.for_params(model_args.llava)
 
 
