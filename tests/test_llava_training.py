@@ -106,3 +106,46 @@ def test_generate_with_pil_images_expands_each_placeholder(run):
     want = gen.generate_from_tensors([[p] * 16 + prompt[1:]], media_inputs={"image": (pixels[None, None], torch.tensor([[size]]))},
                                      max_new_tokens=6, stop_tokens=[])[0]
     assert got == want and size == (30, 40)
+
+
+def test_the_serving_engine_answers_as_generate_for_a_llava_model(run):
+    """tools/serve.py's engine on a LLaVA model: each image's placeholder expanded at
+    admission, the images encoded at the prefill only; greedy answers equal
+    Generator.generate token for token for text-only, one- and two-image prompts decoding
+    side by side, and a prompt too long once its images' tokens count is refused."""
+    import io
+
+    from PIL import Image
+
+    from llama_vision.generation import Generator
+    from llama_vision.serving.engine import Engine, GenerationRequest, RequestRejected, SamplingParams
+
+    trainer = run["trainer"]
+    model, tok = trainer.model.eval(), trainer.tokenizer
+    p = model.modalities["image"].token_id
+
+    def png(colour, size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    red, blue = png((200, 30, 30), (40, 30)), png((30, 30, 200), (30, 40))
+    text = tok.encode("a", bos=True, eos=False)
+    cases = [(text, []), ([p] + text, [red]), ([p, p] + text, [red, blue]), ([p] + text + text, [blue])]
+    engine = Engine(model, tok, max_batch=2)
+    engine.start()
+    try:
+        streams = [engine.submit(GenerationRequest(ids, imgs, SamplingParams(max_tokens=6, stop_token_ids=[])))
+                   for ids, imgs in cases]
+        got = [[e.token_id for e in s if e.token_id is not None] for s in streams]
+        with pytest.raises(RequestRejected, match="images' tokens"):
+            engine.submit(GenerationRequest([p] * 6 + text, [red] * 6, SamplingParams(max_tokens=model.args.max_seq_len - 60)))
+    finally:
+        engine.shutdown()
+    reference = Generator(model, tok, streaming_layout=False)
+    for (ids, imgs), tokens in zip(cases, got):
+        want = reference.generate([ids], [[Image.open(io.BytesIO(d)).convert("RGB") for d in imgs]], max_new_tokens=6,
+                                  stop_tokens=[])[0]
+        assert tokens == want and len(tokens) == 6
+    assert got[1] != got[0] or got[2] != got[0]  # the images reach the answer
+    assert engine.metrics()["vision_encoder_runs"] == 0  # (the cross-attention K/V cache: unused)

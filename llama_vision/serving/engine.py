@@ -26,6 +26,11 @@ LoRA: with a :class:`~llama_vision.model.lora_bank.LoraBank` the engine serves s
 adaptors on one base model; a request names its adaptor (``GenerationRequest.adapter``,
 the OpenAI ``model`` field) and every forward tells the bank each row's adaptor, so
 requests of different adaptors (and of the base model) share a decode step.
+
+LLaVA models (a projector image modality): an image's placeholder is expanded to its tokens
+at admission (the context check counts them), the images are encoded in the prefill only,
+and their tokens then live in the slot's KV cache like the prompt's: decode steps carry no
+media.
 """
 from __future__ import annotations
 
@@ -186,6 +191,11 @@ class Engine:
         self.caches = model.init_caches(max_batch, self.max_seq_len)
         self.images = ImageCache(model, image_cache_size)
         self._image_token = tokenizer.image_token_id
+        # A LLaVA model's image modality (projector fusion): an image is its tokens in the
+        # prompt, so it is encoded at the prefill and lives in the slot's KV cache after
+        # it (no cross-attention K/V to cache or to batch at decode steps).
+        image = model.modalities.get("image")
+        self._projector = image is not None and image.fusion == "projector"
         self._slots: list[_Slot] = []
         self._streams: dict[str, RequestStream] = {}  # admitted on rank 0, until their slot exists
         self._queue: deque[tuple[GenerationRequest, RequestStream, float]] = deque()
@@ -304,6 +314,7 @@ class Engine:
             raise RequestRejected(f"too many images: {len(request.images)} (at most {self.max_images} per request)")
         if request.images and "image" not in self.model.modalities:
             raise RequestRejected("this checkpoint has no image adapters")
+        expanded = len(ids)
         for i, data in enumerate(request.images):
             try:
                 # The header first: an oversized image is refused before it is decoded.
@@ -316,6 +327,11 @@ class Engine:
                 load_image(data)
             except ImageLoadError as e:
                 raise RequestRejected(f"image {i + 1}: not a readable image ({e})") from None
+            if self._projector:  # its placeholder becomes as many tokens as the image has
+                expanded += self.model.modalities["image"].tokens_per_item((height, width)) - 1
+        if expanded + (p.max_tokens or 1) > self.max_seq_len:
+            raise RequestRejected(f"the prompt ({expanded} tokens with its images' tokens) plus max_tokens is longer than "
+                                  f"the context ({self.max_seq_len} tokens)")
 
     # -- the scheduler (rank 0) ---------------------------------------------------------------
 
@@ -402,7 +418,17 @@ class Engine:
     def _admit(self, item: dict, stream: RequestStream | None) -> None:
         params: SamplingParams = item["params"]
         ids: list[int] = item["prompt_ids"]
-        images = [self.images.get(data) for data in item["images"]]
+        media_inputs = {}
+        if self._projector:  # LLaVA: the placeholders expanded, the images encoded at the prefill only
+            from llama_vision.data.image_io import load_image
+            from llama_vision.inputs import prepare_images
+
+            rows, image_inputs = prepare_images(self.model, [ids], [[load_image(d) for d in item["images"]]],
+                                                device=self.device)
+            ids, images = rows[0], []
+            media_inputs = {"image": image_inputs} if image_inputs is not None else {}
+        else:
+            images = [self.images.get(data) for data in item["images"]]
         start, end = media_spans([ids], {self._image_token}, slots=max(len(images), 1))
         stops = params.stop_token_ids if params.stop_token_ids is not None else list(self.tokenizer.stop_tokens)
         generator = None
@@ -419,7 +445,8 @@ class Engine:
         caches = [c.rows(index, index + 1) for c in self.caches]
         if self.lora_bank is not None:
             self.lora_bank.select([slot.adapter])
-        logits = self.model(prompt, media={"image": media} if media is not None else {}, caches=caches,
+        logits = self.model(prompt, media={"image": media} if media is not None else None if media_inputs else {},
+                            media_inputs=media_inputs, caches=caches,
                             logit_index=torch.tensor([len(ids) - 1], device=self.device))[:, -1]
         slot.length = len(ids)
         self._slots.append(slot)
