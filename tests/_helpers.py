@@ -99,3 +99,15 @@ def tiny_train_overrides(corpus: dict, out: Path, **extra) -> list[str]:
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def randomize_hf_llava(hf, seed: int) -> None:
+    """Non-trivial weights everywhere in a transformers LLaVA-family model (HF's init leaves
+    biases at 0): norms ~1 + 0.1 N(0, 1), everything else 0.08 N(0, 1), seeded."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in hf.named_parameters():
+            p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if "norm" in name or "layrnorm" in name
+                    else 0.08 * torch.randn(p.shape, generator=g))

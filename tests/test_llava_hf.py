@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
+from _helpers import randomize_hf_llava  # noqa: E402
 from llama_vision.checkpoint.llava_hf import hf_tokens_to_ours, llava_from_hf  # noqa: E402
 from llama_vision.generation import Generator  # noqa: E402
 
@@ -35,13 +36,7 @@ def _pair(**kw):
     torch.manual_seed(0)
     cfg = _config(**kw)
     hf = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # non-trivial weights everywhere (HF's init leaves biases at 0)
-        g = torch.Generator().manual_seed(1)
-        for name, p in hf.named_parameters():
-            if "norm" in name or "layrnorm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    randomize_hf_llava(hf, 1)
     return hf, llava_from_hf(hf.state_dict(), cfg.to_dict()), cfg
 
 
@@ -171,10 +166,7 @@ def test_llava_next_anyres_matches_transformers():
                           image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     hf = LlavaNextForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(2)
-    for name, p in hf.named_parameters():
-        p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if "norm" in name or "layrnorm" in name
-                else 0.08 * torch.randn(p.shape, generator=g))
+    randomize_hf_llava(hf, 2)
     ours = llava_from_hf(hf.state_dict(), cfg.to_dict())
     anyres = ours.vision_model.config.anyres
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration  # noqa: E402
 
+from _helpers import randomize_hf_llava  # noqa: E402
 from llama_vision.checkpoint.llava_hf import hf_tokens_to_ours, llava_from_hf  # noqa: E402
 from llama_vision.generation import Generator  # noqa: E402
 
@@ -44,11 +45,7 @@ def pair():
     torch.manual_seed(0)
     cfg = _config()
     hf = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # non-trivial weights everywhere (HF's init leaves biases at 0)
-        g = torch.Generator().manual_seed(1)
-        for name, p in hf.named_parameters():
-            p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if "norm" in name or "layrnorm" in name
-                    else 0.08 * torch.randn(p.shape, generator=g))
+    randomize_hf_llava(hf, 1)
     return hf, llava_from_hf(hf.state_dict(), cfg.to_dict()), cfg
 
 
@@ -264,10 +261,7 @@ def test_siglip_full_selection_video_matches_transformers():
                                image_grid_pinpoints=[[PIX, PIX]], vision_aspect_ratio="anyres_max_9")
     torch.manual_seed(0)
     hf = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(3)
-    for name, p in hf.named_parameters():
-        p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if "norm" in name or "layrnorm" in name
-                else 0.08 * torch.randn(p.shape, generator=g))
+    randomize_hf_llava(hf, 3)
     ours = llava_from_hf(hf.state_dict(), cfg.to_dict())
     ids = [1, 5] + _video_ids(3) + [9, 33]
     clip = _video(8, frames=3)
