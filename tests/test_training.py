@@ -306,3 +306,23 @@ def test_profile_flag_writes_a_trace_and_metrics_carry_peak_memory(shapes_corpus
     assert trace["traceEvents"] and (out / "profile" / "rank_0.txt").read_text().strip()
     rows = read_metrics(out / "metrics.jsonl")
     assert all(r["peak_memory_gib"] == r["peak_memory_gib/rank_0"] > 0.05 for r in rows)
+
+
+def test_group_lr_multipliers_scale_each_groups_step(shapes_corpus, tmp_path):
+    """optim.group_lr_multipliers: AdamW's first step moves each parameter by ~lr (its
+    normalised gradient is +-1), so the largest move of the ViT's weights is a quarter of
+    the adapters' with {vision: 0.25}; an unknown group is an error naming the known ones."""
+    from llama_vision.training.trainer import Trainer
+
+    over = {"max_steps": 1, "save_final": "false", "checkpoint_every": 100, "optim.warmup_steps": 0,
+            "optim.weight_decay": 0.0, "optim.grad_clip": "null", "optim.min_lr_ratio": 1.0, "init.gates": 1.0}
+    trainer = Trainer(_cfg(shapes_corpus, tmp_path / "g", **over, **{"optim.group_lr_multipliers": "{vision: 0.25}"}))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.fit()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters() if n in before}
+    lr = trainer.cfg.optim.lr
+    vision = max(v for n, v in moved.items() if n.startswith("vision_model.vision_encoder."))
+    adapters = max(v for n, v in moved.items() if n.startswith("text_model.cross_attention_layers.") and "gate" not in n)
+    assert adapters == pytest.approx(lr, rel=1e-3) and vision == pytest.approx(0.25 * lr, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown group.*'vison'.*adapters"):
+        Trainer(_cfg(shapes_corpus, tmp_path / "h", **over, **{"optim.group_lr_multipliers": "{vison: 0.25}"}))

@@ -18,12 +18,13 @@ being updated by weight decay. A parameter unfrozen later needs a new optimizer.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["build_adamw", "build_stage_optimizer", "clip_grad_norm_", "count_parameters", "is_gate", "split_decay_params", "stage_param_groups"]
+__all__ = ["build_adamw", "build_stage_optimizer", "clip_grad_norm_", "count_parameters", "group_lr_multiplier_of", "is_gate",
+           "split_decay_params", "stage_param_groups"]
 
 
 def split_decay_params(
@@ -52,28 +53,59 @@ def is_gate(name: str) -> bool:
 
 
 def stage_param_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, gate_lr_multiplier: float = 1.0
+    named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, gate_lr_multiplier: float = 1.0,
+    lr_multiplier_of: Callable[[str], float] | None = None,
 ) -> list[dict]:
     """A training stage's AdamW groups of the trainable parameters: decay, no-decay, and
     the tanh gates in their own no-decay group at lr x gate_lr_multiplier (decay would pull
-    them to 0; a larger step shortens their cold start). Empty groups are omitted."""
+    them to 0; a larger step shortens their cold start). lr_multiplier_of(name): a further
+    factor per parameter (OptimConfig.group_lr_multipliers by trainability group); each
+    distinct factor gets its own groups. Empty groups are omitted."""
     decay, no_decay = split_decay_params(named_params)
-    groups = [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in no_decay if not is_gate(n)], "weight_decay": 0.0},
-        {"params": [p for n, p in no_decay if is_gate(n)], "weight_decay": 0.0, "lr": lr * gate_lr_multiplier},
-    ]
+    factor = lr_multiplier_of or (lambda name: 1.0)
+    kinds = [(decay, weight_decay, 1.0), ([(n, p) for n, p in no_decay if not is_gate(n)], 0.0, 1.0),
+             ([(n, p) for n, p in no_decay if is_gate(n)], 0.0, gate_lr_multiplier)]
+    groups = []
+    for params, wd, kind_factor in kinds:
+        by_factor: dict[float, list[nn.Parameter]] = {}
+        for n, p in params:
+            by_factor.setdefault(float(factor(n)), []).append(p)
+        for f, ps in by_factor.items():
+            group = {"params": ps, "weight_decay": wd}
+            if kind_factor * f != 1.0:
+                group["lr"] = lr * kind_factor * f
+            groups.append(group)
     return [g for g in groups if g["params"]]
 
 
-def build_stage_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], optim, shards: bool = False) -> torch.optim.Optimizer:
+def group_lr_multiplier_of(model: nn.Module, multipliers: dict[str, float]) -> Callable[[str], float] | None:
+    """OptimConfig.group_lr_multipliers -> name -> factor over `model`'s trainability groups
+    (llama_vision.model.trainability); None when empty. An unknown group or a factor <= 0 is
+    a ValueError naming the known groups."""
+    if not multipliers:
+        return None
+    from llama_vision.model.trainability import trainable_groups
+
+    groups = trainable_groups(model)
+    unknown = sorted(set(multipliers) - set(groups))
+    if unknown:
+        raise ValueError(f"optim.group_lr_multipliers: unknown group(s) {unknown}; this model's groups are {sorted(groups)}")
+    bad = {g: f for g, f in multipliers.items() if not f > 0}
+    if bad:
+        raise ValueError(f"optim.group_lr_multipliers: factors must be > 0, got {bad}")
+    owner = {n: g for g, named in groups.items() for n, _ in named}
+    return lambda name: multipliers.get(owner.get(name, ""), 1.0)
+
+
+def build_stage_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], optim, shards: bool = False,
+                          lr_multiplier_of: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
     """A training stage's AdamW (`optim`: the config's OptimConfig) over its trainable
     parameters, in `stage_param_groups`. shards: the parameters are FSDP shards already,
     so a plain AdamW keeps state for the shards only; otherwise the state is sharded over
     the data-parallel ranks (ZeRO-1; plain AdamW at DP = 1)."""
     import model_parallel as mp
 
-    groups = stage_param_groups(named_params, optim.lr, optim.weight_decay, optim.gate_lr_multiplier)
+    groups = stage_param_groups(named_params, optim.lr, optim.weight_decay, optim.gate_lr_multiplier, lr_multiplier_of)
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
     return torch.optim.AdamW(groups, **kwargs) if shards else mp.zero_redundancy_adamw(groups, **kwargs)
 

@@ -125,6 +125,11 @@ class OptimConfig:
     """Tanh gates train at lr x this (own param group, no decay). They start at 0 and get tiny
     gradients until the adapter carries signal; a larger step for them shortens that cold
     start (1.0 = the paper's plain AdamW)."""
+    group_lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Trainability group -> lr multiplier (the groups of `trainable`: decoder, vision,
+    adapters, lora, video, ...), e.g. LLaVA-OneVision's tower at a fifth of the LLM's lr:
+    `{vision: 0.2}`; groups not named train at lr. Multiplies with gate_lr_multiplier for a
+    group's gates; the schedule scales every group alike."""
 
 
 @dataclass

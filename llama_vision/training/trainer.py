@@ -31,7 +31,7 @@ from .eval_hook import harness_tasks, run_harness
 from .flops import step_flops, step_shape_from_batch, trainable_from_model
 from .metrics import MetricsLogger, ThroughputMeter, estimate_mfu, global_batch_line, peak_flops_for_device
 from .objectives import build_objective
-from .optim import build_stage_optimizer
+from .optim import build_stage_optimizer, group_lr_multiplier_of
 from .media_sync import embedding_tables, projector_blank, unattended_images, uniform_media
 from .parallelize import parallelize, uses_fsdp
 from .precision import apply_precision, resolve_precision
@@ -76,7 +76,8 @@ class Trainer:
         self.objective = build_objective(cfg, self.model, self.autocast)
         self._flop_groups = trainable_from_model(self.model)
         o = cfg.optim
-        self.optimizer = build_stage_optimizer(self.model.named_parameters(), o, shards=self.fsdp)
+        self.optimizer = build_stage_optimizer(self.model.named_parameters(), o, shards=self.fsdp,
+                                               lr_multiplier_of=group_lr_multiplier_of(self.model, o.group_lr_multipliers))
         self.scheduler = build_lr_scheduler(self.optimizer, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
         self.loader = build_loader(cfg, self.tokenizer, self.model.args, mp.dp_rank(), mp.dp_size())
         # Checked now (a config error should not wait for the first validation); each
