@@ -137,8 +137,6 @@ def llava_from_hf(state_dict: Mapping[str, Tensor], config: Mapping, *, dtype: t
     # Rows past the vocabulary (our placeholders): LLaVA has none. A LLaVA prompt never reads
     # them (the projector's tokens replace every image placeholder): zeros.
     state["text_model.learnable_embedding.weight"] = torch.zeros_like(model.text_model.learnable_embedding.weight, device="cpu")
-    for name, row in model.text_model.placeholder_embeddings.named_parameters():  # (OneVision's video row: likewise)
-        state[f"text_model.placeholder_embeddings.{name}"] = torch.zeros_like(row, device="cpu")
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:

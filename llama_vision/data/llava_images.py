@@ -58,8 +58,7 @@ class LlavaImageProcessor:
         from llama_vision.model.llava import LlavaConfig
 
         config, tower = LlavaConfig.from_params(llava)
-        mean = (0.5, 0.5, 0.5) if tower.kind == "siglip" else OPENAI_CLIP_MEAN
-        std = (0.5, 0.5, 0.5) if tower.kind == "siglip" else OPENAI_CLIP_STD
+        mean, std = _tower_normalisation(tower)
         return cls(tower.image_size, tower.num_tokens, anyres=config.anyres, image_newline=config.image_newline,
                    image_mean=mean, image_std=std, **kw)
 
@@ -71,11 +70,8 @@ class LlavaImageProcessor:
         from llama_vision.model.llava import LlavaConfig
 
         config, tower = LlavaConfig.from_params(llava)
-        siglip = (0.5, 0.5, 0.5)
-        if config.anyres is not None:
-            mean, std = config.anyres.image_mean, config.anyres.image_std
-        else:
-            mean, std = (siglip, siglip) if tower.kind == "siglip" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        anyres = config.anyres
+        mean, std = (anyres.image_mean, anyres.image_std) if anyres is not None else _tower_normalisation(tower)
         return cls(tower.image_size, tower.num_tokens, square="resize", image_mean=mean, image_std=std)
 
     def tokens_per_item(self, image_size: Sequence[int]) -> int:
@@ -108,3 +104,8 @@ class LlavaImageProcessor:
     def __repr__(self) -> str:
         layout = f"anyres={len(self.anyres.grid_pinpoints)} pinpoints" if self.anyres else f"square={self.square!r}"
         return f"LlavaImageProcessor(image_size={self.image_size}, tokens={self.num_tokens}, {layout})"
+
+
+def _tower_normalisation(tower) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) of a ClipVisionConfig's pixels: SigLIP 0.5 / 0.5, CLIP OpenAI's."""
+    return ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if tower.kind == "siglip" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

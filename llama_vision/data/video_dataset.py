@@ -13,7 +13,6 @@ the ``<|video|>`` placeholder is expanded to the video's ``tokens_per_item`` and
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -213,7 +212,7 @@ class VideoCaptionDataset(ExampleDataset):
 def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, dp_size: int, loop: bool):
     """The projector video modality's dataset (module docstring)."""
     from llama_vision.data.llava_images import LlavaImageProcessor
-    from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig
+    from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig, pooled_tokens_per_frame
 
     data, llava = cfg.data, model_args.llava
     if data.tile_dtype != "float32":
@@ -221,13 +220,13 @@ def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, d
     video = LlavaVideoConfig(**llava["video"])
     _, tower = LlavaConfig.from_params(llava)
     frame = LlavaImageProcessor.for_video_params(llava)
-    side = math.ceil(math.isqrt(tower.num_tokens) / 2)
+    per_frame = pooled_tokens_per_frame(tower.num_tokens)
     newline = 1 if llava.get("image_newline") else 0
     processor = VideoProcessor(num_frames=cfg.video.num_frames, tile_size=tower.image_size, max_num_tiles=1,
                                image_processor=frame)
     token_id = video.token_id if video.token_id is not None else model_args.vocab_size + 1
     return VideoCaptionDataset(
-        source, tokenizer, processor, video_token_id=token_id, tokens_per_video=lambda n: n * side * side + newline,
+        source, tokenizer, processor, video_token_id=token_id, tokens_per_video=lambda n: n * per_frame + newline,
         max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
         shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop, block_size=cfg.micro_batch_size,
         split=data.split,

@@ -158,8 +158,7 @@ class LlavaVisionModel(nn.Module):
     def video_tokens_per_item(self, frames: int) -> int:
         """Placeholders one video of `frames` frames takes (OneVision's layout):
         frames * ceil(g/2)^2 pooled tokens, + 1 for the image_newline when the model has one."""
-        side = math.ceil(_grid_side(self.vision_encoder.num_tokens) / 2)
-        return int(frames) * side * side + (1 if self.image_newline is not None else 0)
+        return int(frames) * pooled_tokens_per_frame(self.vision_encoder.num_tokens) + (1 if self.image_newline is not None else 0)
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, *,
                 frame_counts: torch.Tensor | None = None) -> MediaTokens:
@@ -244,6 +243,13 @@ def _grid_side(num_tokens: int) -> int:
     if side * side != num_tokens:
         raise ValueError(f"video pooling needs a square token grid per frame, the tower gives {num_tokens} tokens")
     return side
+
+
+def pooled_tokens_per_frame(num_tokens: int) -> int:
+    """Tokens a frame keeps after `pool_video_tokens`: a g x g grid (g^2 = num_tokens)
+    pooled to ceil(g/2) x ceil(g/2)."""
+    side = math.ceil(_grid_side(num_tokens) / 2)
+    return side * side
 
 
 def pool_video_tokens(tokens: torch.Tensor) -> torch.Tensor:

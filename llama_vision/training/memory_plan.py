@@ -393,8 +393,10 @@ def batch_shape(cfg: TrainConfig, model: nn.Module, images_per_sample: int = 1) 
         if model.modalities["video"].fusion == "projector" and tower is not None:
             # LLaVA-OneVision: every frame is one crop through the image tower, its g x g
             # features pooled to ceil(g/2)^2 tokens (the pooling's own buffers not counted)
-            frames, side = cfg.video.num_frames, -(-math.isqrt(tower.features) // 2)
-            frame = dataclasses.replace(tower, crops=1, tokens_per_image=side * side)
+            from llama_vision.model.llava import pooled_tokens_per_frame
+
+            frame = dataclasses.replace(tower, crops=1, tokens_per_image=pooled_tokens_per_frame(tower.features))
+            frames = cfg.video.num_frames
             return BatchShape(rows, seq, images=rows * frames, images_per_row=frames, tiles=1, kv_rows=rows,
                               packed=packed, tower=frame)
         vc = model.modalities["video"].encode.cfg
