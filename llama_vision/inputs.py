@@ -65,18 +65,12 @@ def prepare_images(model, rows: list[list[int]], images: list[list[Any]] | None,
     check_media_counts(rows, images, mod.placeholder_ids)
     if images is None or not any(images):
         return rows, None
-    from llama_vision.data.datasets import expand_images
     from llama_vision.data.image import stack_aspect_ratios, stack_images
     from llama_vision.data.llava_images import LlavaImageProcessor
 
     processor = LlavaImageProcessor.for_params(model.args.llava)
     processed = [[processor(im) for im in row] for row in images]
-    expanded = []
-    for row, items in zip(rows, processed):
-        counts = [processor.tokens_per_item(size) for _, size in items]
-        ids = [mod.token_id if t in mod.placeholder_ids else t for t in row]
-        out, _, _ = expand_images(ids, [False] * len(ids), counts, mod.token_id, max_seq_len=len(ids) + sum(counts))
-        expanded.append(out)
+    expanded = _expand_placeholders(rows, [[processor.tokens_per_item(size) for _, size in row] for row in processed], mod)
     pixels, _ = stack_images([[p for p, _ in row] for row in processed], processor.max_num_tiles)
     sizes = stack_aspect_ratios([[size for _, size in row] for row in processed], absent=0)
     dtype = next(model.vision_model.parameters()).dtype
@@ -103,7 +97,6 @@ def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None,
 
     import numpy as np
 
-    from llama_vision.data.datasets import expand_images
     from llama_vision.data.llava_images import LlavaImageProcessor
     from llama_vision.data.video import VideoProcessor, frames_to_pil
 
@@ -122,12 +115,7 @@ def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None,
         return torch.cat([frame(im)[0] for im in pil])
 
     clips = [[clip(v) for v in row] for row in videos]
-    expanded = []
-    for row, items in zip(rows, clips):
-        counts = [mod.tokens_per_item(c.shape[0]) for c in items]
-        ids = [mod.token_id if t in mod.placeholder_ids else t for t in row]
-        out, _, _ = expand_images(ids, [False] * len(ids), counts, mod.token_id, max_seq_len=len(ids) + sum(counts))
-        expanded.append(out)
+    expanded = _expand_placeholders(rows, [[mod.tokens_per_item(c.shape[0]) for c in row] for row in clips], mod)
     v = max(len(r) for r in clips)
     f = max(c.shape[0] for r in clips for c in r)
     side = frame.image_size
@@ -139,3 +127,16 @@ def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None,
             pixels[b, i, : c.shape[0]] = c.to(dtype)
             counts[b, i] = c.shape[0]
     return expanded, (pixels.to(device), counts.to(device))
+
+
+def _expand_placeholders(rows: list[list[int]], counts: list[list[int]], mod) -> list[list[int]]:
+    """Each row's k-th placeholder of projector modality `mod` (any of its ids) repeated
+    counts[row][k] times, as the datasets expand them (data.datasets.expand_images)."""
+    from llama_vision.data.datasets import expand_images
+
+    expanded = []
+    for row, n in zip(rows, counts):
+        ids = [mod.token_id if t in mod.placeholder_ids else t for t in row]
+        out, _, _ = expand_images(ids, [False] * len(ids), n, mod.token_id, max_seq_len=len(ids) + sum(n))
+        expanded.append(out)
+    return expanded
