@@ -445,8 +445,9 @@ class Engine:
         caches = [c.rows(index, index + 1) for c in self.caches]
         if self.lora_bank is not None:
             self.lora_bank.select([slot.adapter])
-        logits = self.model(prompt, media={"image": media} if media is not None else None if media_inputs else {},
-                            media_inputs=media_inputs, caches=caches,
+        # (media None: the forward encodes media_inputs, the projector's images, or none)
+        logits = self.model(prompt, media={"image": media} if media is not None else None, media_inputs=media_inputs,
+                            caches=caches,
                             logit_index=torch.tensor([len(ids) - 1], device=self.device))[:, -1]
         slot.length = len(ids)
         self._slots.append(slot)
