@@ -373,6 +373,13 @@ class VisionModel(nn.Module):
         self.vision_encoder = VisionEncoder(args)
         self.vision_projection = column_parallel_linear(args.vision_output_dim, args.dim, bias=True, gather_output=True)
 
+    def block_modules(self) -> list[nn.Module]:
+        """The ViT's local then global transformer layers, then the vision projection (run
+        on the concatenated features): the pieces a wrapper may treat one at a time
+        (training.parallelize: one FSDP unit each). Describes the structure only."""
+        vit = self.vision_encoder
+        return [*vit.transformer.resblocks, *vit.global_transformer.resblocks, self.vision_projection]
+
     def forward(self, images: torch.Tensor, aspect_ratios: torch.Tensor) -> torch.Tensor:
         """images [B, N, T, 3, S, S], aspect_ratios [B, N, 2] -> [B, N, T, P, D_text]."""
         if images.dtype == torch.uint8:  # a cast would feed raw 0..255 pixels to the ViT

@@ -116,18 +116,16 @@ def encoder_units(encoder: nn.Module) -> list[nn.Module]:
     the unit holding what is left):
 
     * an encoder that describes its pieces (`block_modules()`): each piece, after that
-      piece's own units if it describes its pieces too. A LLaVA `LlavaVisionModel` gives
-      its tower and its projector, the tower (`ClipVisionTower`) its transformer blocks:
-      so every tower block, the tower (its embeddings and norms), the projector. Each of
-      them returns a tensor, on which FSDP hooks its unshard for backward (the
-      LlavaVisionModel's own unit, whose output is a MediaTokens, keeps only
-      image_newline, which backward never reads);
-    * Meta's VisionModel: the ViT's local and global transformer layers, then the vision
-      projection (called on the concatenated features);
+      piece's own units if it describes its pieces too. Meta's VisionModel gives the ViT's
+      local and global transformer layers, then the vision projection (called on the
+      concatenated features). A LLaVA `LlavaVisionModel` gives its tower and its
+      projector, the tower (`ClipVisionTower`) its transformer blocks: so every tower
+      block, the tower (its embeddings and norms), the projector. Each of them returns a
+      tensor, on which FSDP hooks its unshard for backward (the LlavaVisionModel's own
+      unit, whose output is a MediaTokens, keeps only image_newline, which backward never
+      reads);
     * any other encoder: its `layers` if it has them (the video aggregator's perceiver
       layers), else nothing (one unit)."""
-    from llama_vision.model.vision import VisionModel
-
     if hasattr(encoder, "block_modules"):
         units: list[nn.Module] = []
         for piece in encoder.block_modules():
@@ -135,8 +133,5 @@ def encoder_units(encoder: nn.Module) -> list[nn.Module]:
                 units += encoder_units(piece)
             units.append(piece)
         return units
-    if isinstance(encoder, VisionModel):
-        vit = encoder.vision_encoder
-        return [*vit.transformer.resblocks, *vit.global_transformer.resblocks, encoder.vision_projection]
     layers = getattr(encoder, "layers", None)
     return list(layers) if layers is not None else []
