@@ -182,6 +182,9 @@ def llava_to_hf(model, *, image_token_index: int | None = None,
     config, tower = vision.config, ClipVisionConfig(**params["tower"])
     if config.projector != "mlp2x_gelu":
         raise ValueError(f"projector {config.projector!r}: transformers' LLaVA projector is mlp2x_gelu (Linear, GELU, Linear)")
+    if config.pool_to is not None:
+        raise ValueError(f"pool_to={config.pool_to}: transformers' LLaVA classes feed every tower token (no feature "
+                         "pooling without AnyRes-Max); export a model without pool_to")
     onevision = config.anyres is not None and config.anyres.anyres_max is not None
     video = model.modalities.get("video")
     if video is not None and video.fusion == "projector" and not onevision:

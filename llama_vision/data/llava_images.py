@@ -59,7 +59,7 @@ class LlavaImageProcessor:
 
         config, tower = LlavaConfig.from_params(llava)
         mean, std = _tower_normalisation(tower)
-        return cls(tower.image_size, tower.num_tokens, anyres=config.anyres, image_newline=config.image_newline,
+        return cls(tower.image_size, config.image_tokens(tower), anyres=config.anyres, image_newline=config.image_newline,
                    image_mean=mean, image_std=std, **kw)
 
     @classmethod

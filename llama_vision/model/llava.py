@@ -43,7 +43,7 @@ from torch import nn
 from .modality import MediaTokens, Modality
 
 __all__ = ["LlavaConfig", "LlavaVideoConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params",
-           "add_llava_modality", "add_llava_video_modality", "pool_video_tokens"]
+           "add_llava_modality", "add_llava_video_modality", "pool_feature_grid", "pool_video_tokens"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 
@@ -79,6 +79,11 @@ class LlavaConfig:
     one crop per image, its tower tokens as they are (LLaVA-1.5)."""
     image_newline: bool = False
     """A learned vector after every row of grid features (LLaVA-NeXT; AnyRes only)."""
+    pool_to: int | None = None
+    """Without AnyRes: average-pool the tower's g x g feature grid to pool_to x pool_to
+    tokens before the projector (g divisible by pool_to), so an image takes pool_to^2
+    placeholders instead of g^2 (the CPU demo: 8 x 8 -> 2 x 2, a token per cell). None:
+    every tower token, as LLaVA. transformers' LLaVA classes have no such option."""
     name: str = "image"
     """The modality's name (media_inputs key). A model with Meta's cross-attention image
     modality needs another one."""
@@ -100,9 +105,16 @@ class LlavaConfig:
                       "image_mean": list(a.image_mean), "image_std": list(a.image_std), "resample": a.resample,
                       "rescale_factor": a.rescale_factor, "patches_per_side": a.patches_per_side,
                       "anyres_max": a.anyres_max, "square_for_multi_image": a.square_for_multi_image}
-        return {"tower": tower_config.to_dict(), "projector": self.projector, "anyres": anyres,
-                "image_newline": self.image_newline, "name": self.name, "token_id": self.token_id,
-                "hf_image_token_index": self.hf_image_token_index}
+        out = {"tower": tower_config.to_dict(), "projector": self.projector, "anyres": anyres,
+               "image_newline": self.image_newline, "name": self.name, "token_id": self.token_id,
+               "hf_image_token_index": self.hf_image_token_index}
+        if self.pool_to is not None:  # only when set: params.json of earlier models unchanged
+            out["pool_to"] = self.pool_to
+        return out
+
+    def image_tokens(self, tower_config) -> int:
+        """Placeholders an image takes without AnyRes: the tower's tokens, or pool_to^2."""
+        return tower_config.num_tokens if self.pool_to is None else self.pool_to**2
 
     @classmethod
     def from_params(cls, params: dict):
@@ -112,14 +124,15 @@ class LlavaConfig:
         from .clip_vision import ClipVisionConfig
 
         unknown = sorted(set(params) - {"tower", "projector", "anyres", "image_newline", "name", "token_id",
-                                        "hf_image_token_index", "video"})  # (video: LlavaVideoConfig's)
+                                        "hf_image_token_index", "video", "pool_to"})  # (video: LlavaVideoConfig's)
         if unknown or "tower" not in params:
             raise ValueError(f"params `llava`: unknown keys {unknown}" if unknown else "params `llava` needs `tower`")
         anyres = params.get("anyres")
         config = cls(projector=params.get("projector", "mlp2x_gelu"),
                      anyres=AnyResConfig(**anyres) if anyres else None,
                      image_newline=bool(params.get("image_newline", False)), name=params.get("name", "image"),
-                     token_id=params.get("token_id"), hf_image_token_index=params.get("hf_image_token_index"))
+                     token_id=params.get("token_id"), hf_image_token_index=params.get("hf_image_token_index"),
+                     pool_to=params.get("pool_to"))
         return config, ClipVisionConfig(**params["tower"])
 
 
@@ -132,6 +145,14 @@ class LlavaVisionModel(nn.Module):
         super().__init__()
         if config.image_newline and config.anyres is None:
             raise ValueError("image_newline is LLaVA-NeXT's AnyRes row separator: set anyres too")
+        if config.pool_to is not None:
+            if config.anyres is not None:
+                raise ValueError("pool_to pools one crop's grid; with AnyRes use anyres.anyres_max (OneVision's pooling)")
+            side = math.isqrt(tower.num_tokens)
+            if side * side != tower.num_tokens or not (isinstance(config.pool_to, int) and 0 < config.pool_to <= side
+                                                       and side % config.pool_to == 0):
+                raise ValueError(f"pool_to={config.pool_to!r} must divide the tower's {side} x {side} token grid "
+                                 f"({tower.num_tokens} tokens)")
         self.config = config
         self.vision_encoder = tower
         self.projector = Projector(tower_dim, text_dim, config.projector)
@@ -150,7 +171,7 @@ class LlavaVisionModel(nn.Module):
         (height, width)."""
         anyres = self.config.anyres
         if anyres is None:
-            return self.vision_encoder.num_tokens
+            return self.config.image_tokens(self.vision_encoder)
         if image_size is None:
             raise ValueError("AnyRes: the number of an image's tokens depends on its size: pass image_size=(h, w)")
         return anyres.num_image_tokens(image_size, image_newline=self.image_newline is not None)
@@ -188,7 +209,10 @@ class LlavaVisionModel(nn.Module):
             empty = pixel_values.new_zeros(b, n, 0, dim)
             return MediaTokens(empty, torch.zeros(b, n, 0, dtype=torch.bool, device=pixel_values.device))
         batch = torch.cat([pixel_values[row, i, :c] for (row, i, _), c in zip(slots, crops)])  # [M, 3, H, W]
-        tokens = self.projector(self.vision_encoder(batch))  # [M, L, D]
+        features = self.vision_encoder(batch)  # [M, L, C]
+        if self.config.pool_to is not None:
+            features = pool_feature_grid(features, self.config.pool_to)  # [M, pool_to^2, C]
+        tokens = self.projector(features)  # [M, L, D]
         per_image = tokens.split(crops)
         if anyres is None:
             items = [t[0] for t in per_image]
@@ -236,6 +260,15 @@ def _padded(items: list[torch.Tensor], places: list[tuple[int, int]], b: int, n:
         out[row, i, : t.shape[0]] = t
         valid[row, i, : t.shape[0]] = True
     return MediaTokens(out, valid)
+
+
+def pool_feature_grid(features: torch.Tensor, side: int) -> torch.Tensor:
+    """[M, g*g, C] row-major grid -> [M, side*side, C]: the mean of each (g/side)^2 block
+    (`LlavaConfig.pool_to`)."""
+    m, n, c = features.shape
+    g = math.isqrt(n)
+    grid = features.transpose(1, 2).reshape(m, c, g, g)
+    return nn.functional.avg_pool2d(grid, g // side).flatten(2).transpose(1, 2)
 
 
 def _grid_side(num_tokens: int) -> int:

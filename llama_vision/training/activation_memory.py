@@ -149,7 +149,7 @@ class TowerShape:
 
         t = vision.vision_encoder.config
         anyres, newline = vision.config.anyres, vision.image_newline is not None
-        crops, tokens = 1, t.num_tokens
+        crops, tokens = 1, vision.config.image_tokens(t)
         if anyres is not None:
             sizes = [tuple(p) for p in anyres.grid_pinpoints]
             crops = max(num_anyres_crops(size, anyres.grid_pinpoints, anyres.crop_size) for size in sizes)
