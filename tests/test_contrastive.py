@@ -48,6 +48,19 @@ def test_a_short_run_learns_to_match_images_and_captions(run):
     assert (run["out"] / "loss.png").stat().st_size > 0 and run["summary"]["skipped"] == 0
 
 
+def test_data_cache_reads_each_image_once_and_trains_the_same(run, shapes_corpus, tmp_path, monkeypatch):
+    import llama_vision.data.image_io as image_io
+
+    calls = []
+    real = image_io.load_image
+    monkeypatch.setattr(image_io, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pretrain_tower(_config(shapes_corpus, tmp_path, "data.cache=true"), log=lambda *_: None)
+    assert len(calls) == 64  # 80 steps x 32 pairs = 40 passes over 64 images, each decoded once
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["loss"] for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert losses == want  # the same pairs in the same order as re-reading every pass
+
+
 def test_the_saved_tower_is_what_init_vision_from_loads(run, shapes_corpus, tmp_path):
     from safetensors.torch import load_file
 

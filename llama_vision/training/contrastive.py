@@ -69,6 +69,10 @@ class ContrastiveData:
     square: str = "pad"
     """How a non-square image becomes the tower's S x S input: `pad` (LLaVA's expand2square),
     `crop` or `resize` (llama_vision.data.llava_images.LlavaImageProcessor)."""
+    cache: bool = False
+    """Keep every decoded pair in memory after the first pass, so later epochs only reshuffle
+    (the same order as re-reading). For small data sets: the demo's 4096 images at 112 px
+    take 0.6 GB."""
 
 
 @dataclass
@@ -185,13 +189,13 @@ def iter_pairs(data: ContrastiveData, processor, tokenizer, max_len: int, skippe
                seed: int = 0) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """(pixels [3, S, S], caption tokens) forever, epoch after epoch through a shuffle
     buffer; a sample that cannot be used is skipped and counted in ``skipped`` by reason
-    (the source's error, ``no_image`` / ``several_images``, ``empty_text``, ``bad_image``)."""
+    (the source's error, ``no_image`` / ``several_images``, ``empty_text``, ``bad_image``;
+    each pass, or once with ``data.cache``)."""
     from llama_vision.data.image_io import load_image
 
     source, rng = _source(data), random.Random(seed)
-    buffer: list = []
-    while True:
-        yielded = False
+
+    def decoded() -> Iterator[tuple[torch.Tensor, list[int]]]:
         for record in source:
             if record.error:
                 skipped[record.error] += 1
@@ -210,7 +214,21 @@ def iter_pairs(data: ContrastiveData, processor, tokenizer, max_len: int, skippe
                 if skipped["bad_image"] <= 3:
                     print(f"[pretrain_tower] skipped {record.key}: {exc}")
                 continue
-            buffer.append((pixels.reshape(pixels.shape[-3:]), tokenizer.encode(text.strip(), bos=False, eos=False)[:max_len]))
+            yield pixels.reshape(pixels.shape[-3:]), tokenizer.encode(text.strip(), bos=False, eos=False)[:max_len]
+
+    cached: list | None = None
+    buffer: list = []
+    while True:
+        yielded = False
+        if cached is not None:
+            epoch = iter(cached)
+        elif data.cache:
+            cached = list(decoded())  # counted once: later epochs skip nothing new
+            epoch = iter(cached)
+        else:
+            epoch = decoded()
+        for pair in epoch:
+            buffer.append(pair)
             if len(buffer) >= data.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
                 yielded = True
