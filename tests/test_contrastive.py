@@ -104,3 +104,18 @@ def test_bad_configs_name_the_problem(shapes_corpus, tmp_path):
         pretrain_tower(_config(shapes_corpus, tmp_path, "batch_size=1"))
     with pytest.raises(ValueError, match="data.kind"):
         pretrain_tower(_config(shapes_corpus, tmp_path, "data.kind=conversations"))
+
+
+def test_the_cli_trains_and_refuses_unknown_keys(shapes_corpus, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_tower_cli", ROOT / "tools/pretrain_tower.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = ["--config", str(CONFIG), f"model={ROOT / 'configs/model/tiny_llava.yaml'}", f"tokenizer={shapes_corpus['tokenizer']}",
+            f"output_dir={tmp_path}", f'data.paths=["{shapes_corpus["shards"]}"]', "batch_size=4", "max_steps=2",
+            "data.shuffle_buffer=8", "data.cache=false"]
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tower"] == str(tmp_path / "tower.safetensors")
+    assert cli.main(args + ["no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err

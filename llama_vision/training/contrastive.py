@@ -85,7 +85,7 @@ class ContrastiveConfig:
     """Or the tower's ClipVisionConfig fields themselves (overriding the model's)."""
     tokenizer: str = ""
     output_dir: str = "runs/tower"
-    """metrics.jsonl, loss.png and tower.safetensors (written last, atomically)."""
+    """metrics.jsonl, loss.png, tensorboard/ and tower.safetensors (written last, atomically)."""
     data: ContrastiveData = field(default_factory=ContrastiveData)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 64
@@ -100,6 +100,8 @@ class ContrastiveConfig:
     init_logit_scale: float = 10.0
     """exp(logit_scale) at init (CLIP: 1 / 0.07); learned, capped at 100 as in CLIP."""
     log_every: int = 10
+    tensorboard: bool = True
+    """Also write the metrics to output_dir/tensorboard/."""
     seed: int = 0
     device: str = "cpu"
 
@@ -295,8 +297,9 @@ def pretrain_tower(cfg: ContrastiveConfig, log=print) -> tuple[ContrastiveModel,
     mean, std = _tower_normalisation(tower_config)
     processor = LlavaImageProcessor(tower_config.image_size, tower_config.num_tokens, square=cfg.data.square,
                                     image_mean=mean, image_std=std)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "text.position"]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n != "text.position")]
+    decay, no_decay = [], []  # no decay on norms, biases, the text position table, the temperature
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 and n != "text.position" else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     skipped: Counter = Counter()
@@ -304,7 +307,7 @@ def pretrain_tower(cfg: ContrastiveConfig, log=print) -> tuple[ContrastiveModel,
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start, summary = time.time(), {}
-    with MetricsLogger(out, tensorboard=False) as metrics:
+    with MetricsLogger(out, tensorboard=cfg.tensorboard) as metrics:
         for step in tqdm(range(1, cfg.max_steps + 1), desc="pretrain_tower", mininterval=2.0):
             lr = warmup_cosine(step - 1, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, lr=cfg.lr,
                                min_lr=cfg.lr * cfg.min_lr_ratio)
