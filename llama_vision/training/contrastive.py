@@ -3,8 +3,8 @@
 LLaVA never trains its tower from scratch: it starts from CLIP, whose features already
 separate what captions tell apart, and the projector only has to map them into the LLM's
 input. A tower trained from random weights through a frozen decoder gets a weak gradient
-(docs/llava.md, "The demo"). This module gives a tower that start the way CLIP made its
-own (Radford et al. 2021): a small text transformer beside it, both embedded into one space
+(docs/llava.md, "The demo"). This module trains a tower the way CLIP trained its own
+(Radford et al. 2021): a small text transformer beside it, both embedded into one space
 and trained with the symmetric InfoNCE loss over the batch at a learned temperature. Only
 the tower is kept: ``tower.safetensors`` in our layout, which ``init_vision_from`` loads
 into a LLaVA model (``tools/pretrain_tower.py`` is the CLI).
