@@ -26,7 +26,7 @@ def _config(corpus, out, *extra):
 @pytest.fixture(scope="module")
 def run(shapes_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("clip_tower")
-    model, summary = pretrain_tower(_config(shapes_corpus, out), log=lambda *_: None)
+    model, summary = pretrain_tower(_config(shapes_corpus, out, "image_embedding=pooled"), log=lambda *_: None)
     return {"out": out, "model": model, "summary": summary}
 
 
@@ -54,7 +54,7 @@ def test_data_cache_reads_each_image_once_and_trains_the_same(run, shapes_corpus
     calls = []
     real = image_io.load_image
     monkeypatch.setattr(image_io, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
-    pretrain_tower(_config(shapes_corpus, tmp_path, "data.cache=true"), log=lambda *_: None)
+    pretrain_tower(_config(shapes_corpus, tmp_path, "data.cache=true", "image_embedding=pooled"), log=lambda *_: None)
     assert len(calls) == 64  # 80 steps x 32 pairs = 40 passes over 64 images, each decoded once
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line)["loss"] for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
@@ -97,7 +97,19 @@ def test_corrupt_and_captionless_samples_are_skipped_and_counted(shapes_corpus, 
     assert (tmp_path / "out" / "tower.safetensors").exists()
 
 
+def test_cell_embeddings_learn_too(shapes_corpus, tmp_path):
+    model, _ = pretrain_tower(_config(shapes_corpus, tmp_path, "image_embedding=cells", "cells=2"),
+                              log=lambda *_: None)
+    assert model.image_projection.in_features == 4 * 32  # 2 x 2 cells of the 32-wide tiny tower
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 2.0 and rows[-1]["i2t_acc"] > 0.3, rows[-1]
+
+
 def test_bad_configs_name_the_problem(shapes_corpus, tmp_path):
+    with pytest.raises(ValueError, match="cells=3 must divide the tower's 4 x 4 patch grid"):
+        pretrain_tower(_config(shapes_corpus, tmp_path, "image_embedding=cells", "cells=3"))
+    with pytest.raises(ValueError, match="image_embedding must be"):
+        pretrain_tower(_config(shapes_corpus, tmp_path, "image_embedding=mean"))
     with pytest.raises(ValueError, match="llava.tower"):
         pretrain_tower(_config(shapes_corpus, tmp_path, f"model={ROOT / 'configs/model/tiny.yaml'}"))
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
