@@ -106,7 +106,7 @@ def test_cell_embeddings_learn_too(shapes_corpus, tmp_path):
 
 
 def test_bad_configs_name_the_problem(shapes_corpus, tmp_path):
-    with pytest.raises(ValueError, match="cells=3 must divide the tower's 4 x 4 patch grid"):
+    with pytest.raises(ValueError, match="cells=3 must divide the tower's 4 x 4 token grid"):
         pretrain_tower(_config(shapes_corpus, tmp_path, "image_embedding=cells", "cells=3"))
     with pytest.raises(ValueError, match="image_embedding must be"):
         pretrain_tower(_config(shapes_corpus, tmp_path, "image_embedding=mean"))

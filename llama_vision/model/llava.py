@@ -43,7 +43,7 @@ from torch import nn
 from .modality import MediaTokens, Modality
 
 __all__ = ["LlavaConfig", "LlavaVideoConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params",
-           "add_llava_modality", "add_llava_video_modality", "pool_feature_grid", "pool_video_tokens"]
+           "add_llava_modality", "add_llava_video_modality", "check_pool_side", "pool_feature_grid", "pool_video_tokens"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 
@@ -148,11 +148,7 @@ class LlavaVisionModel(nn.Module):
         if config.pool_to is not None:
             if config.anyres is not None:
                 raise ValueError("pool_to pools one crop's grid; with AnyRes use anyres.anyres_max (OneVision's pooling)")
-            side = math.isqrt(tower.num_tokens)
-            if side * side != tower.num_tokens or not (isinstance(config.pool_to, int) and 0 < config.pool_to <= side
-                                                       and side % config.pool_to == 0):
-                raise ValueError(f"pool_to={config.pool_to!r} must divide the tower's {side} x {side} token grid "
-                                 f"({tower.num_tokens} tokens)")
+            check_pool_side(tower.num_tokens, config.pool_to, "pool_to")
         self.config = config
         self.vision_encoder = tower
         self.projector = Projector(tower_dim, text_dim, config.projector)
@@ -260,6 +256,14 @@ def _padded(items: list[torch.Tensor], places: list[tuple[int, int]], b: int, n:
         out[row, i, : t.shape[0]] = t
         valid[row, i, : t.shape[0]] = True
     return MediaTokens(out, valid)
+
+
+def check_pool_side(num_tokens: int, side: Any, key: str) -> None:
+    """ValueError naming `key` unless `side` divides the square grid of `num_tokens` tokens
+    (what `pool_feature_grid` can pool it to)."""
+    g = math.isqrt(num_tokens)
+    if g * g != num_tokens or not (isinstance(side, int) and 0 < side <= g and g % side == 0):
+        raise ValueError(f"{key}={side!r} must divide the tower's {g} x {g} token grid ({num_tokens} tokens)")
 
 
 def pool_feature_grid(features: torch.Tensor, side: int) -> torch.Tensor:

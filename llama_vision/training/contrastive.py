@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama_vision.model.clip_vision import ClipVisionConfig, ClipVisionTower
+from llama_vision.model.llava import check_pool_side, pool_feature_grid
 
 __all__ = [
     "ContrastiveConfig",
@@ -143,9 +144,8 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         if image_embedding not in ("pooled", "cells"):
             raise ValueError(f"image_embedding must be 'pooled' or 'cells', got {image_embedding!r}")
-        side = math.isqrt(tower_config.num_tokens)
-        if image_embedding == "cells" and not (side * side == tower_config.num_tokens and 0 < cells <= side and side % cells == 0):
-            raise ValueError(f"cells={cells} must divide the tower's {side} x {side} patch grid")
+        if image_embedding == "cells":
+            check_pool_side(tower_config.num_tokens, cells, "cells")
         self.cells = cells if image_embedding == "cells" else None
         # Every token after ln_post, whatever the LLaVA model reads later: the pooled token is
         # the last layer's (class token, or the mean for SigLIP).
@@ -162,8 +162,6 @@ class ContrastiveModel(nn.Module):
         tokens = self.tower(pixels)  # [B, (1 +) g*g, W]
         patches = tokens[:, 1:] if self.tower.config.has_class_token else tokens
         if self.cells:
-            from llama_vision.model.llava import pool_feature_grid
-
             pooled = pool_feature_grid(patches, self.cells).flatten(1)  # [B, cells^2 * W]
         else:
             pooled = tokens[:, 0] if self.tower.config.has_class_token else patches.mean(1)
