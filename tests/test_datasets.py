@@ -193,6 +193,28 @@ def test_jsonl_caption_manifest(tmp_path, image_dir, tok):
     assert text_only["labels"][0] == text_only["tokens"][1]
 
 
+def test_media_text_stands_in_the_media_slot_and_is_never_a_target(tmp_path, image_dir, tok):
+    # media_text: text where the media's tokens go (after any image token, before BOS), no
+    # label on it nor on predicting BOS; a non-string one is a bad record, named.
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", [
+        {"media_text": "a red square", "caption": "first"},
+        {"image": "imgs/a.jpg", "media_text": "red", "caption": "with image"},
+        {"media_text": 3, "caption": "bad"},
+    ])  # fmt: skip
+    dataset = CaptionDataset(JsonlCaptionSource(manifest), tok, PROC, shuffle=False)
+    examples, skipped = examples_and_skips(dataset)
+    assert skipped == {"bad_record": 1}
+    assert any("media_text must be a string, got int" in s.message for s in dataset.skip_counter.recent)
+    enc = lambda text: tok.encode(text, bos=False, eos=False)  # noqa: E731
+    stand_in, first = enc("a red square"), enc("first")
+    ex = examples["manifest.jsonl:1"]
+    assert ex["tokens"] == [*stand_in, tok.bos_id, *first, tok.eos_id] and ex["images"] == []
+    assert ex["labels"] == [-100] * len(stand_in) + [*first, tok.eos_id, -100]
+    ex = examples["manifest.jsonl:2"]
+    assert ex["tokens"] == [tok.image_token_id, *enc("red"), tok.bos_id, *enc("with image"), tok.eos_id]
+    assert ex["labels"] == [-100] * (1 + len(enc("red"))) + [*enc("with image"), tok.eos_id, -100]
+
+
 def test_conversation_dataset_masks_non_assistant_tokens(tmp_path, image_dir, tok):
     two_image_messages = [
         {"role": "system", "content": "Be brief."},

@@ -38,13 +38,14 @@ TEXT_CFG = REPO / "configs/train/demo_text.yaml"
 IMAGE_CFG = REPO / "configs/train/demo_image.yaml"
 VIDEO_CFG = REPO / "configs/train/demo_video.yaml"
 LLAVA_CFG = REPO / "configs/train/demo_llava.yaml"
+TOWER_CFG = REPO / "configs/train/demo_clip.yaml"
 FUSIONS = ("cross_attention", "projector", "both")
 
 DECODER_PREFIXES = ("text_model.layers.", "text_model.tok_embeddings", "text_model.norm", "text_model.output")
 
 # Bumped whenever prepare_data writes a different stage-0 corpus from the same data, so a
 # rerun rebuilds it (and, through the stamp in every stage's reuse key, retrains).
-TEXT_CORPUS_VERSION = 2
+TEXT_CORPUS_VERSION = 3  # 3: + scene-line rows (media_text)
 # Bumped whenever the checkpoints a stage writes change layout, so a rerun retrains instead
 # of reusing a final/ that no longer loads (2: the video placeholder's own embedding).
 STAGE_FORMAT = 2
@@ -76,7 +77,8 @@ class DemoOptions:
     n_test_videos: int = 80
     text_steps: int = 100
     image_steps: int = 2000
-    projector_steps: int = 2000
+    projector_steps: int = 3000
+    tower_steps: int = 800
     video_steps: int = 300
     n_show: int = 2
 
@@ -87,7 +89,7 @@ class DemoOptions:
             self.n_train_images, self.n_test_images = 48, 8
             self.n_train_videos, self.n_test_videos = 12, 4
             self.text_steps, self.image_steps, self.video_steps = 8, 4, 3
-            self.projector_steps = 4
+            self.projector_steps, self.tower_steps = 4, 3
             self.n_show = 1
 
 
@@ -141,15 +143,21 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
     test_captions = [r["caption"] for r in _read_jsonl(summary["test_images"])] + [
         r["caption"] for r in _read_jsonl(summary["test_videos"])
     ]
-    # The vocabulary comes from all captions (words only; the held-out captions use the same
-    # closed vocabulary, so they add no words the training captions lack).
-    train_sentencepiece(captions + video_captions + test_captions, tok_path, vocab_size=400, model_type="word")
+    scenes = [scene_line(c) for c in captions]
+    # The vocabulary comes from all captions and scene lines (words only; the held-out
+    # captions use the same closed vocabulary, so they add no words the training ones lack).
+    train_sentencepiece(captions + video_captions + test_captions + scenes, tok_path, vocab_size=400, model_type="word")
     # Stage 0's text corpus: image and video training captions (video ones repeated so the
     # motion sentences are not drowned out), shuffled: stage 0 reads less than one epoch
     # through a bounded shuffle buffer, so a file sorted by kind would hide the video
-    # sentences from it entirely.
+    # sentences from it entirely. Each image caption also comes once with its scene line
+    # in the media slot (before <|begin_of_text|>, where an image's tokens go): the trunk
+    # learns that what sits there describes the caption, which a projector's soft tokens
+    # need in order to steer it (docs/llava.md, "The demo"); the cross-attention arm
+    # never sees a scene line.
     reps = max(1, len(captions) // max(1, 4 * len(video_captions)))
-    rows = [{"caption": c} for c in captions] + [{"caption": c} for c in video_captions] * reps
+    rows = ([{"caption": c} for c in captions] + [{"media_text": m, "caption": c} for m, c in zip(scenes, captions)]
+            + [{"caption": c} for c in video_captions] * reps)
     random.Random(opts.seed).shuffle(rows)
     tmp = text_path.with_name(text_path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -158,13 +166,26 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
     return result
 
 
+def scene_line(caption: str) -> str:
+    """A caption's scene line: one word per cell in POSITIONS order (row-major, the order of
+    a 2 x 2 pooled token grid), the cell's colour and kind fused or "none", e.g.
+    "redcircle none none bluesquare"."""
+    from llama_vision.data.synthetic.shapes import POSITIONS, parse_caption
+
+    cells = {position: colour + kind for colour, kind, position in parse_caption(caption)}
+    if not cells:
+        raise ValueError(f"not a shapes-world image caption: {caption!r}")
+    return " ".join(cells.get(p, "none") for p in POSITIONS)
+
+
 # ---- 2-4. training stages -----------------------------------------------------------------------
 
 
-def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print, depends: tuple[Path, ...] = ()) -> float:
-    """tools/train.py --config CONFIG overrides... ; -> wall seconds. Skipped if final/ exists
-    and was trained from the same config, overrides, upstream stage and `depends` files."""
-    final = out_dir / "final"
+def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print, depends: tuple[Path, ...] = (),
+              tool: str = "tools/train.py", product: str = "final/params.json") -> float:
+    """TOOL --config CONFIG output_dir=OUT_DIR overrides... ; -> wall seconds. Skipped if
+    OUT_DIR/PRODUCT exists and was made from the same config, overrides, upstream stage and
+    `depends` files."""
     # Reuse key: the overrides, the config text and the upstream stage's stamp (so a changed
     # config or a retrained previous stage retrains this one).
     upstream = [o.split("=", 1)[1] for o in overrides if o.startswith(("init_from=", "init_text_from="))]
@@ -176,12 +197,12 @@ def run_stage(config: Path, out_dir: Path, overrides: list[str], log=print, depe
         "depends": [Path(d).read_text(encoding="utf-8") for d in depends],
         "format": STAGE_FORMAT,
     }
-    if (final / "params.json").exists() and (out_dir / "demo_done.json").exists():
+    if (out_dir / product).exists() and (out_dir / "demo_done.json").exists():
         done = json.loads((out_dir / "demo_done.json").read_text())
         if done.get("key") == key:
-            log(f"[demo] {out_dir.name}: reusing {final}")
+            log(f"[demo] {out_dir.name}: reusing {out_dir / product}")
             return 0.0
-    cmd = [sys.executable, str(REPO / "tools/train.py"), "--config", str(config), f"output_dir={out_dir}", *overrides]
+    cmd = [sys.executable, str(REPO / tool), "--config", str(config), f"output_dir={out_dir}", *overrides]
     log("[demo] $ " + " ".join(cmd))
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=str(REPO))
@@ -434,12 +455,19 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
                 VIDEO_CFG, s2, common + common_quick + [f"max_steps={_steps(opts.video_steps, opts.steps_scale)}",
                                                        f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log, stamp)
             final = s2 / "final"
-    s1p = work / "stage1_projector"
+    s1p, tower = work / "stage1_projector", work / "tower_clip"
     if run_proj:
-        log("[demo] 3/6 stage 1 (projector fusion): CLIP-style tower + mlp2x_gelu projector (decoder frozen)")
+        log("[demo] 3/6 stage 1 (projector fusion): contrastive pretraining of the CLIP-style tower")
+        walls["tower_clip_wall_s"] = run_stage(
+            TOWER_CFG, tower, common + [f"max_steps={_steps(opts.tower_steps, opts.steps_scale)}", f"data.paths={shards}"]
+            + (["data.shuffle_buffer=16", "batch_size=8"] if opts.quick else []), log, stamp,
+            tool="tools/pretrain_tower.py", product="tower.safetensors")
+        log("[demo] 3/6 stage 1 (projector fusion): mlp2x_gelu projector + the tower (decoder frozen)")
         walls["stage1_projector_wall_s"] = run_stage(
             LLAVA_CFG, s1p, common + common_quick + [f"max_steps={_steps(opts.projector_steps, opts.steps_scale)}",
-                                                    f"data.paths={shards}", f"init_text_from={s0 / 'final'}"], log, stamp)
+                                                    f"data.paths={shards}", f"init_text_from={s0 / 'final'}",
+                                                    f"init_vision_from={tower / 'tower.safetensors'}"], log,
+            stamp + (tower / "demo_done.json",))
     with_video = run_cross and not opts.skip_video
 
     log(f"[demo] 5/6 held-out evaluation of {final or s1p / 'final'}")

@@ -5,7 +5,10 @@ Three ``IterableDataset`` s share one engine (:class:`ExampleDataset`):
 * :class:`CaptionDataset` (pretraining): ``[<|image|>] * n + [<|begin_of_text|>] + caption +
   [<|end_of_text|>]`` -- the image tokens before BOS as in Meta's and transformers' captioning
   prompts. Loss on the caption tokens and the final EOS only. A record without an image is
-  a text-only sample (``[bos] + text + [eos]``).
+  a text-only sample (``[bos] + text + [eos]``). A record's ``media_text`` goes where the
+  media's tokens go, after any image tokens and before BOS, and is never a target: a
+  textual stand-in for the media, with which a text-only stage teaches the decoder to read
+  what sits in the media slot (the CPU demo's scene lines, docs/llava.md).
 * :class:`ConversationDataset` (SFT): :class:`~llama_vision.tokenizer.ChatFormat` dialogs;
   loss exactly on ChatFormat's assistant mask (assistant content + its ``<|eot_id|>``).
 * :class:`DPODataset`: a prompt plus ``chosen``/``rejected`` replies; each side is the dialog
@@ -520,7 +523,9 @@ class CaptionDataset(ExampleDataset):
         tok = self.tokenizer
         # Captions from .txt files usually end in a newline: strip surrounding whitespace.
         caption = tok.encode(text.strip(), bos=False, eos=False)
-        prefix = [self.image_token_id] * len(images) + [tok.bos_id]
+        media_text = record.fields.get("media_text")
+        stand_in = tok.encode(media_text.strip(), bos=False, eos=False) if media_text else []
+        prefix = [self.image_token_id] * len(images) + stand_in + [tok.bos_id]
         tokens = prefix + caption + [tok.eos_id]
         target_mask = [False] * len(prefix) + [True] * (len(caption) + 1)
         return self._lm_example(record.key, tokens, target_mask, images)

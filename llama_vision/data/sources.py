@@ -314,14 +314,19 @@ class _JsonlSource(ABC):
 class JsonlCaptionSource(_JsonlSource):
     """Image-caption manifest: ``{"image": "rel.jpg" | ["a.jpg", ...], "caption" | "text": str}``.
 
-    A line without ``image`` is a text-only sample.
+    A line without ``image`` is a text-only sample. Optional ``media_text`` (str): text that
+    stands where the media's tokens go, before ``<|begin_of_text|>`` (see
+    :class:`~llama_vision.data.datasets.CaptionDataset`).
     """
 
     def _fields(self, obj: dict, root: str) -> dict[str, Any]:
         text = obj.get("caption", obj.get("text"))
         if text is not None and not isinstance(text, str):
             raise ValueError("caption must be a string")
-        return {"images": self._images(obj, root, "image", "images"), "text": text, "meta": obj}
+        media_text = obj.get("media_text")
+        if media_text is not None and not isinstance(media_text, str):
+            raise ValueError(f"media_text must be a string, got {type(media_text).__name__}")
+        return {"images": self._images(obj, root, "image", "images"), "text": text, "media_text": media_text, "meta": obj}
 
 
 class ConversationSource(_JsonlSource):
