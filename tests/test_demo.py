@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from examples.shapes_demo.pipeline import scene_line
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -45,14 +48,21 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
     # The side-by-side table: both arms on the same frozen trunk, each decoder untouched.
     arms = metrics["fusion_comparison"]
     assert set(arms) == {"cross_attention", "projector"}
-    assert arms["cross_attention"]["decoder_tokens_per_image"] == 1 and arms["projector"]["decoder_tokens_per_image"] == 64
+    # The projector arm: a contrastively pretrained tower (its wall counted in the arm's), 4 tokens per image.
+    assert arms["cross_attention"]["decoder_tokens_per_image"] == 1 and arms["projector"]["decoder_tokens_per_image"] == 4
+    assert (work / "tower_clip" / "tower.safetensors").exists() and metrics["tower_clip_wall_s"] > 0
+    assert arms["projector"]["image_stage_train_wall_s"] > metrics["stage1_projector_wall_s"]
     for arm in arms.values():
         assert arm["decoder_unchanged"] is True and 0.0 <= arm["image_caption_accuracy"] <= 1.0
         assert arm["prefill_ms_per_image"] > 0 and arm["image_stage_train_wall_s"] > 0
     assert arms["cross_attention"]["image_caption_accuracy"] == metrics["image_caption_accuracy"]
     projector = json.loads((work / "eval" / "images_projector" / "model" / "results.json").read_text())["tasks"]
     assert projector["shapes_image_captions"]["score"] == arms["projector"]["image_caption_accuracy"]
-    assert "| decoder tokens per image | 1 | 64 |" in proc.stdout
+    assert "| decoder tokens per image | 1 | 4 |" in proc.stdout
+    # Stage 0's corpus: every image caption also once with its scene line in the media slot.
+    corpus = [json.loads(line) for line in (work / "data" / "text_captions.jsonl").read_text().splitlines()]
+    scene_rows = [r for r in corpus if "media_text" in r]
+    assert scene_rows and all(r["media_text"] == scene_line(r["caption"]) for r in scene_rows)
     for png in metrics["loss_plots"]:
         assert Path(png).exists() and Path(png).stat().st_size > 0
     assert (work / "data" / "tokenizer.model").exists()
@@ -74,6 +84,14 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
     metrics2 = json.loads((work / "metrics.json").read_text())
     assert metrics2["data_wall_s"] < metrics["data_wall_s"] + 5
     assert metrics2["decoder_unchanged"] is True
+    assert "tower_clip: reusing" in proc2.stdout and metrics2["tower_clip_wall_s"] == 0.0
+
+
+def test_scene_line_names_each_cell_in_pooled_grid_order():
+    # Row-major like a 2 x 2 pooled token grid: top left, top right, bottom left, bottom right.
+    assert scene_line("a red circle at the top right and a blue square at the bottom left.") == "none redcircle bluesquare none"
+    with pytest.raises(ValueError, match="not a shapes-world image caption"):
+        scene_line("the red circle moves left.")
 
 
 def test_demo_help():

@@ -75,9 +75,9 @@ class DemoOptions:
     n_test_images: int = 200
     n_train_videos: int = 400
     n_test_videos: int = 80
-    text_steps: int = 100
+    text_steps: int = 400
     image_steps: int = 2000
-    projector_steps: int = 3000
+    projector_steps: int = 2000
     tower_steps: int = 800
     video_steps: int = 300
     n_show: int = 2
@@ -493,7 +493,8 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
         proj["image_caption_accuracy"], proj_preds = eval_images(s1p / "final", data["test_images"], control=False, out_dir=out)
         proj["control_image_caption_accuracy"], proj_ctl = eval_images(s1p / "final", data["test_images"], control=True, out_dir=out)
         proj["decoder_unchanged"] = decoder_unchanged(s0 / "final", s1p / "final")
-        proj["image_stage_train_wall_s"] = stage_wall_s(s1p)
+        # The arm's image stage is the tower's contrastive pretraining + the projector stage.
+        proj["image_stage_train_wall_s"] = sum(stage_wall_s(d) or 0.0 for d in (tower, s1p))
         proj["image_checkpoint"] = str(s1p / "final")
         if not run_cross:
             final, img_preds, ctl_img_preds = s1p / "final", proj_preds, proj_ctl
@@ -538,6 +539,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
         "stage1": _steps(opts.image_steps, opts.steps_scale) if run_cross else None,
         "stage2": _steps(opts.video_steps, opts.steps_scale) if with_video else None,
         "stage1_projector": _steps(opts.projector_steps, opts.steps_scale) if run_proj else None,
+        "tower_clip": _steps(opts.tower_steps, opts.steps_scale) if run_proj else None,
     }
     plots = [s0 / "loss.png"] + ([s1 / "loss.png"] if run_cross else []) + ([s2 / "loss.png"] if with_video else []) + (
         [s1p / "loss.png"] if run_proj else [])
