@@ -12,9 +12,10 @@
    -> ``DIR/metrics.json`` (atomic write).
 6. ``tools/infer_image.py`` / ``tools/infer_video.py`` on a few held-out samples.
 
-``--fusion projector`` trains the image stage LLaVA's way instead (``demo_llava.yaml``: a
-small CLIP-style tower + mlp2x_gelu projector feeding the same frozen stage-0 decoder
-through its input, llama_vision/model/llava.py); ``--fusion both`` trains both arms on the
+``--fusion projector`` trains the image stage LLaVA's way instead: a small CLIP-style tower
+pretrained contrastively (``tools/pretrain_tower.py``, ``demo_clip.yaml`` -> ``DIR/tower_clip``),
+then it and an mlp2x_gelu projector feeding the same frozen stage-0 decoder through its
+input (``demo_llava.yaml``, llama_vision/model/llava.py); ``--fusion both`` trains both arms on the
 same trunk and data. Whenever the projector arm runs, metrics.json gets
 ``fusion_comparison``: per arm the caption (and video) accuracy, the image stage's train
 wall time, the decoder tokens an image takes and the prefill time of one image.
