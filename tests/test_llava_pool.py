@@ -1,7 +1,8 @@
 """`LlavaConfig.pool_to`: a LLaVA image modality that average-pools its tower's g x g
 feature grid to pool_to x pool_to tokens before the projector (the CPU demo's one token per
-cell). Checked against hand-computed block means, through params.json, the image
-processor's placeholder count and generation; bad values and HF export are refused."""
+cell), and the projector video modality's `pool: image` (every frame pooled as an image).
+Checked against hand-computed block means, through params.json, the image processor's
+placeholder count and generation; bad values and HF export are refused."""
 from __future__ import annotations
 
 import copy
@@ -84,3 +85,59 @@ def test_bad_pool_to_and_export_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="pool_to=2: transformers' LLaVA classes"):
         save_llava_hf(_pooled_model(), tmp_path / "hf", image_token_index=0)
+
+
+def _video_model(pool_to=2, pool="image"):
+    from llama_vision.model.builder import build_model
+
+    params = copy.deepcopy(TINY_LLAVA)
+    params.update(vocab_size=512)
+    if pool_to is not None:
+        params["llava"]["pool_to"] = pool_to
+    params["llava"]["video"] = {"pool": pool, "num_frames": 3}
+    return build_model(params, seed=0).eval()
+
+
+def test_video_pool_image_pools_every_frame_as_an_image():
+    """`llava.video.pool: image` (the CPU demo's video arm): a frame takes the tokens an image
+    does -- its tower grid's 2 x 2 block means through the projector -- a video its frames'
+    tokens in order; a shorter video in a padded slot only its own frames'."""
+    from llama_vision.model.llava import llava_frame_tokens
+
+    model = _video_model()
+    vision, video = model.vision_model, model.modalities["video"]
+    assert video.tokens_per_item(3) == 12 and llava_frame_tokens(model.args.llava) == 4
+    frames = torch.randn(2, 1, 3, 3, 28, 28)
+    counts = torch.tensor([[3], [2]])
+    with torch.no_grad():
+        enc = video.encode((frames, counts))
+        feats = vision.vision_encoder(frames[:, 0].reshape(6, 3, 28, 28)).reshape(2, 3, 4, 4, -1)
+        blocks = torch.stack([feats[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((2, 3)) for r in range(2) for c in range(2)], 2)
+        want = vision.projector(blocks).reshape(2, 12, -1)  # [video, frame * cell, D]
+    assert enc.tokens.shape[:3] == (2, 1, 12)
+    assert enc.valid[0, 0].all() and int(enc.valid[1, 0].sum()) == 8
+    torch.testing.assert_close(enc.tokens[0, 0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc.tokens[1, 0, :8], want[1, :8], rtol=1e-5, atol=1e-6)
+    # without pool_to a frame keeps the whole grid, as an image does; params.json round trip
+    assert _video_model(pool_to=None).modalities["video"].tokens_per_item(3) == 48
+
+def test_a_saved_video_pool_image_model_loads_back_pooling_as_it_did(tmp_path):
+    from llama_vision.checkpoint import load_model, read_params, save_meta_checkpoint
+
+    model = _video_model()
+    save_meta_checkpoint(model, tmp_path / "ckpt")
+    assert read_params(tmp_path / "ckpt")["llava"]["video"]["pool"] == "image"
+    back = load_model(tmp_path / "ckpt").eval()
+    frames, counts = torch.randn(1, 1, 3, 3, 28, 28), torch.tensor([[3]])
+    with torch.no_grad():
+        assert torch.equal(back.modalities["video"].encode((frames, counts)).tokens,
+                           model.modalities["video"].encode((frames, counts)).tokens)
+
+
+def test_bad_video_pool_and_its_export_are_refused(tmp_path):
+    from llama_vision.checkpoint.llava_hf import save_llava_hf
+
+    with pytest.raises(ValueError, match=r"video pool must be one of \('bilinear2x', 'image'\), got 'mean'"):
+        _video_model(pool="mean")
+    with pytest.raises(ValueError, match="video pool 'image': LLaVA-OneVision pools every frame bilinearly"):
+        save_llava_hf(_video_model(pool_to=None), tmp_path / "hf", image_token_index=0, video_token_index=1)

@@ -187,6 +187,9 @@ def llava_to_hf(model, *, image_token_index: int | None = None,
                          "pooling without AnyRes-Max); export a model without pool_to")
     onevision = config.anyres is not None and config.anyres.anyres_max is not None
     video = model.modalities.get("video")
+    if video is not None and video.fusion == "projector" and (params.get("video") or {}).get("pool") != "bilinear2x":
+        raise ValueError(f"video pool {(params.get('video') or {}).get('pool')!r}: LLaVA-OneVision pools every frame "
+                         "bilinearly to half its side (pool bilinear2x)")
     if video is not None and video.fusion == "projector" and not onevision:
         raise ValueError("a projector video modality exports as LLaVA-OneVision, which needs AnyRes with anyres_max")
     image = image_token_index if image_token_index is not None else config.hf_image_token_index

@@ -212,7 +212,7 @@ class VideoCaptionDataset(ExampleDataset):
 def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, dp_size: int, loop: bool):
     """The projector video modality's dataset (module docstring)."""
     from llama_vision.data.llava_images import LlavaImageProcessor
-    from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig, pooled_tokens_per_frame
+    from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig, llava_frame_tokens
 
     data, llava = cfg.data, model_args.llava
     if data.tile_dtype != "float32":
@@ -220,7 +220,7 @@ def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, d
     video = LlavaVideoConfig(**llava["video"])
     _, tower = LlavaConfig.from_params(llava)
     frame = LlavaImageProcessor.for_video_params(llava)
-    per_frame = pooled_tokens_per_frame(tower.num_tokens)
+    per_frame = llava_frame_tokens(llava)
     newline = 1 if llava.get("image_newline") else 0
     processor = VideoProcessor(num_frames=cfg.video.num_frames, tile_size=tower.image_size, max_num_tiles=1,
                                image_processor=frame)

@@ -29,7 +29,8 @@ batch.
 Video, LLaVA-OneVision's way (`add_llava_video_modality`, docs/llava.md "Video"): a second
 projector modality "video" encoded by the same tower / projector / image_newline
 (`LlavaVisionModel.forward(frames, frame_counts=...)`): each frame's token grid pooled
-bilinearly to half its side, a video's frames concatenated, one image_newline after them.
+bilinearly to half its side (or, `pool: image`, as an image crop is: `pool_to`), a video's
+frames concatenated, one image_newline after them.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from torch import nn
 from .modality import MediaTokens, Modality
 
 __all__ = ["LlavaConfig", "LlavaVideoConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params",
-           "add_llava_modality", "add_llava_video_modality", "check_pool_side", "pool_feature_grid", "pool_video_tokens"]
+           "add_llava_modality", "add_llava_video_modality", "check_pool_side", "frame_tokens", "llava_frame_tokens", "pool_feature_grid",
+           "pool_video_tokens"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 
@@ -172,19 +174,21 @@ class LlavaVisionModel(nn.Module):
             raise ValueError("AnyRes: the number of an image's tokens depends on its size: pass image_size=(h, w)")
         return anyres.num_image_tokens(image_size, image_newline=self.image_newline is not None)
 
-    def video_tokens_per_item(self, frames: int) -> int:
-        """Placeholders one video of `frames` frames takes (OneVision's layout):
-        frames * ceil(g/2)^2 pooled tokens, + 1 for the image_newline when the model has one."""
-        return int(frames) * pooled_tokens_per_frame(self.vision_encoder.num_tokens) + (1 if self.image_newline is not None else 0)
+    def video_tokens_per_item(self, frames: int, pool: str = "bilinear2x") -> int:
+        """Placeholders one video of `frames` frames takes (OneVision's layout): frames *
+        the tokens a frame keeps after `pool` (`frame_tokens`), + 1 for the image_newline
+        when the model has one."""
+        per_frame = frame_tokens(self.vision_encoder.num_tokens, self.config.pool_to, pool)
+        return int(frames) * per_frame + (1 if self.image_newline is not None else 0)
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, *,
-                frame_counts: torch.Tensor | None = None) -> MediaTokens:
+                frame_counts: torch.Tensor | None = None, video_pool: str = "bilinear2x") -> MediaTokens:
         """Images: (pixel_values [B, N, C, 3, H, W], image_sizes [B, N, 2]). Videos (the
         projector video modality, `add_llava_video_modality`): (frames [B, V, F, 3, H, W],
         frame_counts=[B, V]) -> MediaTokens [B, V, T, D] (one forward, so a wrapper's hooks
-        on this module run for either)."""
+        on this module run for either), each frame pooled by `video_pool` (VIDEO_POOLS)."""
         if frame_counts is not None:
-            return self._forward_video(pixel_values, frame_counts)
+            return self._forward_video(pixel_values, frame_counts, video_pool)
         from llama_vision.data.anyres import num_anyres_crops, pack_anyres_features
 
         if pixel_values.dim() != 6 or image_sizes.shape != pixel_values.shape[:2] + (2,):
@@ -217,10 +221,12 @@ class LlavaVisionModel(nn.Module):
                                           anyres.anyres_max) for t, (_, _, size) in zip(per_image, slots)]
         return _padded(items, [(row, i) for row, i, _ in slots], b, n)
 
-    def _forward_video(self, frames: torch.Tensor, frame_counts: torch.Tensor) -> MediaTokens:
+    def _forward_video(self, frames: torch.Tensor, frame_counts: torch.Tensor, pool: str) -> MediaTokens:
         """LLaVA-OneVision's `get_video_features`: every real frame through the tower and the
         projector (as one batch), each frame's g x g grid bilinearly pooled to ceil(g/2)^2
-        tokens, a video's frames concatenated, then one image_newline (if the model has it)."""
+        tokens (pool "bilinear2x"; "image": a frame is pooled as an image crop is, by
+        `pool_to` before the projector), a video's frames concatenated, then one
+        image_newline (if the model has it)."""
         if frames.dim() != 6 or tuple(frame_counts.shape) != tuple(frames.shape[:2]):
             raise ValueError(f"expected frames [B, V, F, 3, H, W] and frame_counts [B, V], got {list(frames.shape)} "
                              f"and {list(frame_counts.shape)}")
@@ -235,7 +241,13 @@ class LlavaVisionModel(nn.Module):
             empty = frames.new_zeros(b, v, 0, dim)
             return MediaTokens(empty, torch.zeros(b, v, 0, dtype=torch.bool, device=frames.device))
         batch = torch.cat([frames[row, i, :c] for row, i, c in slots])  # [M, 3, H, W]: real frames only
-        tokens = pool_video_tokens(self.projector(self.vision_encoder(batch)))  # [M, p*p, D]
+        features = self.vision_encoder(batch)  # [M, g*g, C]
+        if pool == "image":
+            if self.config.pool_to is not None:
+                features = pool_feature_grid(features, self.config.pool_to)
+            tokens = self.projector(features)  # [M, pool_to^2 or g*g, D]: each frame as an image
+        else:
+            tokens = pool_video_tokens(self.projector(features))  # [M, p*p, D]
         items = []
         for t in tokens.split([c for _, _, c in slots]):
             t = t.reshape(-1, dim)
@@ -289,6 +301,20 @@ def pooled_tokens_per_frame(num_tokens: int) -> int:
     return side * side
 
 
+def frame_tokens(num_tokens: int, pool_to: int | None, pool: str) -> int:
+    """Tokens one video frame takes: `pooled_tokens_per_frame` for OneVision's
+    "bilinear2x"; as many as an image for "image" (pool_to^2, or the tower's g*g)."""
+    if pool == "image":
+        return num_tokens if pool_to is None else pool_to**2
+    return pooled_tokens_per_frame(num_tokens)
+
+
+def llava_frame_tokens(llava: dict) -> int:
+    """Tokens one video frame takes in a model with params.json `llava: {..., video: {...}}`."""
+    config, tower = LlavaConfig.from_params(llava)
+    return frame_tokens(tower.num_tokens, config.pool_to, (llava.get("video") or {}).get("pool", "bilinear2x"))
+
+
 def pool_video_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """[M, g*g, D] per-frame tokens -> [M, ceil(g/2)^2, D]: OneVision's `apply_pooling`
     (bilinear interpolation of the grid, align_corners=False)."""
@@ -300,7 +326,10 @@ def pool_video_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(m, side * side, d)
 
 
-VIDEO_POOLS = ("bilinear2x",)
+# bilinear2x: OneVision's. image: each frame pooled as an image of the model is (pool_to
+# block means before the projector, or none), so a projector trained on images reads frames
+# as it reads images (the CPU demo's video arm: 4 tokens per frame, one per cell).
+VIDEO_POOLS = ("bilinear2x", "image")
 
 
 @dataclass
@@ -309,7 +338,8 @@ class LlavaVideoConfig:
     reuses the image modality's tower, projector and image_newline (the same modules)."""
 
     pool: str = "bilinear2x"
-    """Per-frame token pooling: `bilinear2x` (OneVision: g x g -> ceil(g/2) x ceil(g/2))."""
+    """Per-frame token pooling (VIDEO_POOLS): `bilinear2x` (OneVision: g x g -> ceil(g/2) x
+    ceil(g/2) after the projector) or `image` (as the image modality pools a crop)."""
     num_frames: int = 8
     """Frames the input side samples uniformly per video (data, generation)."""
     name: str = "video"
@@ -388,7 +418,8 @@ def add_llava_video_modality(model, config: LlavaVideoConfig | None = None) -> M
     image = model.modalities.get("image")
     if not isinstance(vision, LlavaVisionModel) or image is None or image.fusion != "projector":
         raise ValueError("the projector video modality needs a LLaVA model (the projector image modality at vision_model)")
-    _grid_side(vision.vision_encoder.num_tokens)
+    if config.pool == "bilinear2x":
+        _grid_side(vision.vision_encoder.num_tokens)
     args = model.args
     taken = {m.token_id for m in model.modalities.values()}
     if config.token_id is not None:
@@ -399,8 +430,9 @@ def add_llava_video_modality(model, config: LlavaVideoConfig | None = None) -> M
             raise ValueError("no free learnable row for the video placeholder (raise n_learnable_embeddings)")
         token_id = args.vocab_size + 1 if args.vocab_size + 1 in free else free[0]
     modality = model.add_modality(
-        config.name, token_id=token_id, encode=lambda inputs: vision(inputs[0], frame_counts=inputs[1]), layers=[],
-        own_placeholder=False, fusion="projector", tokens_per_item=vision.video_tokens_per_item,
+        config.name, token_id=token_id, encode=lambda inputs: vision(inputs[0], frame_counts=inputs[1], video_pool=config.pool),
+        layers=[], own_placeholder=False, fusion="projector",
+        tokens_per_item=lambda frames: vision.video_tokens_per_item(frames, config.pool),
     )
     if args.llava is not None:
         args.llava = {**args.llava, "video": {**config.to_params(), "token_id": token_id}}

@@ -392,10 +392,11 @@ def batch_shape(cfg: TrainConfig, model: nn.Module, images_per_sample: int = 1) 
         tower = llava_tower_shape(model)
         if model.modalities["video"].fusion == "projector" and tower is not None:
             # LLaVA-OneVision: every frame is one crop through the image tower, its g x g
-            # features pooled to ceil(g/2)^2 tokens (the pooling's own buffers not counted)
-            from llama_vision.model.llava import pooled_tokens_per_frame
+            # features pooled to ceil(g/2)^2 tokens or as an image (the pooling's own
+            # buffers not counted)
+            from llama_vision.model.llava import llava_frame_tokens
 
-            frame = dataclasses.replace(tower, crops=1, tokens_per_image=pooled_tokens_per_frame(tower.features))
+            frame = dataclasses.replace(tower, crops=1, tokens_per_image=llava_frame_tokens(args.llava))
             frames = cfg.video.num_frames
             return BatchShape(rows, seq, images=rows * frames, images_per_row=frames, tiles=1, kv_rows=rows,
                               packed=packed, tower=frame)
