@@ -352,3 +352,43 @@ def test_export_to_onevision_round_trips_through_from_pretrained(pair, tmp_path)
     assert state.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(state[k], ref[k], atol=0, rtol=0, msg=k)
+
+
+def test_a_video_stage_on_a_llava_checkpoint_adds_the_projector_video_path(video_run, shapes_corpus, tmp_path):
+    """stage video_pretrain with init_from a LLaVA image checkpoint (no video modality, pool_to
+    2): the stage adds the projector video modality from its `video:` block (pool image: 4
+    tokens per frame, one per pooled cell), trains only its trainable set on the clips and
+    saves a checkpoint that loads back with the modality."""
+    import yaml
+
+    from _helpers import ROOT, tiny_train_overrides
+    from llama_vision.checkpoint import load_model, read_params, save_meta_checkpoint
+    from llama_vision.config import load_config
+    from llama_vision.model.builder import build_model
+    from llama_vision.training.train_config import TrainConfig
+    from llama_vision.training.trainer import Trainer
+
+    tok_words = video_run["trainer"].tokenizer.n_words
+    params = yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text())
+    params["llava"]["pool_to"] = 2
+    params["vocab_size"] = tok_words
+    image_ckpt = tmp_path / "image"
+    save_meta_checkpoint(build_model(params, seed=1), image_ckpt)
+    assert "video" not in read_params(image_ckpt)["llava"]
+    overrides = tiny_train_overrides(shapes_corpus, tmp_path / "run", max_steps=3, checkpoint_every=3, **{
+        "model": image_ckpt, "init_from": image_ckpt, "data.paths": f'["{video_run["root"] / "train.jsonl"}"]',
+        "data.shuffle": "false", "video.num_frames": 4, "video.pool": "image", "micro_batch_size": 4,
+        "trainable.adapters": "true", "optim.lr": 3e-3, "optim.warmup_steps": 1})
+    cfg = load_config(TrainConfig, ROOT / "configs/train/tiny_video_pretrain.yaml", overrides)
+    trainer = Trainer(cfg)
+    video = trainer.model.modalities["video"]
+    assert video.fusion == "projector" and video.tokens_per_item(4) == 16
+    batch = next(iter(trainer.loader))
+    assert ((batch.tokens == video.token_id).sum(1) == 16).all() and batch.frames.shape[2] == 4
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("vision_model.projector.", "text_model.learnable_embedding")) for n in changed), changed
+    saved = read_params(tmp_path / "run" / "final")["llava"]
+    assert saved["video"]["pool"] == "image" and saved["video"]["num_frames"] == 4 and saved["pool_to"] == 2
+    assert load_model(str(tmp_path / "run" / "final")).modalities["video"].tokens_per_item(4) == 16

@@ -15,6 +15,7 @@ from llama_vision.checkpoint.load import assign_strict
 from llama_vision.checkpoint.text_only import text_trunk_state
 from llama_vision.model import build_model, set_trainable, trainable_groups
 from llama_vision.model.init import init_weights, initial_value
+from llama_vision.model.llava import LlavaVideoConfig, add_llava_video_modality
 from llama_vision.model.lora import apply_lora, lora_from_meta_args
 from llama_vision.model.video import VideoConfig, add_video_adapters
 
@@ -115,9 +116,14 @@ def _set_stage_trainable(model, cfg: TrainConfig) -> None:
 
 
 def _add_stage_modalities(model, cfg: TrainConfig) -> None:
-    """The video modality of video_* stages (initialised with its own seed: see init.py)."""
+    """The video modality of video_* stages (initialised with its own seed: see init.py);
+    on a LLaVA model OneVision's projector video path (the image tower and projector
+    encode the frames: nothing new to initialise)."""
     if cfg.stage.startswith("video") and "video" not in model.modalities:
         v = cfg.video
+        if getattr(model.args, "llava", None) is not None:
+            add_llava_video_modality(model, LlavaVideoConfig(pool=v.pool, num_frames=v.num_frames))
+            return
         add_video_adapters(model, VideoConfig(
             num_frames=v.num_frames, frames_per_group=v.frames_per_group, tiles_per_frame=v.tiles_per_frame,
             n_latents=v.n_latents, depth=v.depth, heads=v.heads, every_k_image_layers=v.every_k_image_layers,

@@ -215,7 +215,9 @@ class DPOConfig:
 @dataclass
 class VideoTrainConfig:
     """Shape of the video modality that video_* stages add to the model: a
-    perceiver aggregator and video cross-attention adapters (llama_vision.model.video)."""
+    perceiver aggregator and video cross-attention adapters (llama_vision.model.video); on
+    a LLaVA model (params `llava:`) the projector video modality instead
+    (llama_vision.model.llava.add_llava_video_modality: `num_frames` and `pool` only)."""
 
     num_frames: int = 16
     """Frames sampled per video (the most the aggregator accepts)."""
@@ -234,6 +236,9 @@ class VideoTrainConfig:
     every_k_image_layers: int = 4
     """A video cross-attention adapter before every k-th image cross-attention layer (the
     last one kept; paper: 4)."""
+    pool: str = "bilinear2x"
+    """LLaVA models: per-frame token pooling of the projector video modality
+    (llama_vision.model.llava.VIDEO_POOLS: OneVision's `bilinear2x`, or `image`)."""
 
 
 @dataclass
