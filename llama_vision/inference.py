@@ -178,6 +178,8 @@ def answer_video(gen: Generator, video_path: str, text: str, sampling: Sampling,
     model = gen.model
     if "video" not in model.modalities:
         raise ValueError("this checkpoint has no video adapters (params.json has no 'video' entry)")
+    if model.modalities["video"].fusion == "projector":
+        return _answer_projector_video(gen, video_path, text, sampling, raw, num_frames)
     cfg = VideoConfig(**model.args.video)
     if num_frames is not None:
         cfg = dataclasses.replace(cfg, num_frames=num_frames)
@@ -191,4 +193,21 @@ def answer_video(gen: Generator, video_path: str, text: str, sampling: Sampling,
     new = gen.generate_from_tensors([ids], media_inputs=media, **sampling.kwargs())[0]
     h, w = ratios[0, 0].tolist()
     summary = f"video: {int(frames[0, 0])} frames sampled -> {h}x{w} tiles of {model.args.vision_chunk_size} px each"
+    return gen.tokenizer.decode(new), summary
+
+
+def _answer_projector_video(gen: Generator, video_path: str, text: str, sampling: Sampling, raw: bool,
+                            num_frames: int | None) -> tuple[str, str]:
+    """answer_video for a LLaVA model's projector video modality: the placeholder expands
+    to the sampled frames' tokens in the prompt (llama_vision.inputs.prepare_videos)."""
+    from .inputs import prepare_videos
+
+    model = gen.model
+    video = model.modalities["video"]
+    ids = prompt_tokens(gen, text, 1, raw, placeholder=video.token_id)
+    rows, media = prepare_videos(model, [ids], [[video_path]], device=gen.device, num_frames=num_frames)
+    new = gen.generate_from_tensors(rows, media_inputs={"video": media}, **sampling.kwargs())[0]
+    frames = int(media[1][0, 0])
+    summary = (f"video: {frames} frames sampled -> {video.tokens_per_item(frames)} decoder input tokens "
+               f"({frames} x {media[0].shape[-1]} px frames through the tower and projector)")
     return gen.tokenizer.decode(new), summary

@@ -93,6 +93,12 @@ def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None,
     check_media_counts(rows, videos, mod.placeholder_ids, what="video")
     if videos is None or not any(videos):
         return rows, None
+    return prepare_video_clips(model, rows, [[projector_clip(model, v, num_frames) for v in row] for row in videos], device)
+
+
+def projector_clip(model, video: Any, num_frames: int | None = None) -> torch.Tensor:
+    """One video (a path, uint8 frames [F, H, W, 3] or PIL images: `prepare_videos`) ->
+    its processed frames [f, 3, S, S] for the projector video modality of `model`."""
     import os
 
     import numpy as np
@@ -102,23 +108,27 @@ def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None,
 
     llava = model.args.llava
     frame = LlavaImageProcessor.for_video_params(llava)
-    n = num_frames or llava["video"].get("num_frames", 8)
+    if isinstance(video, (str, os.PathLike)):
+        n = num_frames or llava["video"].get("num_frames", 8)
+        out, _, info = VideoProcessor(n, frame.image_size, 1, image_processor=frame)(video)
+        return out[: info.valid, 0]
+    pil = video if isinstance(video, (list, tuple)) else frames_to_pil(
+        video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video))
+    if not pil:
+        raise ValueError("a video needs at least one frame")
+    return torch.cat([frame(im)[0] for im in pil])
 
-    def clip(video) -> torch.Tensor:
-        if isinstance(video, (str, os.PathLike)):
-            out, _, info = VideoProcessor(n, frame.image_size, 1, image_processor=frame)(video)
-            return out[: info.valid, 0]
-        pil = video if isinstance(video, (list, tuple)) else frames_to_pil(
-            video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video))
-        if not pil:
-            raise ValueError("a video needs at least one frame")
-        return torch.cat([frame(im)[0] for im in pil])
 
-    clips = [[clip(v) for v in row] for row in videos]
+def prepare_video_clips(model, rows: list[list[int]], clips: list[list[torch.Tensor]], device=None):
+    """`prepare_videos` for clips already processed (`projector_clip`: [f, 3, S, S] each)."""
+    mod = model.modalities["video"]
+    check_media_counts(rows, clips, mod.placeholder_ids, what="video")
+    if not any(clips):
+        return rows, None
     expanded = _expand_placeholders(rows, [[mod.tokens_per_item(c.shape[0]) for c in row] for row in clips], mod)
     v = max(len(r) for r in clips)
     f = max(c.shape[0] for r in clips for c in r)
-    side = frame.image_size
+    side = next(c for r in clips for c in r).shape[-1]
     dtype = next(model.vision_model.parameters()).dtype
     pixels = torch.zeros(len(rows), v, f, 3, side, side, dtype=dtype)
     counts = torch.zeros(len(rows), v, dtype=torch.long)

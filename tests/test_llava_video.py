@@ -246,6 +246,14 @@ def test_generate_from_a_video_path_expands_its_placeholder(video_run):
     back = load_model(video_run["root"] / "run" / "final")
     assert Generator(back, tok, streaming_layout=False).generate([prompt], videos=[[path]], max_new_tokens=6,
                                                                  stop_tokens=[])[0] == got
+    # tools/infer_video.py's path (inference.answer_video): the same tokens, `--num-frames` honoured
+    from llama_vision.inference import Sampling, answer_video
+
+    answer, summary = answer_video(gen, path, "the", Sampling(max_new_tokens=6), raw=True)
+    want = gen.generate([prompt], videos=[[path]], max_new_tokens=6)[0]
+    assert answer == tok.decode(want) and summary.startswith("video: 4 frames sampled -> 16 decoder input tokens")
+    assert answer_video(gen, path, "the", Sampling(max_new_tokens=2), raw=True, num_frames=2)[1].startswith(
+        "video: 2 frames sampled -> 8 decoder input tokens")
 
 
 @torch.no_grad()
@@ -392,3 +400,38 @@ def test_a_video_stage_on_a_llava_checkpoint_adds_the_projector_video_path(video
     saved = read_params(tmp_path / "run" / "final")["llava"]
     assert saved["video"]["pool"] == "image" and saved["video"]["num_frames"] == 4 and saved["pool_to"] == 2
     assert load_model(str(tmp_path / "run" / "final")).modalities["video"].tokens_per_item(4) == 16
+
+
+@torch.no_grad()
+def test_lmms_eval_adapter_expands_projector_videos_and_images(video_run, monkeypatch):
+    """The lmms-eval / VLMEvalKit adapter on a LLaVA checkpoint: a video item expands to its
+    frames' tokens, an image item to the image's (Generator.generate's answers), and a
+    loglikelihood request scores the continuation after the expanded prompt."""
+    pytest.importorskip("lmms_eval")
+    for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+        monkeypatch.setenv(k, v)
+    from PIL import Image
+
+    from llama_vision.eval.lmms_eval_model import LlamaVisionLMM
+    from llama_vision.eval.loglikelihood import continuation_logprobs
+    from llama_vision.inputs import prepare_videos
+
+    trainer = video_run["trainer"]
+    model, tok = trainer.model.eval(), trainer.tokenizer
+    gen = Generator(model, tok, streaming_layout=False)
+    lmm = LlamaVisionLMM(pretrained=str(video_run["root"] / "run" / "final"), dtype="fp32", device="cpu", raw=True,
+                         max_new_tokens=6)
+    path = str(video_run["root"] / "c1.mp4")
+    v, i = model.modalities["video"].token_id, model.modalities["image"].token_id
+    text = tok.encode("the", bos=True, eos=False)
+    want = tok.decode(gen.generate([[v] + text], videos=[[path]], max_new_tokens=6)[0])
+    assert lmm.generate_inner([{"type": "video", "value": path}, {"type": "text", "value": "the"}]) == want
+    image_path = video_run["root"] / "im.png"
+    Image.new("RGB", (30, 20), (30, 200, 30)).save(image_path)
+    want = tok.decode(gen.generate([[i] + text], [[Image.open(image_path).convert("RGB")]], max_new_tokens=6)[0])
+    assert lmm.generate_inner([{"type": "image", "value": str(image_path)}, {"type": "text", "value": "the"}]) == want
+    dialog = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "the"}]}]
+    (nll, _), = lmm._score([(dialog, " red circle")])
+    rows, media = prepare_videos(model, [[v] + text], [[path]])
+    (logp, _), = continuation_logprobs(model, rows, [tok.encode(" red circle", bos=False, eos=False)], {"video": media})
+    assert nll == pytest.approx(-logp, abs=1e-5)

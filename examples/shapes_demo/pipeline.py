@@ -15,10 +15,13 @@
 ``--fusion projector`` trains the image stage LLaVA's way instead: a small CLIP-style tower
 pretrained contrastively (``tools/pretrain_tower.py``, ``demo_clip.yaml`` -> ``DIR/tower_clip``),
 then it and an mlp2x_gelu projector feeding the same frozen stage-0 decoder through its
-input (``demo_llava.yaml``, llama_vision/model/llava.py); ``--fusion both`` trains both arms on the
-same trunk and data. Whenever the projector arm runs, metrics.json gets
-``fusion_comparison``: per arm the caption (and video) accuracy, the image stage's train
-wall time, the decoder tokens an image takes and the prefill time of one image.
+input (``demo_llava.yaml``, llama_vision/model/llava.py), then its video stage
+(``demo_llava_video.yaml``: LLaVA-OneVision's video path on that checkpoint, the frames
+through the same tower and projector, 4 tokens each; only the projector trains);
+``--fusion both`` trains both arms on the same trunk and data. Whenever the projector arm
+runs, metrics.json gets ``fusion_comparison``: per arm the caption and video accuracy (and
+the image accuracy after the video stage), the stages' train wall time, the decoder tokens
+an image takes and the prefill time of one image.
 
 Each stage runs ``tools/train.py`` in a subprocess (the same command a user would type).
 """
@@ -39,6 +42,7 @@ TEXT_CFG = REPO / "configs/train/demo_text.yaml"
 IMAGE_CFG = REPO / "configs/train/demo_image.yaml"
 VIDEO_CFG = REPO / "configs/train/demo_video.yaml"
 LLAVA_CFG = REPO / "configs/train/demo_llava.yaml"
+LLAVA_VIDEO_CFG = REPO / "configs/train/demo_llava_video.yaml"
 TOWER_CFG = REPO / "configs/train/demo_clip.yaml"
 FUSIONS = ("cross_attention", "projector", "both")
 
@@ -46,7 +50,7 @@ DECODER_PREFIXES = ("text_model.layers.", "text_model.tok_embeddings", "text_mod
 
 # Bumped whenever prepare_data writes a different stage-0 corpus from the same data, so a
 # rerun rebuilds it (and, through the stamp in every stage's reuse key, retrains).
-TEXT_CORPUS_VERSION = 3  # 3: + scene-line rows (media_text)
+TEXT_CORPUS_VERSION = 4  # 3: + scene-line rows (media_text); 4: + video scene-line rows
 # Bumped whenever the checkpoints a stage writes change layout, so a rerun retrains instead
 # of reusing a final/ that no longer loads (2: the video placeholder's own embedding).
 STAGE_FORMAT = 2
@@ -81,6 +85,7 @@ class DemoOptions:
     projector_steps: int = 2000
     tower_steps: int = 800
     video_steps: int = 300
+    projector_video_steps: int = 300
     n_show: int = 2
 
     def __post_init__(self):
@@ -90,7 +95,7 @@ class DemoOptions:
             self.n_train_images, self.n_test_images = 48, 8
             self.n_train_videos, self.n_test_videos = 12, 4
             self.text_steps, self.image_steps, self.video_steps = 8, 4, 3
-            self.projector_steps, self.tower_steps = 4, 3
+            self.projector_steps, self.tower_steps, self.projector_video_steps = 4, 3, 3
             self.n_show = 1
 
 
@@ -145,9 +150,12 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
         r["caption"] for r in _read_jsonl(summary["test_videos"])
     ]
     scenes = [scene_line(c) for c in captions]
+    frames = projector_video_frames()
+    video_scenes = [video_scene_line(r, frames) for r in _read_jsonl(summary["train_videos"])]
     # The vocabulary comes from all captions and scene lines (words only; the held-out
     # captions use the same closed vocabulary, so they add no words the training ones lack).
-    train_sentencepiece(captions + video_captions + test_captions + scenes, tok_path, vocab_size=400, model_type="word")
+    train_sentencepiece(captions + video_captions + test_captions + scenes + video_scenes, tok_path, vocab_size=400,
+                        model_type="word")
     # Stage 0's text corpus: image and video training captions (video ones repeated so the
     # motion sentences are not drowned out), shuffled: stage 0 reads less than one epoch
     # through a bounded shuffle buffer, so a file sorted by kind would hide the video
@@ -155,10 +163,12 @@ def prepare_data(opts: DemoOptions) -> dict[str, Any]:
     # in the media slot (before <|begin_of_text|>, where an image's tokens go): the trunk
     # learns that what sits there describes the caption, which a projector's soft tokens
     # need in order to steer it (docs/llava.md, "The demo"); the cross-attention arm
-    # never sees a scene line.
+    # never sees a scene line. Each video caption likewise comes with the scene lines of
+    # the frames the projector's video stage samples, one after another (a clip's tokens).
     reps = max(1, len(captions) // max(1, 4 * len(video_captions)))
     rows = ([{"caption": c} for c in captions] + [{"media_text": m, "caption": c} for m, c in zip(scenes, captions)]
-            + [{"caption": c} for c in video_captions] * reps)
+            + [{"caption": c} for c in video_captions] * reps
+            + [{"media_text": m, "caption": c} for m, c in zip(video_scenes, video_captions)] * (4 * reps))
     random.Random(opts.seed).shuffle(rows)
     tmp = text_path.with_name(text_path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -177,6 +187,31 @@ def scene_line(caption: str) -> str:
     if not cells:
         raise ValueError(f"not a shapes-world image caption: {caption!r}")
     return " ".join(cells.get(p, "none") for p in POSITIONS)
+
+
+def projector_video_frames() -> int:
+    """Frames the projector arm's video stage samples per clip (demo_llava_video.yaml)."""
+    import yaml
+
+    return int(yaml.safe_load(LLAVA_VIDEO_CFG.read_text(encoding="utf-8"))["video"]["num_frames"])
+
+
+def video_scene_line(row: dict, num_frames: int) -> str:
+    """A video row's scene lines: for each of the `num_frames` frames the video data
+    samples (`uniform_indices`, the loader's), the `scene_line` of where the shape's centre
+    is (the 2 x 2 cell it lies in), one after another: 4 * num_frames words."""
+    from llama_vision.data.synthetic.shapes import POSITIONS
+    from llama_vision.data.video import uniform_indices
+
+    centres = row.get("centres")
+    if not centres or len(centres) != row["num_frames"]:
+        raise ValueError(f"video row {row.get('video')!r}: needs one centre per frame (shapes-world data version 3)")
+    words = []
+    for i in uniform_indices(len(centres), num_frames):
+        x, y = centres[i]
+        cell = 2 * (y >= 0.5) + (x >= 0.5)
+        words += [row["colour"] + row["kind"] if j == cell else "none" for j in range(len(POSITIONS))]
+    return " ".join(words)
 
 
 # ---- 2-4. training stages -----------------------------------------------------------------------
@@ -456,7 +491,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
                 VIDEO_CFG, s2, common + common_quick + [f"max_steps={_steps(opts.video_steps, opts.steps_scale)}",
                                                        f"data.paths={json.dumps([data['train_videos']])}", f"init_from={s1 / 'final'}"], log, stamp)
             final = s2 / "final"
-    s1p, tower = work / "stage1_projector", work / "tower_clip"
+    s1p, s2p, tower = work / "stage1_projector", work / "stage2_projector", work / "tower_clip"
     if run_proj:
         log("[demo] 3/6 stage 1 (projector fusion): contrastive pretraining of the CLIP-style tower")
         walls["tower_clip_wall_s"] = run_stage(
@@ -469,7 +504,13 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
                                                     f"data.paths={shards}", f"init_text_from={s0 / 'final'}",
                                                     f"init_vision_from={tower / 'tower.safetensors'}"], log,
             stamp + (tower / "demo_done.json",))
-    with_video = run_cross and not opts.skip_video
+        if not opts.skip_video:
+            log("[demo] 4/6 stage 2 (projector fusion): frames through the tower + projector (decoder frozen)")
+            walls["stage2_projector_wall_s"] = run_stage(
+                LLAVA_VIDEO_CFG, s2p, common + common_quick + [f"max_steps={_steps(opts.projector_video_steps, opts.steps_scale)}",
+                                                          f"data.paths={json.dumps([data['train_videos']])}",
+                                                          f"model={s1p / 'final'}", f"init_from={s1p / 'final'}"], log, stamp)
+    with_video = not opts.skip_video
 
     log(f"[demo] 5/6 held-out evaluation of {final or s1p / 'final'}")
     t0 = time.time()
@@ -480,11 +521,13 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
         cross = arms["cross_attention"] = {}
         cross["image_caption_accuracy"], img_preds = eval_images(final, data["test_images"], control=False)
         cross["control_image_caption_accuracy"], ctl_img_preds = eval_images(final, data["test_images"], control=True)
-        if with_video:
+        if with_video:  # the final checkpoint (stage 2) holds the image stage's weights too
             cross["video_direction_accuracy"], cross["video_direction_forced_choice_accuracy"], vid_preds = eval_videos(
                 final, data["test_videos"], control=False)
             cross["control_video_direction_accuracy"], cross["control_video_direction_forced_choice_accuracy"], ctl_vid_preds = (
                 eval_videos(final, data["test_videos"], control=True))
+            cross["image_caption_accuracy_after_video"] = cross["image_caption_accuracy"]  # (measured on it)
+            cross["video_stage_train_wall_s"] = stage_wall_s(s2)
         cross["decoder_unchanged"] = decoder_unchanged(s0 / "final", final) and decoder_unchanged(s0 / "final", s1 / "final")
         cross["image_stage_train_wall_s"] = stage_wall_s(s1)
         cross["image_checkpoint"] = str(s1 / "final")
@@ -497,8 +540,22 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
         # The arm's image stage is the tower's contrastive pretraining + the projector stage.
         proj["image_stage_train_wall_s"] = sum(stage_wall_s(d) or 0.0 for d in (tower, s1p))
         proj["image_checkpoint"] = str(s1p / "final")
+        if with_video:
+            # The video stage retrains the projector, which images go through too: its
+            # checkpoint's image accuracy is the arm's after both stages.
+            out = work / "eval" / "videos_projector"
+            proj["video_direction_accuracy"], proj["video_direction_forced_choice_accuracy"], proj_vid = eval_videos(
+                s2p / "final", data["test_videos"], control=False, out_dir=out)
+            proj["control_video_direction_accuracy"], proj["control_video_direction_forced_choice_accuracy"], proj_ctl_vid = (
+                eval_videos(s2p / "final", data["test_videos"], control=True, out_dir=out))
+            proj["image_caption_accuracy_after_video"], _ = eval_images(
+                s2p / "final", data["test_images"], control=False, out_dir=work / "eval" / "images_projector_after_video")
+            proj["decoder_unchanged"] = proj["decoder_unchanged"] and decoder_unchanged(s0 / "final", s2p / "final")
+            proj["video_stage_train_wall_s"] = stage_wall_s(s2p)
         if not run_cross:
-            final, img_preds, ctl_img_preds = s1p / "final", proj_preds, proj_ctl
+            final, img_preds, ctl_img_preds = (s2p if with_video else s1p) / "final", proj_preds, proj_ctl
+            if with_video:
+                vid_preds, ctl_vid_preds = proj_vid, proj_ctl_vid
     main = arms["cross_attention" if run_cross else "projector"]
     for key in ("image_caption_accuracy", "control_image_caption_accuracy", "decoder_unchanged",
                 "video_direction_accuracy", "control_video_direction_accuracy", *FORCED_CHOICE_KEYS):
@@ -538,12 +595,13 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
     metrics["steps"] = {
         "stage0": _steps(opts.text_steps, opts.steps_scale),
         "stage1": _steps(opts.image_steps, opts.steps_scale) if run_cross else None,
-        "stage2": _steps(opts.video_steps, opts.steps_scale) if with_video else None,
+        "stage2": _steps(opts.video_steps, opts.steps_scale) if with_video and run_cross else None,
         "stage1_projector": _steps(opts.projector_steps, opts.steps_scale) if run_proj else None,
         "tower_clip": _steps(opts.tower_steps, opts.steps_scale) if run_proj else None,
+        "stage2_projector": _steps(opts.projector_video_steps, opts.steps_scale) if run_proj and with_video else None,
     }
-    plots = [s0 / "loss.png"] + ([s1 / "loss.png"] if run_cross else []) + ([s2 / "loss.png"] if with_video else []) + (
-        [s1p / "loss.png"] if run_proj else [])
+    stages = [s0] + [s1, s2][: (1 + with_video) * run_cross] + [s1p, s2p][: (1 + with_video) * run_proj]
+    plots = [d / "loss.png" for d in stages]
     metrics["loss_plots"] = [str(p) for p in plots if p.exists()]
     metrics["final_checkpoint"] = str(final)
     metrics["options"] = dataclasses.asdict(opts)
@@ -561,7 +619,10 @@ COMPARISON_ROWS = (
     ("image caption accuracy", "image_caption_accuracy", "{:.3f}"),
     ("  control (no image information)", "control_image_caption_accuracy", "{:.3f}"),
     ("video direction accuracy", "video_direction_accuracy", "{:.3f}"),
+    ("  control (no video information)", "control_video_direction_accuracy", "{:.3f}"),
+    ("image caption accuracy after the video stage", "image_caption_accuracy_after_video", "{:.3f}"),
     ("image stage train wall (s)", "image_stage_train_wall_s", "{:.0f}"),
+    ("video stage train wall (s)", "video_stage_train_wall_s", "{:.0f}"),
     ("decoder tokens per image", "decoder_tokens_per_image", "{:g}"),
     ("prefill, 1 image, batch 1 (ms)", "prefill_ms_per_image", "{:.1f}"),
     ("decoder bitwise unchanged", "decoder_unchanged", "{}"),

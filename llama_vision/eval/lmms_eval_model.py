@@ -274,7 +274,7 @@ class LlamaVisionLMM(lmms):
 
     def encode(self, dialogs: list[Dialog]) -> tuple[list[list[int]], dict[str, Any]]:
         """-> (prompt ids per dialog, the batch's media inputs)."""
-        from llama_vision.inputs import prepare_image_batch
+        from llama_vision.inputs import prepare_images, prepare_videos
 
         model = self.gen.model
         video_token = model.modalities["video"].token_id if "video" in model.modalities else None
@@ -301,10 +301,13 @@ class LlamaVisionLMM(lmms):
             images.append(row_images)
             videos.append(row_videos)
         media: dict[str, Any] = {}
-        image_inputs = prepare_image_batch(model, rows, images, device=self.gen.device)
+        # (a LLaVA model's projector modalities expand each placeholder to the item's tokens)
+        rows, image_inputs = prepare_images(model, rows, images, device=self.gen.device)
         if image_inputs is not None:
             media["image"] = image_inputs
-        if any(videos):
+        if any(videos) and model.modalities["video"].fusion == "projector":
+            rows, media["video"] = prepare_videos(model, rows, videos, device=self.gen.device, num_frames=self.num_frames)
+        elif any(videos):
             media["video"] = self._video_inputs(videos)
         return rows, media
 

@@ -35,7 +35,7 @@ from llama_vision.config import config_to_dict
 from llama_vision.data.image_io import ImageLoadError
 from llama_vision.data.video import VideoLoadError
 from llama_vision.inference import prompt_tokens
-from llama_vision.inputs import prepare_images
+from llama_vision.inputs import prepare_images, prepare_video_clips, projector_clip
 
 from .loglikelihood import continuation_logprobs
 from .readers import EvalSample, load_images, read_samples
@@ -153,26 +153,32 @@ def evaluate_batch(gen, task: TaskConfig, samples: list[EvalSample]) -> list[dic
     return [records[s.id] for s in samples]
 
 
+VIDEO_KINDS = ("video", "projector_video")  # Meta's video adapters, a LLaVA model's projector path
+
+
 def _load_media(gen, task: TaskConfig, sample: EvalSample):
-    """-> ("image", [PIL images]) or ("video", (videos, ratios, frames)) for one sample."""
+    """-> ("image", [PIL images]), ("video", (videos, ratios, frames)) or, for a LLaVA
+    model's projector video modality, ("projector_video", frames [f, 3, S, S]) for one sample."""
     if sample.video is not None:
         from llama_vision.model.video import VideoConfig, video_inputs_from_paths
 
         model = gen.model
         if "video" not in model.modalities:
             raise ValueError(f"task {task.name}: sample {sample.id} has a video but the checkpoint has no video adapters")
+        if not Path(sample.video).exists():
+            raise FileNotFoundError(f"sample {sample.id}: video not found: {sample.video}")
+        if model.modalities["video"].fusion == "projector":
+            return "projector_video", projector_clip(model, sample.video, task.num_frames)
         cfg = VideoConfig(**model.args.video)
         if task.num_frames is not None:
             cfg = VideoConfig(**{**model.args.video, "num_frames": task.num_frames})
-        if not Path(sample.video).exists():
-            raise FileNotFoundError(f"sample {sample.id}: video not found: {sample.video}")
         return "video", video_inputs_from_paths([[sample.video]], cfg, model.args.vision_chunk_size, model.args.vision_max_num_chunks)
     return "image", load_images(sample)
 
 
 def _prompt_ids(gen, task: TaskConfig, sample: EvalSample, media) -> list[int]:
     kind, items = media
-    if kind == "video":
+    if kind in VIDEO_KINDS:
         return prompt_tokens(gen, render_prompt(task, sample), 1, raw=not task.chat, placeholder=gen.model.modalities["video"].token_id)
     return prompt_tokens(gen, render_prompt(task, sample), len(items), raw=not task.chat)
 
@@ -180,11 +186,20 @@ def _prompt_ids(gen, task: TaskConfig, sample: EvalSample, media) -> list[int]:
 def _generate(gen, task: TaskConfig, loaded: list[tuple[EvalSample, Any]]) -> list[str]:
     rows = [_prompt_ids(gen, task, s, media) for s, media in loaded]
     kw = {"max_new_tokens": task.max_new_tokens, "temperature": 0.0}
-    if any(media[0] == "video" for _, media in loaded):
+    if any(media[0] == "projector_video" for _, media in loaded):
+        rows, inputs = prepare_video_clips(gen.model, rows, _projector_clips(loaded), device=gen.device)
+        new = gen.generate_from_tensors(rows, media_inputs={"video": inputs}, **kw)
+    elif any(media[0] == "video" for _, media in loaded):
         new = gen.generate_from_tensors(rows, media_inputs=_video_inputs(gen, [media for _, media in loaded]), **kw)
     else:
         new = gen.generate(rows, [media[1] for _, media in loaded], **kw)
     return [gen.tokenizer.decode(ids) for ids in new]
+
+
+def _projector_clips(loaded: list[tuple[EvalSample, Any]]) -> list[list[torch.Tensor]]:
+    if any(kind != "projector_video" for _, (kind, _) in loaded):
+        raise ValueError("a batch mixes video and image samples; give each modality its own task")
+    return [[clip] for _, (_, clip) in loaded]
 
 
 def _video_inputs(gen, media: list) -> dict[str, Any]:
@@ -206,7 +221,10 @@ def _choose_by_likelihood(gen, task: TaskConfig, sample: EvalSample, media) -> s
     continuations = [tok.encode(str(c), bos=False, eos=False) for c in sample.choices]
     kind, items = media
     contexts = [context] * n
-    if kind == "video":
+    if kind == "projector_video":
+        contexts, video_inputs = prepare_video_clips(gen.model, contexts, [[items]] * n, device=gen.device)
+        inputs = {"video": video_inputs}
+    elif kind == "video":
         videos, ratios, frames = _video_inputs(gen, [media])["video"]
         inputs = {"video": (videos.expand(n, *videos.shape[1:]), ratios.expand(n, -1, -1), frames.expand(n, -1))}
     else:

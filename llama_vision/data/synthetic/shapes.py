@@ -73,6 +73,8 @@ __all__ = [
     "describe_shapes",
     "direction_accuracy",
     "draw_motion_video",
+    "motion_path",
+    "render_motion",
     "draw_shapes_image",
     "generate_shapes_world",
     "iter_shard_samples",
@@ -106,7 +108,7 @@ FILL_FRACTION = 0.85  # shape side / shorter side of its cell
 CELL_GAP = 2.0  # px kept free between a shape and its cell's border
 
 _SPLIT_STREAMS = {"train_images": 0, "test_images": 1, "train_videos": 2, "test_videos": 3}
-_MANIFEST_VERSION = 2  # bumped when the same arguments draw different data
+_MANIFEST_VERSION = 3  # bumped when the same arguments draw different data (3: video rows' centres)
 
 
 @dataclass(frozen=True)
@@ -311,13 +313,20 @@ def draw_motion_video(
 
     ``size`` is (width, height). The shape (side ~30% of the shorter frame side) starts near
     the edge opposite to ``direction`` and travels 75-100% of the free width/height, at a
-    random offset along the other axis.
+    random offset along the other axis (``motion_path``).
     """
+    Shape(colour, kind, POSITIONS[0])  # validates colour and kind
+    side, centres = motion_path(rng, direction, num_frames, size)
+    return render_motion(side, centres, size, colour, kind, background)
+
+
+def motion_path(rng: np.random.Generator, direction: str, num_frames: int, size: tuple[int, int]) -> tuple[float, np.ndarray]:
+    """-> (the shape's side, its centre (x, y) in pixels per frame ``[F, 2]``) of
+    ``draw_motion_video``."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose from {list(DIRECTIONS)}")
     if num_frames < 2:
         raise ValueError(f"a motion needs at least 2 frames, got {num_frames}")
-    Shape(colour, kind, POSITIONS[0])  # validates colour and kind
     width, height = size
     side = 0.3 * min(width, height) * rng.uniform(0.9, 1.1)
     horizontal = direction in ("left", "right")
@@ -330,11 +339,18 @@ def draw_motion_video(
     if direction in ("left", "up"):  # image x grows rightwards and y downwards
         track = track[::-1]
     offset = across / 2 + rng.uniform(-0.25, 0.25) * (across - side)
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    for i, t in enumerate(track):
+    centres = np.stack([track, np.full_like(track, offset)] if horizontal else [np.full_like(track, offset), track], 1)
+    return side, centres
+
+
+def render_motion(side: float, centres: np.ndarray, size: tuple[int, int], colour: str, kind: str,
+                  background: tuple[int, int, int] = BACKGROUND) -> np.ndarray:
+    """The frames of a shape of ``side`` px at ``centres`` ``[F, 2]`` (x, y): uint8 ``[F, H, W, 3]``."""
+    width, height = size
+    frames = np.empty((len(centres), height, width, 3), dtype=np.uint8)
+    for i, (cx, cy) in enumerate(centres):
         image = Image.new("RGB", (width, height), background)
-        cx, cy = (t, offset) if horizontal else (offset, t)
-        _draw_shape(ImageDraw.Draw(image), kind, cx, cy, side, COLOURS[colour])
+        _draw_shape(ImageDraw.Draw(image), kind, float(cx), float(cy), side, COLOURS[colour])
         frames[i] = np.asarray(image)
     return frames
 
@@ -428,13 +444,16 @@ def _video_sample(seed: int, stream: str, index: int, size, frame_range) -> tupl
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     kind = KINDS[int(rng.integers(len(KINDS)))]
     num_frames = int(rng.integers(frame_range[0], frame_range[1] + 1))
-    frames = draw_motion_video(rng, direction, num_frames, tuple(size), colour, kind)
+    side, centres = motion_path(rng, direction, num_frames, tuple(size))
+    frames = render_motion(side, centres, tuple(size), colour, kind)
     meta = {
         "caption": video_caption(colour, kind, direction),
         "direction": direction,
         "colour": colour,
         "kind": kind,
         "num_frames": num_frames,
+        # the shape's centre per frame as fractions of the width / height (where it is when)
+        "centres": [[round(float(x) / size[0], 4), round(float(y) / size[1], 4)] for x, y in centres],
     }
     return frames, meta
 
