@@ -435,3 +435,50 @@ def test_lmms_eval_adapter_expands_projector_videos_and_images(video_run, monkey
     rows, media = prepare_videos(model, [[v] + text], [[path]])
     (logp, _), = continuation_logprobs(model, rows, [tok.encode(" red circle", bos=False, eos=False)], {"video": media})
     assert nll == pytest.approx(-logp, abs=1e-5)
+
+
+def test_image_and_video_sources_mix_on_the_projector_video_path(video_run, shapes_corpus, tmp_path):
+    """OneVision's image + video stage: `data.sources` with a caption source and a video
+    source on a LLaVA model's projector video path. A micro-batch holds image rows and
+    video rows side by side, each row's logits as if it were alone, and the stage trains;
+    on Meta's video adapters a video source in a mixture is refused, naming the source."""
+    import yaml
+
+    from _helpers import ROOT, tiny_train_overrides
+    from llama_vision.config import load_config
+    from llama_vision.training.train_config import TrainConfig
+    from llama_vision.training.trainer import Trainer
+
+    model_yaml = tmp_path / "model.yaml"
+    params = yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text())
+    params["llava"]["video"] = {"pool": "bilinear2x", "num_frames": 4}
+    model_yaml.write_text(yaml.safe_dump(params))
+    sources = (f'[{{kind: caption_wds, paths: ["{shapes_corpus["shards"]}"], weight: 1.0}}, '
+               f'{{kind: video_jsonl, paths: ["{video_run["root"] / "train.jsonl"}"], weight: 1.0}}]')
+    overrides = tiny_train_overrides(shapes_corpus, tmp_path / "run", max_steps=4, checkpoint_every=4, **{
+        "model": model_yaml, "data.paths": "[]", "data.sources": sources, "data.max_seq_len": 48,
+        "video.num_frames": 4, "micro_batch_size": 6, "optim.lr": 3e-3, "optim.warmup_steps": 1})
+    cfg = load_config(TrainConfig, ROOT / "configs/train/tiny_llava_pretrain.yaml", overrides)
+    trainer = Trainer(cfg)
+    model = trainer.model.eval()
+    batch = next(b for b in trainer.loader if b.images is not None and b.frames is not None)
+    with_video = batch.frame_counts[:, 0] > 0
+    with_image = (batch.tokens == model.modalities["image"].token_id).any(1)
+    assert with_video.any() and with_image.any() and not (with_video & with_image).any()
+    with torch.no_grad():
+        both = model(batch.tokens, batch.images, batch.aspect_ratios, media_inputs=batch.media_inputs())
+        for b in range(batch.tokens.shape[0]):
+            alone = model(batch.tokens[b:b + 1], batch.images[b:b + 1], batch.aspect_ratios[b:b + 1],
+                          media_inputs={"video": (batch.frames[b:b + 1], batch.frame_counts[b:b + 1])})
+            real = batch.tokens[b] != trainer.tokenizer.pad_id
+            torch.testing.assert_close(both[b][real], alone[0][real], atol=1e-5, rtol=1e-5)
+    model.train()
+    trainer.fit()
+    assert (tmp_path / "run" / "final" / "params.json").exists()
+
+    meta = load_config(TrainConfig, ROOT / "configs/train/tiny_image_sft.yaml",
+                       tiny_train_overrides(shapes_corpus, tmp_path / "meta", **{"data.paths": "[]", "data.sources": sources}))
+    from llama_vision.training.data import build_loader
+
+    with pytest.raises(ValueError, match=r"data.sources\[1\]: video sources mix with image / text sources only on a LLaVA"):
+        build_loader(meta, trainer.tokenizer, trainer.model.args.__class__(**{**vars(trainer.model.args), "llava": None}), 0, 1)

@@ -118,9 +118,10 @@ class ProjectorVideoBatch(Batch):
 
 
 def collate_projector_video_examples(examples: Sequence[dict], pad_id: int, image_token_id: int) -> ProjectorVideoBatch:
-    """Examples whose videos are [F, 3, S, S] clips (the projector path) -> ProjectorVideoBatch."""
+    """Examples whose videos are [F, 3, S, S] clips (the projector path) -> ProjectorVideoBatch;
+    examples without videos (a mixture's image or text rows) collate beside them."""
     base = collate_examples(examples, pad_id, 1, image_token_id)
-    per_row = [ex["videos"] for ex in examples]
+    per_row = [ex.get("videos") or [] for ex in examples]
     if not any(per_row):
         return ProjectorVideoBatch(**base.__dict__)
     first = next(x for r in per_row for x in r)
@@ -128,7 +129,7 @@ def collate_projector_video_examples(examples: Sequence[dict], pad_id: int, imag
     frames = torch.zeros(len(examples), v, *first.shape, dtype=first.dtype)
     counts = torch.zeros(len(examples), v, dtype=torch.long)
     for b, ex in enumerate(examples):
-        for i, (clip, n) in enumerate(zip(ex["videos"], ex["video_frames"])):
+        for i, (clip, n) in enumerate(zip(per_row[b], ex.get("video_frames") or [])):
             frames[b, i, :n] = clip[:n]
             counts[b, i] = n
     return ProjectorVideoBatch(**base.__dict__, frames=frames, frame_counts=counts)
@@ -209,7 +210,7 @@ class VideoCaptionDataset(ExampleDataset):
                 "videos": [c[:, 0] for c in clips], "video_ratios": [(1, 1)] * len(clips), "video_frames": frames}
 
 
-def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, dp_size: int, loop: bool):
+def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, dp_size: int, loop: bool, seed: int):
     """The projector video modality's dataset (module docstring)."""
     from llama_vision.data.llava_images import LlavaImageProcessor
     from llama_vision.model.llava import LlavaConfig, LlavaVideoConfig, llava_frame_tokens
@@ -227,25 +228,36 @@ def _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank: int, d
     token_id = video.token_id if video.token_id is not None else model_args.vocab_size + 1
     return VideoCaptionDataset(
         source, tokenizer, processor, video_token_id=token_id, tokens_per_video=lambda n: n * per_frame + newline,
-        max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
+        max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=seed, shuffle=data.shuffle,
         shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop, block_size=cfg.micro_batch_size,
         split=data.split,
     )
 
 
-def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool = True) -> VideoCaptionDataset:
-    data, v = cfg.data, cfg.video
-    source = WebDatasetSource(data.paths) if data.kind == "video_wds" else JsonlVideoSource(data.paths, data.image_root)
+def has_projector_video(model_args) -> bool:
+    """Whether the model's video modality is a LLaVA model's projector path (params
+    `llava: {video: ...}`), whose clips collate beside image and text rows."""
     llava = getattr(model_args, "llava", None)
-    if llava is not None and llava.get("video") is not None:
-        return _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank, dp_size, loop)
+    return llava is not None and llava.get("video") is not None
+
+
+def build_video_dataset(cfg, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool = True, files=None,
+                        seed: int | None = None) -> VideoCaptionDataset:
+    """The video dataset of `files` (anything with `kind`, `paths` and `image_root`: the
+    DataConfig, or one of its sources; default cfg.data), shuffled with `seed` (default cfg.seed)."""
+    data, v = cfg.data, cfg.video
+    files = files or data
+    seed = cfg.seed if seed is None else seed
+    source = WebDatasetSource(files.paths) if files.kind == "video_wds" else JsonlVideoSource(files.paths, files.image_root)
+    if has_projector_video(model_args):
+        return _projector_video_dataset(cfg, tokenizer, model_args, source, dp_rank, dp_size, loop, seed)
     tile_size = data.tile_size or model_args.vision_chunk_size
     processor = VideoProcessor(num_frames=v.num_frames, tile_size=tile_size, max_num_tiles=v.tiles_per_frame,
                                image_processor=ImageProcessor(tile_size, v.tiles_per_frame, output=data.tile_dtype))
     return VideoCaptionDataset(
         source, tokenizer, processor,
         video_token_id=model_args.vocab_size + 1,
-        max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=cfg.seed, shuffle=data.shuffle,
+        max_seq_len=min(data.max_seq_len, model_args.max_seq_len), seed=seed, shuffle=data.shuffle,
         shuffle_buffer=data.shuffle_buffer, rank=dp_rank, world_size=dp_size, loop=loop, block_size=cfg.micro_batch_size,
         split=data.split,
     )

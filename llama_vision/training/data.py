@@ -15,6 +15,8 @@ from llama_vision.data.sources import ConversationSource, DPOSource, JsonlCaptio
 
 from .train_config import TrainConfig
 
+VIDEO_KINDS = ("video_jsonl", "video_wds")
+
 
 class WithoutImages:
     """A record source with the images removed (text-only samples, e.g. for a text stage
@@ -27,6 +29,7 @@ class WithoutImages:
     def iter_shard(self, shard: str):
         for record in self.source.iter_shard(shard):
             yield Record(record.key, record.source, {**record.fields, "images": []}, record.error, record.message)
+
 
 _KINDS = {
     "caption_wds": (lambda c: WebDatasetSource(c.paths), CaptionDataset),
@@ -51,7 +54,7 @@ def build_loader(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size:
     check_batching(cfg)
     if data.sources:
         dataset = _mixture(cfg, tokenizer, model_args, dp_rank, dp_size, loop)
-    elif data.kind in ("video_jsonl", "video_wds"):
+    elif data.kind in VIDEO_KINDS:
         from llama_vision.data.video_dataset import build_video_dataset
 
         dataset = build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size, loop=loop)
@@ -110,18 +113,30 @@ def llava_processor(cfg: TrainConfig, model_args):
 def _mixture(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int, loop: bool) -> MixtureDataset:
     """data.sources -> a MixtureDataset of one looping example dataset per source (each
     shuffled with its own seed)."""
+    from llama_vision.data.video_dataset import build_video_dataset, has_projector_video
+
     data = cfg.data
     if not loop:
         raise ValueError("data.sources: a mixture is drawn from forever; validation (data.eval_paths) reads plain paths")
-    if cfg.stage == "dpo" or cfg.stage.startswith("video"):
-        raise ValueError(f"data.sources: mixtures are of LM sources (caption / conversation kinds), not for stage {cfg.stage}")
+    videos = [i for i, src in enumerate(data.sources) if src.kind in VIDEO_KINDS]
+    projector_video = has_projector_video(model_args)
+    if cfg.stage == "dpo" or (cfg.stage.startswith("video") and not projector_video):
+        raise ValueError(f"data.sources: mixtures are of LM sources (caption / conversation kinds), not for stage {cfg.stage}"
+                         + (" (Meta's video adapters train on video data alone)" if cfg.stage.startswith("video") else ""))
+    if videos and not projector_video:
+        raise ValueError(f"data.sources{videos}: video sources mix with image / text sources only on a LLaVA model's "
+                         "projector video path (params `llava: {video: ...}`, or a video_* stage on a LLaVA checkpoint)")
     empty = [i for i, src in enumerate(data.sources) if not src.paths]
     if empty:
         raise ValueError(f"data.sources{empty}: paths is empty")
-    parts = [_example_dataset(cfg, src.kind, src, tokenizer, model_args, dp_rank, dp_size, loop=True, seed=cfg.seed + 1000 * i)
+    parts = [build_video_dataset(cfg, tokenizer, model_args, dp_rank, dp_size, loop=True, files=src, seed=cfg.seed + 1000 * i)
+             if src.kind in VIDEO_KINDS else
+             _example_dataset(cfg, src.kind, src, tokenizer, model_args, dp_rank, dp_size, loop=True, seed=cfg.seed + 1000 * i)
              for i, src in enumerate(data.sources)]
     names = [f"{src.kind}:{','.join(src.paths)}" for src in data.sources]
-    return MixtureDataset(parts, [src.weight for src in data.sources], names=names, seed=cfg.seed, rank=dp_rank, world_size=dp_size)
+    # A video source's collate takes image and text rows too (not the other way round).
+    return MixtureDataset(parts, [src.weight for src in data.sources], names=names, seed=cfg.seed, rank=dp_rank,
+                          world_size=dp_size, collate_from=videos[0] if videos else 0)
 
 
 def record_block(cfg: TrainConfig) -> int:

@@ -17,9 +17,11 @@ class SourceConfig:
 
     paths: list[str] = field(default_factory=list)
     """Shards / manifests of this source (brace patterns and globs as in `data.paths`)."""
-    kind: Literal["caption_wds", "caption_jsonl", "conversations", "llava_json"] = "caption_wds"
-    """Record format of `paths` (as `data.kind`: caption_wds, caption_jsonl, conversations or
-    llava_json); the sources of one mixture may differ."""
+    kind: Literal["caption_wds", "caption_jsonl", "conversations", "llava_json", "video_jsonl", "video_wds"] = "caption_wds"
+    """Record format of `paths` (as `data.kind`: caption_wds, caption_jsonl, conversations,
+    llava_json, or video_jsonl / video_wds); the sources of one mixture may differ. Video
+    sources mix with the others on a LLaVA model's projector video path (OneVision's
+    image + video stage); Meta's video adapters train on video data alone."""
     weight: float = 1.0
     """Share of the mixture's samples drawn from this source: weight / sum of weights. A
     small source with a large weight is read again and again (the paper's resampling of
