@@ -17,7 +17,8 @@ pretrained contrastively (``tools/pretrain_tower.py``, ``demo_clip.yaml`` -> ``D
 then it and an mlp2x_gelu projector feeding the same frozen stage-0 decoder through its
 input (``demo_llava.yaml``, llama_vision/model/llava.py), then its video stage
 (``demo_llava_video.yaml``: LLaVA-OneVision's video path on that checkpoint, the frames
-through the same tower and projector, 4 tokens each; only the projector trains);
+through the same tower and projector, 4 tokens each; only the projector trains, on the
+image captions and the clips mixed);
 ``--fusion both`` trains both arms on the same trunk and data. Whenever the projector arm
 runs, metrics.json gets ``fusion_comparison``: per arm the caption and video accuracy (and
 the image accuracy after the video stage), the stages' train wall time, the decoder tokens
@@ -85,7 +86,7 @@ class DemoOptions:
     projector_steps: int = 2000
     tower_steps: int = 800
     video_steps: int = 300
-    projector_video_steps: int = 300
+    projector_video_steps: int = 2000
     n_show: int = 2
 
     def __post_init__(self):
@@ -506,10 +507,13 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
             stamp + (tower / "demo_done.json",))
         if not opts.skip_video:
             log("[demo] 4/6 stage 2 (projector fusion): frames through the tower + projector (decoder frozen)")
+            # the image captions and the clips, one mixture (images go through the projector too)
+            sources = (f"[{{kind: caption_wds, paths: {shards}, weight: 1.0}}, "
+                       f"{{kind: video_jsonl, paths: {json.dumps([data['train_videos']])}, weight: 1.0}}]")
             walls["stage2_projector_wall_s"] = run_stage(
                 LLAVA_VIDEO_CFG, s2p, common + common_quick + [f"max_steps={_steps(opts.projector_video_steps, opts.steps_scale)}",
-                                                          f"data.paths={json.dumps([data['train_videos']])}",
-                                                          f"model={s1p / 'final'}", f"init_from={s1p / 'final'}"], log, stamp)
+                                                          f"data.sources={sources}", f"model={s1p / 'final'}",
+                                                          f"init_from={s1p / 'final'}"], log, stamp)
     with_video = not opts.skip_video
 
     log(f"[demo] 5/6 held-out evaluation of {final or s1p / 'final'}")
