@@ -97,9 +97,11 @@ def prepare_videos(model, rows: list[list[int]], videos: list[list[Any]] | None,
 
 
 def projector_clip(model, video: Any, num_frames: int | None = None) -> torch.Tensor:
-    """One video (a path, uint8 frames [F, H, W, 3] or PIL images: `prepare_videos`) ->
-    its processed frames [f, 3, S, S] for the projector video modality of `model`."""
+    """One video (a path, an encoded file's bytes, uint8 frames [F, H, W, 3] or PIL images:
+    `prepare_videos`) -> its processed frames [f, 3, S, S] for the projector video modality
+    of `model`. Raises VideoLoadError for a file that cannot be decoded."""
     import os
+    import tempfile
 
     import numpy as np
 
@@ -108,6 +110,12 @@ def projector_clip(model, video: Any, num_frames: int | None = None) -> torch.Te
 
     llava = model.args.llava
     frame = LlavaImageProcessor.for_video_params(llava)
+    if isinstance(video, (bytes, bytearray)):
+        # the decoders read files: the bytes spill to a temporary one for the decode
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+            f.write(video)
+            f.flush()
+            return projector_clip(model, f.name, num_frames)
     if isinstance(video, (str, os.PathLike)):
         n = num_frames or llava["video"].get("num_frames", 8)
         out, _, info = VideoProcessor(n, frame.image_size, 1, image_processor=frame)(video)

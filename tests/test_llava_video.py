@@ -482,3 +482,75 @@ def test_image_and_video_sources_mix_on_the_projector_video_path(video_run, shap
 
     with pytest.raises(ValueError, match=r"data.sources\[1\]: video sources mix with image / text sources only on a LLaVA"):
         build_loader(meta, trainer.tokenizer, trainer.model.args.__class__(**{**vars(trainer.model.args), "llava": None}), 0, 1)
+
+
+def test_the_server_answers_video_requests_as_generate(video_run):
+    """tools/serve.py on a LLaVA video checkpoint: an OpenAI `video_url` part (a data URL)
+    becomes the video's bytes, build_prompt puts the video placeholder where the part
+    sits, and the engine expands it to the frames' tokens at admission: greedy answers for
+    a video, an image and a text prompt decoding side by side equal Generator.generate's.
+    A wrong placeholder count, an unreadable video, too long a prompt and a checkpoint
+    without the video path are refused, naming the problem."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from llama_vision.serving.engine import Engine, GenerationRequest, RequestRejected, SamplingParams
+    from llama_vision.serving.openai_api import APIError, build_prompt, parse_chat_request
+
+    trainer = video_run["trainer"]
+    model, tok = trainer.model.eval(), trainer.tokenizer
+    v, p = model.modalities["video"].token_id, model.modalities["image"].token_id
+    clip = (video_run["root"] / "c2.mp4").read_bytes()
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(clip).decode()}},
+        {"type": "text", "text": "what moves?"}]}]}
+    req = parse_chat_request(body)
+    assert req.videos == [clip] and req.images == []
+    ids = build_prompt(tok, req.messages, video_token=v)
+    assert ids.count(v) == 1 and tok.image_token_id not in ids
+    with pytest.raises(ValueError, match="takes no videos"):
+        build_prompt(tok, req.messages)
+    with pytest.raises(APIError, match="not a video"):
+        parse_chat_request({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (30, 200, 30)).save(buf, format="PNG")
+    green = buf.getvalue()
+    text = tok.encode("the", bos=True, eos=False)
+    cases = [(ids, [], [clip]), ([p] + text, [green], []), (text, [], []), ([v] + text, [], [clip])]
+    engine = Engine(model, tok, max_batch=3)
+    engine.start()
+    try:
+        streams = [engine.submit(GenerationRequest(i, imgs, SamplingParams(max_tokens=5, stop_token_ids=[]), videos=vids))
+                   for i, imgs, vids in cases]
+        got = [[e.token_id for e in s if e.token_id is not None] for s in streams]
+        with pytest.raises(RequestRejected, match="1 video placeholder\\(s\\) but 2 video\\(s\\)"):
+            engine.submit(GenerationRequest([v] + text, [], SamplingParams(max_tokens=2), videos=[clip, clip]))
+        with pytest.raises(RequestRejected, match="video 1: not a readable video"):
+            engine.submit(GenerationRequest([v] + text, [], SamplingParams(max_tokens=2), videos=[b"\x00\x00\x00\x18ftypmp42"]))
+        with pytest.raises(RequestRejected, match="images' and videos' tokens"):
+            engine.submit(GenerationRequest([v] + text, [], SamplingParams(max_tokens=model.args.max_seq_len - 10),
+                                            videos=[clip]))
+    finally:
+        engine.shutdown()
+    reference = Generator(model, tok, streaming_layout=False)
+    path = str(video_run["root"] / "c2.mp4")
+    for (i, imgs, vids), tokens in zip(cases, got):
+        want = reference.generate([i], [[Image.open(io.BytesIO(d)).convert("RGB") for d in imgs]],
+                                  videos=[[path] * len(vids)], max_new_tokens=5, stop_tokens=[])[0]
+        assert tokens == want and len(tokens) == 5
+    assert got[3] != got[2]  # the video reaches the answer
+
+    import yaml
+
+    from _helpers import ROOT
+    from llama_vision.model.builder import build_model
+
+    params = yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text())
+    engine = Engine(build_model({**params, "vocab_size": tok.n_words}, seed=0), tok, max_batch=1)
+    assert engine.video_token is None
+    with pytest.raises(RequestRejected, match="takes no videos in the server"):
+        engine.submit(GenerationRequest([v] + text, [], SamplingParams(max_tokens=2), videos=[clip]))

@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, help="context per request, prompt + answer (default and cap: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before new ones get 429")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-videos", type=int, default=2, help="videos per request (a LLaVA checkpoint's projector video path)")
     p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="width x height per image (over: 413)")
     p.add_argument("--image-cache", type=int, default=64, help="images whose cross-attention K/V is kept (0: off)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may take from arrival to its last token")
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
 
     bank = LoraBank.attach(gen.model, parse_adaptors(args.lora)) if args.lora else None
     engine = Engine(gen.model, gen.tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
-                    image_cache_size=args.image_cache, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                    image_cache_size=args.image_cache, max_images=args.max_images, max_videos=args.max_videos,
+                    max_image_pixels=args.max_image_pixels,
                     request_timeout_s=args.request_timeout, lora_bank=bank)
     try:
         if inf.is_main():

@@ -75,6 +75,9 @@ class GenerationRequest:
     request_id: str = ""
     adapter: str | None = None
     """The LoRA adaptor to answer with (a name of the engine's `lora_bank`); None: the base model."""
+    videos: list[bytes] = field(default_factory=list)
+    """Encoded video files (mp4, ...), one per video placeholder (the video modality's
+    token), in order: a LLaVA checkpoint's projector video path."""
 
 
 @dataclass
@@ -173,7 +176,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_seq_len: int | None = None, max_queue: int = 64,
                  image_cache_size: int = 64, max_images: int = 8, max_image_pixels: int = 64_000_000,
-                 request_timeout_s: float | None = None, lora_bank=None):
+                 request_timeout_s: float | None = None, lora_bank=None, max_videos: int = 2):
         self.model = model.eval()
         self.lora_bank = lora_bank
         self.tokenizer = tokenizer
@@ -181,6 +184,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.max_queue = max_queue
         self.max_images = max_images
+        self.max_videos = max_videos
         self.max_image_pixels = max_image_pixels
         self.request_timeout_s = request_timeout_s
         self.device = model.text_model.output.weight.device
@@ -196,6 +200,10 @@ class Engine:
         # it (no cross-attention K/V to cache or to batch at decode steps).
         image = model.modalities.get("image")
         self._projector = image is not None and image.fusion == "projector"
+        # Videos likewise, on a LLaVA model's projector video path (OneVision's): a video
+        # is its sampled frames' tokens in the prompt, encoded at the prefill.
+        video = model.modalities.get("video")
+        self._video_token = video.token_id if video is not None and video.fusion == "projector" else None
         self._slots: list[_Slot] = []
         self._streams: dict[str, RequestStream] = {}  # admitted on rank 0, until their slot exists
         self._queue: deque[tuple[GenerationRequest, RequestStream, float]] = deque()
@@ -223,7 +231,8 @@ class Engine:
             self._purge_queue()
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._queue.append((GenerationRequest(request.prompt_ids, request.images, request.params, rid, request.adapter),
+            self._queue.append((GenerationRequest(request.prompt_ids, request.images, request.params, rid, request.adapter,
+                                                  request.videos),
                                 stream, time.monotonic()))
             self.counters["requests_total"] += 1
             self._wake.notify()
@@ -284,6 +293,12 @@ class Engine:
     # -- validation (rank 0, the caller's thread) ---------------------------------------------
 
     @property
+    def video_token(self) -> int | None:
+        """The placeholder a prompt's video takes (a LLaVA model's projector video path), or
+        None when this engine takes no videos."""
+        return self._video_token
+
+    @property
     def adapters(self) -> list[str]:
         """The LoRA adaptors this engine serves, by name."""
         return list(self.lora_bank.names) if self.lora_bank is not None else []
@@ -329,9 +344,38 @@ class Engine:
                 raise RequestRejected(f"image {i + 1}: not a readable image ({e})") from None
             if self._projector:  # its placeholder becomes as many tokens as the image has
                 expanded += self.model.modalities["image"].tokens_per_item((height, width)) - 1
+        expanded += self._validate_videos(request)
         if expanded + (p.max_tokens or 1) > self.max_seq_len:
-            raise RequestRejected(f"the prompt ({expanded} tokens with its images' tokens) plus max_tokens is longer than "
+            media = "images' and videos'" if request.videos else "images'"
+            raise RequestRejected(f"the prompt ({expanded} tokens with its {media} tokens) plus max_tokens is longer than "
                                   f"the context ({self.max_seq_len} tokens)")
+
+    def _validate_videos(self, request: GenerationRequest) -> int:
+        """Check a request's videos (count, a projector video path to take them, each one
+        decodable) -> the positions their placeholders add when expanded."""
+        from llama_vision.data.video import VideoLoadError
+        from llama_vision.inputs import projector_clip
+
+        videos = request.videos
+        if self._video_token is None:
+            if videos:
+                raise RequestRejected("this checkpoint takes no videos in the server (a LLaVA checkpoint with a projector "
+                                      "video modality does; Meta-style video adapters are served by tools/infer_video.py "
+                                      "only)")
+            return 0
+        placeholders = sum(t == self._video_token for t in request.prompt_ids)
+        if placeholders != len(videos):
+            raise RequestRejected(f"the prompt has {placeholders} video placeholder(s) but {len(videos)} video(s) were given")
+        if len(videos) > self.max_videos:
+            raise RequestRejected(f"too many videos: {len(videos)} (at most {self.max_videos} per request)")
+        added = 0
+        for i, data in enumerate(videos):
+            try:
+                frames = projector_clip(self.model, data).shape[0]
+            except VideoLoadError as e:
+                raise RequestRejected(f"video {i + 1}: not a readable video ({e})") from None
+            added += self.model.modalities["video"].tokens_per_item(frames) - 1
+        return added
 
     # -- the scheduler (rank 0) ---------------------------------------------------------------
 
@@ -377,7 +421,8 @@ class Engine:
                 if seed is None and request.params.temperature > 0:
                     seed = int(torch.randint(0, 2**62, ()).item())  # drawn once, here: every TP rank samples alike
                 admit.append({"request_id": request.request_id, "prompt_ids": request.prompt_ids, "images": request.images,
-                              "params": request.params, "seed": seed, "submitted": submitted, "adapter": request.adapter})
+                              "params": request.params, "seed": seed, "submitted": submitted, "adapter": request.adapter,
+                              "videos": request.videos})
                 self._streams[request.request_id] = stream
         return {"drop": drop, "admit": admit}
 
@@ -429,6 +474,11 @@ class Engine:
             media_inputs = {"image": image_inputs} if image_inputs is not None else {}
         else:
             images = [self.images.get(data) for data in item["images"]]
+        if item.get("videos"):  # (validated: the projector video path) expanded, encoded at the prefill
+            from llama_vision.inputs import prepare_videos
+
+            rows, video_inputs = prepare_videos(self.model, [ids], [list(item["videos"])], device=self.device)
+            ids, media_inputs = rows[0], {**media_inputs, "video": video_inputs}
         start, end = media_spans([ids], {self._image_token}, slots=max(len(images), 1))
         stops = params.stop_token_ids if params.stop_token_ids is not None else list(self.tokenizer.stop_tokens)
         generator = None

@@ -215,6 +215,7 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
     max_images = getattr(engine, "max_images", 8) if max_images is None else max_images
     max_image_pixels = getattr(engine, "max_image_pixels", None) if max_image_pixels is None else max_image_pixels
     max_batch = int(getattr(engine, "max_batch", 1))
+    video_token = getattr(engine, "video_token", None)  # a LLaVA model's projector video placeholder, or None
     page = Path(chat_page) if chat_page is not None else CHAT_PAGE
     server = ServerMetrics(max_batch)
     created_at = int(time.time())
@@ -310,7 +311,7 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
         params = eng.SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"],
                                     stop_token_ids=s.get("stop_token_ids"))
         greq = eng.GenerationRequest(prompt_ids=prompt_ids, images=list(req.images), params=params, request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                                     adapter=req.model if req.model in adapters else None)
+                                     adapter=req.model if req.model in adapters else None, videos=list(req.videos))
         try:
             return engine.submit(greq, loop=loop)
         except eng.QueueFull as e:
@@ -345,7 +346,7 @@ def build_app(engine, model_name: str = "llama-vision", *, max_body_bytes: int =
             req = await run_in_threadpool(parse_chat_request, body, allow_local_files=allow_local_files, max_images=max_images,
                                           max_image_pixels=max_image_pixels, model_name=model_name, adapters=adapters)
             try:
-                prompt_ids = await run_in_threadpool(build_prompt, tokenizer, req.messages)
+                prompt_ids = await run_in_threadpool(build_prompt, tokenizer, req.messages, video_token)
             except ValueError as e:
                 raise APIError(400, f"cannot format the messages: {e}", param="messages") from None
             # The engine validates (decodes) the images again: off the event loop.

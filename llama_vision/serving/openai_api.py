@@ -15,8 +15,9 @@
 * :func:`error_body`: ``{"error": {"message", "type", "param", "code"}}``.
 
 Supported request fields: ``model``, ``messages`` (roles system / user / assistant; content a
-string or a list of ``{"type": "text", "text"}`` and ``{"type": "image_url", "image_url":
-{"url"}}`` parts; images only in user messages), ``max_tokens`` (or
+string or a list of ``{"type": "text", "text"}``, ``{"type": "image_url", "image_url":
+{"url"}}`` and, as in vLLM, ``{"type": "video_url", "video_url": {"url"}}`` parts; media only
+in user messages), ``max_tokens`` (or
 ``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string or up to
 4), ``stream``, ``stream_options.include_usage``, ``n`` (1 only), and one extension (as in
 vLLM): ``ignore_eos: true`` generates exactly ``max_tokens`` tokens, never stopping at the
@@ -86,17 +87,19 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?),(?P<data>
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
 
-def decode_data_url(url: str, param: str) -> bytes:
-    """``data:[<mime>][;base64],<data>`` -> the bytes (base64 required for images)."""
+def decode_data_url(url: str, param: str, kind: str = "image") -> bytes:
+    """``data:[<mime>][;base64],<data>`` -> the bytes (base64 required); `kind`: image or
+    video, the media type it must have."""
     m = _DATA_URL.match(url)
     if m is None:
-        raise APIError(400, f"{param}: malformed data URL (expected data:image/<type>;base64,<data>)", param=param, code="invalid_image_url")
+        raise APIError(400, f"{param}: malformed data URL (expected data:{kind}/<type>;base64,<data>)", param=param, code=f"invalid_{kind}_url")
     mime = m.group("mime").strip().lower()
     params = [p.strip().lower() for p in m.group("params").split(";") if p.strip()]
-    if mime and not mime.startswith("image/"):
-        raise APIError(400, f"{param}: the data URL's media type is {mime!r}, not an image (image/png, image/jpeg, ...)", param=param, code="invalid_image")
+    if mime and not mime.startswith(f"{kind}/"):
+        what = "an image (image/png, image/jpeg, ...)" if kind == "image" else "a video (video/mp4, video/webm, ...)"
+        raise APIError(400, f"{param}: the data URL's media type is {mime!r}, not {what}", param=param, code=f"invalid_{kind}")
     if "base64" not in params:
-        raise APIError(400, f"{param}: the data URL is not base64 encoded (expected data:image/<type>;base64,<data>)", param=param, code="invalid_base64")
+        raise APIError(400, f"{param}: the data URL is not base64 encoded (expected data:{kind}/<type>;base64,<data>)", param=param, code="invalid_base64")
     data = re.sub(r"\s+", "", urllib.parse.unquote(m.group("data")) if "%" in m.group("data") else m.group("data"))
     if not data or not _B64_CHARS.match(data):
         raise APIError(400, f"{param}: the data URL's payload is not valid base64", param=param, code="invalid_base64")
@@ -174,6 +177,25 @@ def load_image_url(url: Any, param: str, *, allow_local_files: bool = False, max
     return data
 
 
+def load_video_url(url: Any, param: str, *, allow_local_files: bool = False, max_bytes: int | None = None) -> bytes:
+    """A ``video_url.url`` (``data:video/<type>;base64,...`` or, when allowed, ``file://``)
+    -> the encoded video bytes (the engine decodes them: an unreadable video is its 400)."""
+    if not isinstance(url, str) or not url:
+        raise _schema(f"{param} must be a non-empty string", param)
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        data = decode_data_url(url, param, kind="video")
+    elif scheme == "file":
+        data = read_local_file(url, param, allow_local_files, max_bytes)
+    elif scheme in ("http", "https", "ftp", "ftps", "s3", "gs"):
+        raise APIError(400, f"{param}: remote URLs are not fetched by this server ({scheme}://...); send the video inline as a data:video/...;base64 URL", param=param, code="remote_url_not_allowed")
+    else:
+        raise APIError(400, f"{param}: unsupported video URL (expected data:video/<type>;base64,<data>{' or file://' if allow_local_files else ''})", param=param, code="invalid_video_url")
+    if not data:
+        raise APIError(400, f"{param}: the video is empty", param=param, code="invalid_video")
+    return data
+
+
 # ----------------------------------------------------------------------------- request
 
 ROLES = ("system", "user", "assistant")
@@ -201,6 +223,8 @@ class ChatRequest:
     include_usage: bool = False
     max_tokens_given: bool = False
     skip_special_tokens: bool = True
+    videos: list[bytes] = field(default_factory=list)
+    """Encoded video files, one per ``{"type": "video"}`` item, in order."""
 
 
 def _number(body: Mapping, key: str, lo: float, hi: float, default: float, *, lo_open: bool = False) -> float:
@@ -229,7 +253,7 @@ def _int(body: Mapping, key: str, minimum: int | None = None) -> int | None:
 
 
 def _content_items(content: Any, role: str, param: str, images: list[bytes], *, allow_local_files: bool,
-                   max_images: int | None, max_image_pixels: int | None) -> list[dict]:
+                   max_images: int | None, max_image_pixels: int | None, videos: list[bytes] | None = None) -> list[dict]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if content is None:
@@ -259,14 +283,23 @@ def _content_items(content: Any, role: str, param: str, images: list[bytes], *, 
                 raise APIError(400, f"too many images: the conversation has more than {max_images} (the limit per request)", param=p, code="too_many_images")
             images.append(load_image_url(url, f"{p}.image_url.url", allow_local_files=allow_local_files, max_image_pixels=max_image_pixels))
             items.append({"type": "image"})
+        elif kind == "video_url" and videos is not None:  # (vLLM's part for a video)
+            if role != "user":
+                raise APIError(400, f"{p}: videos are only accepted in user messages, not in {role} ones", param=p, code="invalid_video_position")
+            spec = part.get("video_url")
+            url = spec.get("url") if isinstance(spec, Mapping) else spec
+            videos.append(load_video_url(url, f"{p}.video_url.url", allow_local_files=allow_local_files))
+            items.append({"type": "video"})
         else:
-            raise _schema(f"{p}: unsupported content part type {kind!r} (expected 'text' or 'image_url')", f"{p}.type")
+            expected = "'text', 'image_url' or 'video_url'" if videos is not None else "'text' or 'image_url'"
+            raise _schema(f"{p}: unsupported content part type {kind!r} (expected {expected})", f"{p}.type")
     return items
 
 
 def parse_messages(messages: Any, *, allow_local_files: bool = False, max_images: int | None = 8,
-                   max_image_pixels: int | None = None) -> tuple[list[dict], list[bytes]]:
-    """OpenAI messages -> (ChatFormat messages, image bytes in order)."""
+                   max_image_pixels: int | None = None, videos: list[bytes] | None = None) -> tuple[list[dict], list[bytes]]:
+    """OpenAI messages -> (ChatFormat messages, image bytes in order); `videos`: a list
+    that collects the ``video_url`` parts' bytes in order (None: such parts are refused)."""
     if not isinstance(messages, list) or not messages:
         raise _schema("'messages' must be a non-empty list of {role, content} objects", "messages")
     out, images = [], []
@@ -284,7 +317,7 @@ def parse_messages(messages: Any, *, allow_local_files: bool = False, max_images
         if "content" not in msg:
             raise _schema(f"{param} has no 'content'", f"{param}.content")
         content = _content_items(msg["content"], role, f"{param}.content", images, allow_local_files=allow_local_files,
-                                 max_images=max_images, max_image_pixels=max_image_pixels)
+                                 max_images=max_images, max_image_pixels=max_image_pixels, videos=videos)
         out.append({"role": role, "content": content})
     if out[-1]["role"] == "assistant":
         raise APIError(400, "the last message is an assistant message; the conversation must end with a user (or system) message", param=f"messages[{len(out) - 1}].role", code="invalid_value")
@@ -346,20 +379,34 @@ def parse_chat_request(body: Any, *, allow_local_files: bool = False, max_images
         raise _schema(f"'stop' takes at most 4 sequences, got {len(stop)}", "stop")
     stop = [s for s in stop if s]
 
+    videos: list[bytes] = []
     messages, images = parse_messages(body.get("messages"), allow_local_files=allow_local_files, max_images=max_images,
-                                      max_image_pixels=max_image_pixels)
+                                      max_image_pixels=max_image_pixels, videos=videos)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     if ignore_eos:
         sampling["stop_token_ids"] = []
     return ChatRequest(messages=messages, images=images, sampling=sampling, stream=stream, stop=stop, model=model,
-                       include_usage=include_usage, max_tokens_given=max_tokens is not None, skip_special_tokens=skip_special)
+                       include_usage=include_usage, max_tokens_given=max_tokens is not None, skip_special_tokens=skip_special,
+                       videos=videos)
 
 
-def build_prompt(tokenizer, messages: Sequence[Mapping]) -> list[int]:
-    """ChatFormat messages -> ``<|begin_of_text|>`` + the turns + the open assistant header."""
+def build_prompt(tokenizer, messages: Sequence[Mapping], video_token: int | None = None) -> list[int]:
+    """ChatFormat messages -> ``<|begin_of_text|>`` + the turns + the open assistant header.
+    A ``{"type": "video"}`` item sits where an image item would and becomes `video_token`
+    (the model's video placeholder; None: the model takes no videos, a ValueError)."""
     from llama_vision.tokenizer import ChatFormat
 
-    return ChatFormat(tokenizer).encode_dialog(messages)
+    flags = [p.get("type") == "video" for m in messages if not isinstance(m["content"], str) for p in m["content"]
+             if p.get("type") in ("image", "video")]
+    if any(flags) and video_token is None:
+        raise ValueError("the messages have a video but this model takes no videos")
+    plain = [m if isinstance(m["content"], str) else
+             {**m, "content": [{"type": "image"} if p.get("type") == "video" else p for p in m["content"]]} for m in messages]
+    ids = ChatFormat(tokenizer).encode_dialog(plain)
+    if not any(flags):
+        return ids
+    order = iter(flags)
+    return [video_token if t == tokenizer.image_token_id and next(order) else t for t in ids]
 
 
 def resolve_max_tokens(req: ChatRequest, prompt_len: int, max_seq_len: int, default_max_tokens: int | None = None) -> int:
