@@ -82,7 +82,7 @@ class DemoOptions:
     n_train_videos: int = 400
     n_test_videos: int = 80
     text_steps: int = 400
-    image_steps: int = 2000
+    image_steps: int = 3000
     projector_steps: int = 2000
     tower_steps: int = 800
     video_steps: int = 300
