@@ -437,11 +437,13 @@ def test_lmms_eval_adapter_expands_projector_videos_and_images(video_run, monkey
     assert nll == pytest.approx(-logp, abs=1e-5)
 
 
-def test_image_and_video_sources_mix_on_the_projector_video_path(video_run, shapes_corpus, tmp_path):
+@pytest.mark.parametrize("anyres", [False, True], ids=["one_crop", "anyres"])
+def test_image_and_video_sources_mix_on_the_projector_video_path(video_run, shapes_corpus, tmp_path, anyres):
     """OneVision's image + video stage: `data.sources` with a caption source and a video
-    source on a LLaVA model's projector video path. A micro-batch holds image rows and
-    video rows side by side, each row's logits as if it were alone, and the stage trains;
-    on Meta's video adapters a video source in a mixture is refused, naming the source."""
+    source on a LLaVA model's projector video path (one crop per image, or AnyRes crops
+    with image_newline). A micro-batch holds image rows and video rows side by side, each
+    row's logits as if it were alone, and the stage trains; on Meta's video adapters a
+    video source in a mixture is refused, naming the source."""
     import yaml
 
     from _helpers import ROOT, tiny_train_overrides
@@ -452,11 +454,14 @@ def test_image_and_video_sources_mix_on_the_projector_video_path(video_run, shap
     model_yaml = tmp_path / "model.yaml"
     params = yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text())
     params["llava"]["video"] = {"pool": "bilinear2x", "num_frames": 4}
+    if anyres:
+        params["llava"].update(image_newline=True, anyres={"grid_pinpoints": [[28, 28], [28, 56], [56, 28]],
+                                                           "crop_size": 28, "patches_per_side": 4})
     model_yaml.write_text(yaml.safe_dump(params))
     sources = (f'[{{kind: caption_wds, paths: ["{shapes_corpus["shards"]}"], weight: 1.0}}, '
                f'{{kind: video_jsonl, paths: ["{video_run["root"] / "train.jsonl"}"], weight: 1.0}}]')
     overrides = tiny_train_overrides(shapes_corpus, tmp_path / "run", max_steps=4, checkpoint_every=4, **{
-        "model": model_yaml, "data.paths": "[]", "data.sources": sources, "data.max_seq_len": 48,
+        "model": model_yaml, "data.paths": "[]", "data.sources": sources, "data.max_seq_len": 160 if anyres else 48,
         "video.num_frames": 4, "micro_batch_size": 6, "optim.lr": 3e-3, "optim.warmup_steps": 1})
     cfg = load_config(TrainConfig, ROOT / "configs/train/tiny_llava_pretrain.yaml", overrides)
     trainer = Trainer(cfg)
@@ -465,6 +470,7 @@ def test_image_and_video_sources_mix_on_the_projector_video_path(video_run, shap
     with_video = batch.frame_counts[:, 0] > 0
     with_image = (batch.tokens == model.modalities["image"].token_id).any(1)
     assert with_video.any() and with_image.any() and not (with_video & with_image).any()
+    assert (batch.images.shape[2] > 1) == anyres  # (a base image + crops per AnyRes image)
     with torch.no_grad():
         both = model(batch.tokens, batch.images, batch.aspect_ratios, media_inputs=batch.media_inputs())
         for b in range(batch.tokens.shape[0]):

@@ -604,7 +604,11 @@ def run_demo(opts: DemoOptions, log=print) -> dict[str, Any]:
         "tower_clip": _steps(opts.tower_steps, opts.steps_scale) if run_proj else None,
         "stage2_projector": _steps(opts.projector_video_steps, opts.steps_scale) if run_proj and with_video else None,
     }
-    stages = [s0] + [s1, s2][: (1 + with_video) * run_cross] + [s1p, s2p][: (1 + with_video) * run_proj]
+    stages = [s0]
+    if run_cross:
+        stages += [s1, s2] if with_video else [s1]
+    if run_proj:
+        stages += [s1p, s2p] if with_video else [s1p]
     plots = [d / "loss.png" for d in stages]
     metrics["loss_plots"] = [str(p) for p in plots if p.exists()]
     metrics["final_checkpoint"] = str(final)

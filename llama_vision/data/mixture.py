@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from torch.utils.data import IterableDataset
 
@@ -31,13 +31,13 @@ class MixtureDataset(IterableDataset):
     """Examples of `datasets` mixed by `weights` (see the module docstring).
 
     datasets: ExampleDatasets built with loop=True, the same rank / world size, and
-        examples that collate together (all LM kinds).
+        examples that collate together (all LM kinds; see `collate` for video sources).
     weights: one positive number per dataset (normalised here).
-    collate_from: the dataset whose collate_fn batches every source's examples (a projector
-        video source's takes image and text rows beside its clips)."""
+    collate: the collate function of the mixture's batches (default: the first dataset's;
+        a projector video source's takes image and text rows beside its clips)."""
 
     def __init__(self, datasets: Sequence[ExampleDataset], weights: Sequence[float], *, names: Sequence[str] | None = None,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None, collate_from: int = 0):
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, collate: Callable | None = None):
         super().__init__()
         if len(datasets) != len(weights) or not datasets:
             raise ValueError(f"data.sources: {len(datasets)} datasets but {len(weights)} weights")
@@ -53,13 +53,13 @@ class MixtureDataset(IterableDataset):
         self.weights = [w / total for w in weights]
         self._cumulative = list(itertools.accumulate(self.weights))
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.collate_from = collate_from
+        self._collate = collate
         self._taken: dict[int, int] = {}  # logical worker -> draws handed out
         self._num_workers: int | None = None
         self._next_worker = 0
 
     def collate_fn(self):
-        return self.datasets[self.collate_from].collate_fn()
+        return self._collate if self._collate is not None else self.datasets[0].collate_fn()
 
     # What micro-batch builders (packing, token budgets) read of an example dataset: the
     # sources share them (one tokenizer, processor and sequence length).

@@ -117,10 +117,12 @@ class ProjectorVideoBatch(Batch):
         return replace(super()._map(fn, images), frames=move(self.frames), frame_counts=move(self.frame_counts))
 
 
-def collate_projector_video_examples(examples: Sequence[dict], pad_id: int, image_token_id: int) -> ProjectorVideoBatch:
+def collate_projector_video_examples(examples: Sequence[dict], pad_id: int, image_token_id: int,
+                                     max_num_tiles: int = 1) -> ProjectorVideoBatch:
     """Examples whose videos are [F, 3, S, S] clips (the projector path) -> ProjectorVideoBatch;
-    examples without videos (a mixture's image or text rows) collate beside them."""
-    base = collate_examples(examples, pad_id, 1, image_token_id)
+    examples without videos (a mixture's image or text rows, images of up to
+    `max_num_tiles` crops) collate beside them."""
+    base = collate_examples(examples, pad_id, max_num_tiles, image_token_id)
     per_row = [ex.get("videos") or [] for ex in examples]
     if not any(per_row):
         return ProjectorVideoBatch(**base.__dict__)
@@ -147,9 +149,12 @@ class VideoCaptionDataset(ExampleDataset):
         self.video_token_id = video_token_id
         self.tokens_per_video = tokens_per_video
 
-    def collate_fn(self):
+    def collate_fn(self, max_num_tiles: int = 1):
+        """max_num_tiles (the projector path): the most crops an image of the batch has (a
+        mixture's image sources)."""
         if self.tokens_per_video is not None:
-            return partial(collate_projector_video_examples, pad_id=self.tokenizer.pad_id, image_token_id=self.image_token_id)
+            return partial(collate_projector_video_examples, pad_id=self.tokenizer.pad_id, image_token_id=self.image_token_id,
+                           max_num_tiles=max_num_tiles)
         return partial(collate_video_examples, pad_id=self.tokenizer.pad_id,
                        max_num_tiles=self.video_processor.max_num_tiles, image_token_id=self.image_token_id)
 

@@ -160,19 +160,7 @@ def validate_image(data: bytes, param: str, max_image_pixels: int | None = None)
 
 def load_image_url(url: Any, param: str, *, allow_local_files: bool = False, max_image_pixels: int | None = None) -> bytes:
     """An ``image_url.url`` -> validated encoded image bytes."""
-    if not isinstance(url, str) or not url:
-        raise _schema(f"{param} must be a non-empty string", param)
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "data":
-        data = decode_data_url(url, param)
-    elif scheme == "file":
-        data = read_local_file(url, param, allow_local_files)
-    elif scheme in ("http", "https", "ftp", "ftps", "s3", "gs"):
-        raise APIError(400, f"{param}: remote URLs are not fetched by this server ({scheme}://...); send the image inline as a data:image/...;base64 URL", param=param, code="remote_url_not_allowed")
-    else:
-        raise APIError(400, f"{param}: unsupported image URL (expected data:image/<type>;base64,<data>{' or file://' if allow_local_files else ''})", param=param, code="invalid_image_url")
-    if not data:
-        raise APIError(400, f"{param}: the image is empty", param=param, code="invalid_image")
+    data = _media_url_bytes(url, param, "image", allow_local_files)
     validate_image(data, param, max_image_pixels)
     return data
 
@@ -180,19 +168,24 @@ def load_image_url(url: Any, param: str, *, allow_local_files: bool = False, max
 def load_video_url(url: Any, param: str, *, allow_local_files: bool = False, max_bytes: int | None = None) -> bytes:
     """A ``video_url.url`` (``data:video/<type>;base64,...`` or, when allowed, ``file://``)
     -> the encoded video bytes (the engine decodes them: an unreadable video is its 400)."""
+    return _media_url_bytes(url, param, "video", allow_local_files, max_bytes)
+
+
+def _media_url_bytes(url: Any, param: str, kind: str, allow_local_files: bool, max_bytes: int | None = None) -> bytes:
+    """A media part's URL (`kind`: image or video) -> its non-empty bytes; network URLs refused."""
     if not isinstance(url, str) or not url:
         raise _schema(f"{param} must be a non-empty string", param)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        data = decode_data_url(url, param, kind="video")
+        data = decode_data_url(url, param, kind)
     elif scheme == "file":
         data = read_local_file(url, param, allow_local_files, max_bytes)
     elif scheme in ("http", "https", "ftp", "ftps", "s3", "gs"):
-        raise APIError(400, f"{param}: remote URLs are not fetched by this server ({scheme}://...); send the video inline as a data:video/...;base64 URL", param=param, code="remote_url_not_allowed")
+        raise APIError(400, f"{param}: remote URLs are not fetched by this server ({scheme}://...); send the {kind} inline as a data:{kind}/...;base64 URL", param=param, code="remote_url_not_allowed")
     else:
-        raise APIError(400, f"{param}: unsupported video URL (expected data:video/<type>;base64,<data>{' or file://' if allow_local_files else ''})", param=param, code="invalid_video_url")
+        raise APIError(400, f"{param}: unsupported {kind} URL (expected data:{kind}/<type>;base64,<data>{' or file://' if allow_local_files else ''})", param=param, code=f"invalid_{kind}_url")
     if not data:
-        raise APIError(400, f"{param}: the video is empty", param=param, code="invalid_video")
+        raise APIError(400, f"{param}: the {kind} is empty", param=param, code=f"invalid_{kind}")
     return data
 
 

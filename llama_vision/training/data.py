@@ -134,9 +134,11 @@ def _mixture(cfg: TrainConfig, tokenizer, model_args, dp_rank: int, dp_size: int
              _example_dataset(cfg, src.kind, src, tokenizer, model_args, dp_rank, dp_size, loop=True, seed=cfg.seed + 1000 * i)
              for i, src in enumerate(data.sources)]
     names = [f"{src.kind}:{','.join(src.paths)}" for src in data.sources]
-    # A video source's collate takes image and text rows too (not the other way round).
+    collate = None
+    if videos:  # a video source's collate takes image and text rows too (not the other way round)
+        collate = parts[videos[0]].collate_fn(max_num_tiles=max(p.image_processor.max_num_tiles for p in parts))
     return MixtureDataset(parts, [src.weight for src in data.sources], names=names, seed=cfg.seed, rank=dp_rank,
-                          world_size=dp_size, collate_from=videos[0] if videos else 0)
+                          world_size=dp_size, collate=collate)
 
 
 def record_block(cfg: TrainConfig) -> int:

@@ -15,7 +15,8 @@ holding a new token id (an image placeholder): if any rank's micro-batch has one
 rank reads it (zero rows of gradient where it has none); if none has, nobody does.
 
 A LLaVA model's image modality (projector fusion) takes its dummy differently: one blank
-image in row 0 at the tower's size, with no placeholder anywhere; the model encodes it and
+image in row 0 at the tower's size (its projector video modality one blank frame), with no
+placeholder anywhere; the model encodes it and
 adds its tokens, times 0, to the decoder's input embeddings (VisionLanguageModel.
 unattended_media, switched on by `unattended_images`), so the tower and projector run
 forward and backward after the decoder, as on the ranks whose rows hold images, and every
@@ -43,7 +44,8 @@ def media_present(batch, vocab_size: int) -> list[bool]:
     lm = batch.chosen if isinstance(batch, PreferenceBatch) else batch
     rows = [batch.chosen.tokens, batch.rejected.tokens] if isinstance(batch, PreferenceBatch) else [batch.tokens]
     new_ids = any(bool((t >= vocab_size).any()) for t in rows)
-    return [lm.images is not None, getattr(lm, "videos", None) is not None, new_ids]
+    videos = getattr(lm, "videos", None) is not None or getattr(lm, "frames", None) is not None  # (Meta's / projector's)
+    return [lm.images is not None, videos, new_ids]
 
 
 def projector_blank(model) -> tuple[int, int] | None:
@@ -88,7 +90,15 @@ def with_dummy_media(batch, want: list[bool], tile_size: int, projector: tuple[i
             aspect_ratios=torch.ones(rows, 1, 2, dtype=torch.long),
             num_tiles=torch.zeros(rows, 1, dtype=torch.long),
         )
-    if want[1] and getattr(batch, "videos", None) is None:
+    if want[1] and hasattr(batch, "frames") and batch.frames is None:
+        # A projector video modality (ProjectorVideoBatch): one blank frame in row 0, no
+        # placeholder anywhere, kept in the graph with weight 0 like the projector's image.
+        if projector is None:
+            raise TypeError("a ProjectorVideoBatch needs the LLaVA image modality's dummy size (projector_blank)")
+        counts = torch.zeros(rows, 1, dtype=torch.long)
+        counts[0, 0] = 1
+        changes.update(frames=torch.zeros(rows, 1, 1, 3, projector[1], projector[1]), frame_counts=counts)
+    elif want[1] and getattr(batch, "videos", None) is None:
         if not hasattr(batch, "videos"):
             raise TypeError(f"another rank's micro-batch has videos but this rank's is a {type(batch).__name__}")
         changes.update(
