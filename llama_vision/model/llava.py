@@ -44,8 +44,8 @@ from torch import nn
 from .modality import MediaTokens, Modality
 
 __all__ = ["LlavaConfig", "LlavaVideoConfig", "LlavaVisionModel", "PROJECTORS", "Projector", "add_llava_from_params",
-           "add_llava_modality", "add_llava_video_modality", "check_pool_side", "frame_tokens", "llava_frame_tokens", "pool_feature_grid",
-           "pool_video_tokens"]
+           "add_llava_modality", "add_llava_video_modality", "check_pool_side", "frame_tokens", "llava_frame_tokens",
+           "pool_feature_grid", "pool_video_tokens"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 
