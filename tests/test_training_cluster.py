@@ -1,7 +1,7 @@
 """Training at the shape of a cluster, on CPU (gloo, loopback): DP=2 and TP=2 resumes are
 bitwise equal to uninterrupted runs (image and DPO stages), ranks that see different kinds
-of micro-batches (text-only vs images) neither hang nor diverge from one process on the
-union batch (parameters AND AdamW state), rank 0 alone picks the checkpoint to resume,
+of micro-batches (text-only vs images, text-only vs a LLaVA model's clips) neither hang nor
+diverge from one process on the union batch (parameters AND AdamW state), rank 0 alone picks the checkpoint to resume,
 and tensor-parallel peers that read different data stop with a clear error. A LLaVA model
 (CLIP tower + projector, llama_vision/model/llava.py) trains under FSDP (its tower's
 blocks, tower and projector as units), ZeRO-1 and TP=2 (the tower replicated) as one
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,7 +136,40 @@ def _mixed_overrides(corpus, chat, out, micro_batch_size, **extra):
 LLAVA_MIXED = {"model": str(ROOT / "configs/model/tiny_llava.yaml"), **LLAVA_ALL}
 
 
-def test_data_parallel_family(shapes_corpus, chat, tmp_path):
+@pytest.fixture(scope="module")
+def video_mixed(tmp_path_factory):
+    """A tiny LLaVA model with the projector video modality (model.yaml) and a clip manifest
+    whose rows go to the two DP ranks as video | text, text | video, text | text, video |
+    video (a text row: no clip), like `chat`'s mixed set."""
+    import yaml
+
+    from llama_vision.data.synthetic.shapes import draw_motion_video, write_mp4
+
+    root = tmp_path_factory.mktemp("cluster_video")
+    params = yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text())
+    params["llava"]["video"] = {"pool": "bilinear2x", "num_frames": 2}
+    (root / "model.yaml").write_text(yaml.safe_dump(params))
+    rows = []
+    for i, kind in enumerate(["video", "text", "text", "video", "text", "text", "video", "video"]):
+        direction = ("left", "up", "right", "down")[i % 4]
+        if kind == "video":
+            write_mp4(draw_motion_video(np.random.default_rng(i), direction, num_frames=4, size=(32, 32)), root / f"c{i}.mp4")
+            rows.append({"video": f"c{i}.mp4", "caption": f"the red circle moves {direction}."})
+        else:
+            rows.append({"caption": "a red circle at the top left."})
+    (root / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": str(root / "model.yaml"), "data": str(root / "mixed.jsonl")}
+
+
+def _video_mixed_overrides(corpus, video_mixed, out, micro_batch_size):
+    return tiny_train_overrides(corpus, out, **{
+        "max_steps": 4, "checkpoint_every": 100, "save_final": "false", "data.shuffle": "false", "init_from": "null",
+        "optim.warmup_steps": 1, "micro_batch_size": micro_batch_size, "model": video_mixed["model"],
+        "data.kind": "video_jsonl", "data.paths": f'["{video_mixed["data"]}"]', "data.max_seq_len": 48,
+        "video.num_frames": 2, **LLAVA_ALL})
+
+
+def test_data_parallel_family(shapes_corpus, chat, video_mixed, tmp_path):
     """DP=2 (FSDP, the default, and ZeRO-1): image-stage and DPO resumes bitwise; mixed
     text-only / image micro-batches equal one process on the union batch, parameters and
     optimizer state; a LLaVA model likewise (`_assert_llava_data_parallel`)."""
@@ -148,6 +182,8 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
                      "dump": str(tmp_path / f"mixed_{mode}" / "dump")})
     runs.append({"config": LLAVA_SFT, "overrides": _mixed_overrides(shapes_corpus, chat, tmp_path / "llava_mixed", 1, **LLAVA_MIXED),
                  "dump": str(tmp_path / "llava_mixed" / "dump")})
+    runs.append({"config": LLAVA_PRETRAIN, "overrides": _video_mixed_overrides(shapes_corpus, video_mixed, tmp_path / "llava_video_mixed", 1),
+                 "dump": str(tmp_path / "llava_video_mixed" / "dump")})
     validation = {"max_steps": 2, "eval_every": 2, "data.eval_paths": f'["{shapes_corpus["shards"]}"]'}
     runs.append({"config": PRETRAIN, "overrides": _overrides(shapes_corpus, tmp_path / "val_dp2", micro_batch_size=4, **validation)})
     # LLaVA (FSDP): stage 1 (only the projector trains, decoder and tower frozen) resumed at
@@ -217,6 +253,14 @@ def test_data_parallel_family(shapes_corpus, chat, tmp_path):
     assert {int(s["step"]) for n, s in want_state.items() if n.startswith("vision_model.vision_encoder.")} == {3}
     assert _losses(tmp_path / "llava_mixed") == pytest.approx(_losses(tmp_path / "llava_mixed_dp1"), rel=1e-5, abs=0)
     _assert_same_state(_load_dump(tmp_path / "llava_mixed" / "dump")[0], (want_params, want_state), atol=2e-5,
+                       skip=("k_proj.bias",))
+    # ... and with clips (the projector video path): the text rank's blank frame (media_sync).
+    one = _fit(LLAVA_PRETRAIN, _video_mixed_overrides(shapes_corpus, video_mixed, tmp_path / "llava_video_mixed_dp1", 2))
+    want_params, want_state = _trained(one)
+    assert {int(s["step"]) for n, s in want_state.items() if n.startswith("vision_model.vision_encoder.")} == {3}
+    assert _losses(tmp_path / "llava_video_mixed") == pytest.approx(_losses(tmp_path / "llava_video_mixed_dp1"), rel=1e-5,
+                                                                    abs=0)
+    _assert_same_state(_load_dump(tmp_path / "llava_video_mixed" / "dump")[0], (want_params, want_state), atol=2e-5,
                        skip=("k_proj.bias",))
 
     _assert_llava_data_parallel(shapes_corpus, chat, tmp_path)

@@ -90,7 +90,8 @@ def with_dummy_media(batch, want: list[bool], tile_size: int, projector: tuple[i
             aspect_ratios=torch.ones(rows, 1, 2, dtype=torch.long),
             num_tiles=torch.zeros(rows, 1, dtype=torch.long),
         )
-    if want[1] and hasattr(batch, "frames") and batch.frames is None:
+    has_clips = getattr(batch, "videos", None) is not None or getattr(batch, "frames", None) is not None
+    if want[1] and not has_clips and hasattr(batch, "frames"):
         # A projector video modality (ProjectorVideoBatch): one blank frame in row 0, no
         # placeholder anywhere, kept in the graph with weight 0 like the projector's image.
         if projector is None:
@@ -98,7 +99,7 @@ def with_dummy_media(batch, want: list[bool], tile_size: int, projector: tuple[i
         counts = torch.zeros(rows, 1, dtype=torch.long)
         counts[0, 0] = 1
         changes.update(frames=torch.zeros(rows, 1, 1, 3, projector[1], projector[1]), frame_counts=counts)
-    elif want[1] and getattr(batch, "videos", None) is None:
+    elif want[1] and not has_clips:
         if not hasattr(batch, "videos"):
             raise TypeError(f"another rank's micro-batch has videos but this rank's is a {type(batch).__name__}")
         changes.update(
