@@ -454,6 +454,27 @@ def test_bad_inputs_raise_clear_errors():
         parse_vision_aspect_ratio("anyres")
 
 
+
+def test_a_llava_model_refuses_anyres_patches_that_are_not_its_towers():
+    """AnyRes lays a crop's features out as patches_per_side^2: a tower with another grid
+    (here 4 x 4, the default P is 24) is refused when the model is built, naming both."""
+    import copy
+
+    import yaml
+
+    from _helpers import ROOT
+    from llama_vision.model.builder import build_model
+
+    params = copy.deepcopy(yaml.safe_load((ROOT / "configs/model/tiny_llava.yaml").read_text()))
+    params.update(vocab_size=512)
+    params["llava"]["anyres"] = {"grid_pinpoints": [[28, 28], [28, 56]], "crop_size": 28}
+    with pytest.raises(ValueError, match=r"anyres.patches_per_side=24 does not match the tower's 16 tokens per crop "
+                                         r"\(expected 4"):
+        build_model(params)
+    params["llava"]["anyres"]["patches_per_side"] = 4
+    assert build_model(params).modalities["image"].fusion == "projector"
+
+
 def test_array_inputs_convert_like_pil():
     rgb = _noise(40, 50)
     assert np.array_equal(to_rgb_array(rgb), to_rgb_array(Image.fromarray(rgb)))

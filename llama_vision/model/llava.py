@@ -147,6 +147,11 @@ class LlavaVisionModel(nn.Module):
         super().__init__()
         if config.image_newline and config.anyres is None:
             raise ValueError("image_newline is LLaVA-NeXT's AnyRes row separator: set anyres too")
+        if config.anyres is not None and config.anyres.patches_per_side**2 != tower.num_tokens:
+            # (AnyRes lays each crop's features out as a P x P grid: P must be the tower's)
+            raise ValueError(f"anyres.patches_per_side={config.anyres.patches_per_side} does not match the tower's "
+                             f"{tower.num_tokens} tokens per crop (expected {math.isqrt(tower.num_tokens)} for a "
+                             f"square grid)")
         if config.pool_to is not None:
             if config.anyres is not None:
                 raise ValueError("pool_to pools one crop's grid; with AnyRes use anyres.anyres_max (OneVision's pooling)")
