@@ -153,7 +153,7 @@ def evaluate_batch(gen, task: TaskConfig, samples: list[EvalSample]) -> list[dic
     return [records[s.id] for s in samples]
 
 
-VIDEO_KINDS = ("video", "projector_video")  # Meta's video adapters, a LLaVA model's projector path
+VIDEO_MEDIA = ("video", "projector_video")  # _load_media kinds: Meta's video adapters, a LLaVA model's projector path
 
 
 def _load_media(gen, task: TaskConfig, sample: EvalSample):
@@ -178,7 +178,7 @@ def _load_media(gen, task: TaskConfig, sample: EvalSample):
 
 def _prompt_ids(gen, task: TaskConfig, sample: EvalSample, media) -> list[int]:
     kind, items = media
-    if kind in VIDEO_KINDS:
+    if kind in VIDEO_MEDIA:
         return prompt_tokens(gen, render_prompt(task, sample), 1, raw=not task.chat, placeholder=gen.model.modalities["video"].token_id)
     return prompt_tokens(gen, render_prompt(task, sample), len(items), raw=not task.chat)
 

@@ -206,7 +206,8 @@ class Engine:
         self._video_token = video.token_id if video is not None and video.fusion == "projector" else None
         self._slots: list[_Slot] = []
         self._streams: dict[str, RequestStream] = {}  # admitted on rank 0, until their slot exists
-        self._queue: deque[tuple[GenerationRequest, RequestStream, float]] = deque()
+        # (request, stream, submitted, its videos' decoded frames from validation)
+        self._queue: deque[tuple[GenerationRequest, RequestStream, float, list[torch.Tensor]]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._media = None  # the running batch's image MediaState (rebuilt when slots change)
@@ -224,7 +225,7 @@ class Engine:
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
         """Validate and queue a request -> its stream. Raises RequestRejected (naming the
         problem) or QueueFull."""
-        self._validate(request)
+        clips = self._validate(request)
         rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
         stream = RequestStream(rid, len(request.prompt_ids), loop)
         with self._wake:
@@ -233,7 +234,7 @@ class Engine:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             self._queue.append((GenerationRequest(request.prompt_ids, request.images, request.params, rid, request.adapter,
                                                   request.videos),
-                                stream, time.monotonic()))
+                                stream, time.monotonic(), clips))
             self.counters["requests_total"] += 1
             self._wake.notify()
         return stream
@@ -303,7 +304,9 @@ class Engine:
         """The LoRA adaptors this engine serves, by name."""
         return list(self.lora_bank.names) if self.lora_bank is not None else []
 
-    def _validate(self, request: GenerationRequest) -> None:
+    def _validate(self, request: GenerationRequest) -> list[torch.Tensor]:
+        """Refuse a request the engine cannot run (RequestRejected naming why) -> its videos'
+        decoded frames (`_validate_videos`), which admission uses instead of decoding again."""
         from llama_vision.data.image_io import ImageLoadError, load_image
 
         ids, p = request.prompt_ids, request.params
@@ -344,15 +347,18 @@ class Engine:
                 raise RequestRejected(f"image {i + 1}: not a readable image ({e})") from None
             if self._projector:  # its placeholder becomes as many tokens as the image has
                 expanded += self.model.modalities["image"].tokens_per_item((height, width)) - 1
-        expanded += self._validate_videos(request)
+        added, clips = self._validate_videos(request)
+        expanded += added
         if expanded + (p.max_tokens or 1) > self.max_seq_len:
             media = "images' and videos'" if request.videos else "images'"
             raise RequestRejected(f"the prompt ({expanded} tokens with its {media} tokens) plus max_tokens is longer than "
                                   f"the context ({self.max_seq_len} tokens)")
+        return clips
 
-    def _validate_videos(self, request: GenerationRequest) -> int:
+    def _validate_videos(self, request: GenerationRequest) -> tuple[int, list[torch.Tensor]]:
         """Check a request's videos (count, a projector video path to take them, each one
-        decodable) -> the positions their placeholders add when expanded."""
+        decodable) -> (the positions their placeholders add when expanded, each video's
+        processed frames [f, 3, S, S])."""
         from llama_vision.data.video import VideoLoadError
         from llama_vision.inputs import projector_clip
 
@@ -362,20 +368,20 @@ class Engine:
                 raise RequestRejected("this checkpoint takes no videos in the server (a LLaVA checkpoint with a projector "
                                       "video modality does; Meta-style video adapters are served by tools/infer_video.py "
                                       "only)")
-            return 0
+            return 0, []
         placeholders = sum(t == self._video_token for t in request.prompt_ids)
         if placeholders != len(videos):
             raise RequestRejected(f"the prompt has {placeholders} video placeholder(s) but {len(videos)} video(s) were given")
         if len(videos) > self.max_videos:
             raise RequestRejected(f"too many videos: {len(videos)} (at most {self.max_videos} per request)")
-        added = 0
+        clips = []
         for i, data in enumerate(videos):
             try:
-                frames = projector_clip(self.model, data).shape[0]
+                clips.append(projector_clip(self.model, data))
             except VideoLoadError as e:
                 raise RequestRejected(f"video {i + 1}: not a readable video ({e})") from None
-            added += self.model.modalities["video"].tokens_per_item(frames) - 1
-        return added
+        added = sum(self.model.modalities["video"].tokens_per_item(c.shape[0]) - 1 for c in clips)
+        return added, clips
 
     # -- the scheduler (rank 0) ---------------------------------------------------------------
 
@@ -416,13 +422,13 @@ class Engine:
         with self._lock:
             self._purge_queue()
             while self._queue and len(admit) < free:
-                request, stream, submitted = self._queue.popleft()
+                request, stream, submitted, clips = self._queue.popleft()
                 seed = request.params.seed
                 if seed is None and request.params.temperature > 0:
                     seed = int(torch.randint(0, 2**62, ()).item())  # drawn once, here: every TP rank samples alike
                 admit.append({"request_id": request.request_id, "prompt_ids": request.prompt_ids, "images": request.images,
                               "params": request.params, "seed": seed, "submitted": submitted, "adapter": request.adapter,
-                              "videos": request.videos})
+                              "videos": clips})  # (decoded frames: every TP rank gets them with the plan)
                 self._streams[request.request_id] = stream
         return {"drop": drop, "admit": admit}
 
@@ -432,7 +438,7 @@ class Engine:
         now = time.monotonic()
         kept = deque()
         for entry in self._queue:
-            _, stream, submitted = entry
+            _, stream, submitted, _ = entry
             if stream.cancelled:
                 stream._push(TokenEvent(None, "cancelled"))
             elif self.request_timeout_s is not None and now > submitted + self.request_timeout_s:
@@ -474,10 +480,10 @@ class Engine:
             media_inputs = {"image": image_inputs} if image_inputs is not None else {}
         else:
             images = [self.images.get(data) for data in item["images"]]
-        if item.get("videos"):  # (validated: the projector video path) expanded, encoded at the prefill
-            from llama_vision.inputs import prepare_videos
+        if item.get("videos"):  # (validated and decoded: the projector video path) expanded, encoded at the prefill
+            from llama_vision.inputs import prepare_video_clips
 
-            rows, video_inputs = prepare_videos(self.model, [ids], [list(item["videos"])], device=self.device)
+            rows, video_inputs = prepare_video_clips(self.model, [ids], [item["videos"]], device=self.device)
             ids, media_inputs = rows[0], {**media_inputs, "video": video_inputs}
         start, end = media_spans([ids], {self._image_token}, slots=max(len(images), 1))
         stops = params.stop_token_ids if params.stop_token_ids is not None else list(self.tokenizer.stop_tokens)
